@@ -1,0 +1,106 @@
+//! `lifeboat mkrescue`: build the rescue image.
+
+use crate::rescue::{self, BuildInputs};
+use crate::Global;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Output kind (overrides OUTPUT). Supported: initrd.
+    #[arg(long)]
+    pub output: Option<String>,
+    /// Kernel image (default: /boot/vmlinuz-<kver>).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel release (default: from the kernel file name, else `uname -r`).
+    #[arg(long, value_name = "VER")]
+    pub kver: Option<String>,
+    /// Modules directory (default: /lib/modules/<kver>).
+    #[arg(long, value_name = "DIR")]
+    pub modules_dir: Option<PathBuf>,
+    /// Where to write the image (overrides OUTPUT_URL).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Module set: generic, hostonly or none (overrides rescue.modules).
+    #[arg(long, value_name = "SET")]
+    pub modules: Option<String>,
+    /// Layer compression: zstd, xz, gzip, lz4, none (overrides rescue.compression).
+    #[arg(long)]
+    pub compression: Option<String>,
+    /// Ignore and do not fill the layer cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// Path of a `file://` URL; other schemes are not supported yet.
+pub fn file_url_path(url: &str, key: &str) -> Result<PathBuf> {
+    match url.strip_prefix("file://") {
+        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
+        _ => bail!("{key} = {url:?}: only file:///absolute/path is supported by this version (or give --output-dir)"),
+    }
+}
+
+pub fn run(g: &Global, a: Args) -> Result<()> {
+    let loaded = g.load_config()?;
+    let mut cfg = loaded.config.clone();
+    if let Some(o) = a.output {
+        cfg.output = o;
+    }
+    if !cfg.output.eq_ignore_ascii_case("initrd") {
+        bail!(
+            "OUTPUT = {:?} is not supported by this version; supported: initrd",
+            cfg.output
+        );
+    }
+    if let Some(m) = a.modules {
+        cfg.rescue.modules = m;
+    }
+    if let Some(c) = a.compression {
+        cfg.rescue.compression = c;
+    }
+    let output_dir = match a.output_dir {
+        Some(d) => d,
+        None => file_url_path(&cfg.output_url, "OUTPUT_URL")?,
+    };
+    let inp = BuildInputs {
+        kernel: a.kernel,
+        kver: a.kver,
+        modules_dir: a.modules_dir,
+        output_dir: output_dir.clone(),
+        use_cache: !a.no_cache,
+        root: PathBuf::from("/"),
+    };
+    let cfg_text = toml::to_string(&cfg)?;
+    let report = rescue::build(&cfg, &cfg_text, &inp)?;
+    for w in &report.warnings {
+        if !g.quiet {
+            eprintln!("lifeboat: warning: {w}");
+        }
+    }
+    if !g.quiet {
+        let m = report.manifest.as_ref().unwrap();
+        println!(
+            "rescue image for kernel {} written to {}",
+            m.kver,
+            output_dir.display()
+        );
+        for l in &m.layers {
+            let how = if report.layers_from_cache.contains(&l.name) {
+                "cached"
+            } else {
+                "built"
+            };
+            println!(
+                "  {:<24} {:>10} bytes {:>6} entries  {how}",
+                l.file, l.size, l.files
+            );
+        }
+        println!("  {:<24} sha256 {}", m.initrd, m.initrd_sha256);
+        println!(
+            "done in {:.2} s (collecting {:.2} s)",
+            report.seconds, report.collect_seconds
+        );
+    }
+    Ok(())
+}

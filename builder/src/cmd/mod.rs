@@ -1,0 +1,55 @@
+//! The command line: ReaR's vocabulary (mkrescue, dump, ...). Subcommands
+//! appear here once they work.
+
+use crate::Global;
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+pub mod dump;
+pub mod image;
+pub mod mkrescue;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lifeboat",
+    version,
+    about = "Automated Linux disaster recovery and bare-metal restore"
+)]
+pub struct Cli {
+    /// Extra configuration file, read after /etc/lifeboat (repeatable; later wins).
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+    /// More output (repeatable).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the rescue image (kernel, initramfs layers, manifest).
+    Mkrescue(mkrescue::Args),
+    /// Print the effective configuration and where each value came from.
+    Dump(dump::Args),
+    /// Inspect a built image: ls, unpack, verify.
+    #[command(subcommand)]
+    Image(image::Command),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let g = Global {
+        config_files: cli.config,
+        verbose: cli.verbose,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Mkrescue(a) => mkrescue::run(&g, a),
+        Command::Dump(a) => dump::run(&g, a),
+        Command::Image(c) => image::run(&g, c),
+    }
+}

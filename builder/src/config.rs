@@ -1,0 +1,412 @@
+//! Configuration: TOML files read in order, later wins:
+//! `/etc/lifeboat/lifeboat.toml`, `/etc/lifeboat/site.toml`,
+//! `/etc/lifeboat/conf.d/*.toml` (sorted), then each `-c FILE`.
+//! `LIFEBOAT_CONFIG_DIR` replaces `/etc/lifeboat` (for tests and packaging).
+//!
+//! Every file is checked on its own against the schema, so an unknown key or
+//! a wrong type is reported with the file, the key and the line. The merged
+//! result remembers which file set each value, for `lifeboat dump`.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration. Keys are lower-case; ReaR's upper-case names
+/// (`OUTPUT`, `OUTPUT_URL`) are accepted as aliases.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kind of rescue medium `mkrescue` writes. Supported now: `initrd`
+    /// (kernel + layers + concatenated initrd.img in a directory).
+    #[serde(alias = "OUTPUT")]
+    pub output: String,
+    /// Where `mkrescue` writes its output. Supported now: `file:///path`.
+    #[serde(alias = "OUTPUT_URL")]
+    pub output_url: String,
+    /// Settings of the rescue image.
+    pub rescue: Rescue,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rescue {
+    /// Kernel image. Default: `/boot/vmlinuz-<kver>`.
+    pub kernel: Option<PathBuf>,
+    /// Kernel release. Default: taken from the kernel file name
+    /// (`vmlinuz-<kver>`), else the running kernel (`uname -r`).
+    pub kver: Option<String>,
+    /// Modules directory of that kernel. Default: `/lib/modules/<kver>`.
+    pub modules_dir: Option<PathBuf>,
+    /// Firmware search directory.
+    pub firmware_dir: PathBuf,
+    /// Module set: `generic` (boots any supported machine), `hostonly`
+    /// (this machine's devices and loaded modules) or `none`.
+    pub modules: String,
+    /// Extra modules (names or aliases), closed over their dependencies.
+    pub add_modules: Vec<String>,
+    /// Modules never to include.
+    pub exclude_modules: Vec<String>,
+    /// Programs that must be in the image (names looked up in PATH, or absolute paths).
+    pub programs: Vec<String>,
+    /// Programs to include when present.
+    pub optional_programs: Vec<String>,
+    /// Programs of the default set to leave out.
+    pub exclude_programs: Vec<String>,
+    /// Files and directories copied as they are (directories recursively).
+    pub copy_as_is: Vec<String>,
+    /// Glob patterns of image paths to leave out (e.g. `/usr/share/doc/*`).
+    pub exclude: Vec<String>,
+    /// Directories laid over the image, each as its own layer `overlay-<dir name>`.
+    pub overlays: Vec<PathBuf>,
+    /// Early microcode layer: `auto` (when intel-ucode/amd-ucode exist), `yes`, `no`.
+    pub microcode: String,
+    /// Layer compression: `zstd`, `xz`, `gzip`, `lz4` or `none`.
+    pub compression: String,
+    /// Compression level (zstd 1-19, xz/gzip 0-9). Default: zstd 6, xz 6, gzip 6.
+    pub compression_level: Option<i32>,
+    /// Compressor threads (zstd). 0 means one per CPU.
+    pub threads: u32,
+    /// Directory of the layer cache. Default: `/var/cache/lifeboat/layers`.
+    pub cache_dir: Option<PathBuf>,
+    /// Timestamp for every archive entry. Default: `$SOURCE_DATE_EPOCH`, else 0.
+    pub source_date_epoch: Option<u64>,
+    /// The `lifeboat-init` binary. Default: next to the `lifeboat` binary,
+    /// then `/usr/lib/lifeboat/lifeboat-init`.
+    pub init: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            output: "initrd".into(),
+            output_url: "file:///var/lib/lifeboat/output".into(),
+            rescue: Rescue::default(),
+        }
+    }
+}
+
+impl Default for Rescue {
+    fn default() -> Self {
+        Rescue {
+            kernel: None,
+            kver: None,
+            modules_dir: None,
+            firmware_dir: PathBuf::from("/lib/firmware"),
+            modules: "generic".into(),
+            add_modules: vec![],
+            exclude_modules: vec![],
+            programs: vec![],
+            optional_programs: vec![],
+            exclude_programs: vec![],
+            copy_as_is: vec![],
+            exclude: vec![],
+            overlays: vec![],
+            microcode: "auto".into(),
+            compression: "zstd".into(),
+            compression_level: None,
+            threads: 0,
+            cache_dir: None,
+            source_date_epoch: None,
+            init: None,
+        }
+    }
+}
+
+/// Upper-case ReaR spellings accepted for top-level keys.
+const ALIASES: &[(&str, &str)] = &[("OUTPUT", "output"), ("OUTPUT_URL", "output_url")];
+
+/// The merged configuration and where each value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// Dotted key → file that set it (keys not listed are defaults).
+    pub origin: BTreeMap<String, PathBuf>,
+    /// Files read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+/// The system configuration directory.
+pub fn config_dir() -> PathBuf {
+    std::env::var_os("LIFEBOAT_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/lifeboat"))
+}
+
+/// Files read in order: the system ones that exist, then the explicit ones
+/// (which must exist).
+pub fn config_files(extra: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let dir = config_dir();
+    let mut files = Vec::new();
+    for f in ["lifeboat.toml", "site.toml"] {
+        let p = dir.join(f);
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    let confd = dir.join("conf.d");
+    if let Ok(rd) = std::fs::read_dir(&confd) {
+        let mut v: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        v.sort();
+        files.extend(v);
+    }
+    for f in extra {
+        if !f.is_file() {
+            bail!("config file {} does not exist (given with -c)", f.display());
+        }
+        files.push(f.clone());
+    }
+    Ok(files)
+}
+
+/// Load and merge the given files.
+pub fn load(files: &[PathBuf]) -> Result<Loaded> {
+    let mut merged = toml::Table::new();
+    let mut origin = BTreeMap::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read config file {}", f.display()))?;
+        // Checking the file alone against the schema gives errors with key and line.
+        toml::from_str::<Config>(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", f.display(), describe(&e, &text)))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", f.display(), e))?;
+        for (upper, lower) in ALIASES {
+            if let Some(v) = table.remove(*upper) {
+                table.insert(lower.to_string(), v);
+            }
+        }
+        merge(&mut merged, table, "", f, &mut origin);
+    }
+    let config: Config = toml::Value::Table(merged)
+        .try_into()
+        .context("merged configuration is invalid")?;
+    Ok(Loaded {
+        config,
+        origin,
+        files: files.to_vec(),
+    })
+}
+
+/// Make toml's message carry the line number and the offending key explicitly.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().to_string();
+    let Some(span) = e.span() else { return msg };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    // The dotted key: the nearest [section] above, plus the key on this line.
+    let section = text
+        .lines()
+        .take(line_no)
+        .filter_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+        .last()
+        .map(|s| s.trim().to_string());
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty());
+    match (key, section) {
+        (Some(k), Some(s)) if !line.trim().starts_with('[') => format!("line {line_no}: key `{s}.{k}`: {msg}"),
+        (Some(k), None) => format!("line {line_no}: key `{k}`: {msg}"),
+        _ => format!("line {line_no}: {msg}"),
+    }
+}
+
+fn merge(
+    into: &mut toml::Table,
+    from: toml::Table,
+    prefix: &str,
+    file: &Path,
+    origin: &mut BTreeMap<String, PathBuf>,
+) {
+    for (k, v) in from {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(dst)), toml::Value::Table(src)) => {
+                merge(dst, src, &key, file, origin)
+            }
+            (_, toml::Value::Table(src)) => {
+                let mut t = toml::Table::new();
+                merge(&mut t, src, &key, file, origin);
+                into.insert(k, toml::Value::Table(t));
+            }
+            (_, v) => {
+                origin.insert(key, file.to_path_buf());
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+impl Loaded {
+    /// The effective configuration as TOML, each value annotated with its origin.
+    pub fn dump_text(&self) -> Result<String> {
+        let value = toml::Value::try_from(&self.config)?;
+        let mut out = String::new();
+        out.push_str("# Effective lifeboat configuration.\n");
+        if self.files.is_empty() {
+            out.push_str("# No configuration files were found; all values are defaults.\n");
+        } else {
+            out.push_str("# Files read, in order (later wins):\n");
+            for f in &self.files {
+                out.push_str(&format!("#   {}\n", f.display()));
+            }
+        }
+        let toml::Value::Table(t) = value else {
+            unreachable!()
+        };
+        self.dump_table(&t, "", &mut out);
+        Ok(out)
+    }
+
+    fn dump_table(&self, t: &toml::Table, prefix: &str, out: &mut String) {
+        let unset = self.unset_keys(prefix);
+        for (k, v) in t {
+            if !v.is_table() {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                let src = self
+                    .origin
+                    .get(&key)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "default".into());
+                let line = format!("{k} = {v}");
+                out.push_str(&format!("{line:<60} # {src}\n"));
+            }
+        }
+        for k in unset {
+            out.push_str(&format!("{:<60} # default (unset)\n", format!("# {k} =")));
+        }
+        for (k, v) in t {
+            if let toml::Value::Table(sub) = v {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                out.push_str(&format!("\n[{key}]\n"));
+                self.dump_table(sub, &key, out);
+            }
+        }
+    }
+
+    /// Optional keys that are unset in a section (TOML has no null).
+    fn unset_keys(&self, prefix: &str) -> Vec<&'static str> {
+        if prefix != "rescue" {
+            return vec![];
+        }
+        let r = &self.config.rescue;
+        let mut v = vec![];
+        if r.kernel.is_none() {
+            v.push("kernel");
+        }
+        if r.kver.is_none() {
+            v.push("kver");
+        }
+        if r.modules_dir.is_none() {
+            v.push("modules_dir");
+        }
+        if r.compression_level.is_none() {
+            v.push("compression_level");
+        }
+        if r.cache_dir.is_none() {
+            v.push("cache_dir");
+        }
+        if r.source_date_epoch.is_none() {
+            v.push("source_date_epoch");
+        }
+        if r.init.is_none() {
+            v.push("init");
+        }
+        v
+    }
+
+    /// The effective configuration as JSON: `{"config": ..., "origin": {...}}`.
+    pub fn dump_json(&self) -> Result<String> {
+        let origin: BTreeMap<&String, String> = self
+            .origin
+            .iter()
+            .map(|(k, v)| (k, v.display().to_string()))
+            .collect();
+        Ok(serde_json::to_string_pretty(&serde_json::json!({
+            "files": self.files,
+            "config": self.config,
+            "origin": origin,
+        }))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn later_wins_with_origin() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write(
+            d.path(),
+            "a.toml",
+            "OUTPUT = \"initrd\"\n[rescue]\nkver = \"1\"\ncompression = \"xz\"\n",
+        );
+        let b = write(d.path(), "b.toml", "[rescue]\nkver = \"2\"\n");
+        let l = load(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(l.config.rescue.kver.as_deref(), Some("2"));
+        assert_eq!(l.config.rescue.compression, "xz");
+        assert_eq!(l.origin["rescue.kver"], b);
+        assert_eq!(l.origin["rescue.compression"], a);
+        assert_eq!(l.origin["output"], a);
+        let text = l.dump_text().unwrap();
+        assert!(text.contains("kver = \"2\""), "{text}");
+        assert!(
+            text.lines()
+                .any(|x| x.starts_with("kver = \"2\"") && x.ends_with(&b.display().to_string())),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|x| x.starts_with("modules = \"generic\"") && x.ends_with("# default")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_key_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write(
+            d.path(),
+            "bad.toml",
+            "[rescue]\nkver = \"1\"\nkernal = \"/x\"\n",
+        );
+        let e = format!("{:#}", load(&[a]).unwrap_err());
+        assert!(e.contains("bad.toml"), "{e}");
+        assert!(e.contains("kernal"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_file_key_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write(d.path(), "bad.toml", "\n[rescue]\nthreads = \"many\"\n");
+        let e = format!("{:#}", load(&[a]).unwrap_err());
+        assert!(
+            e.contains("bad.toml") && e.contains("line 3") && e.contains("threads"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! Lifeboat: automated Linux disaster recovery and bare-metal restore.
+//!
+//! The library behind the `lifeboat` command. Modules are grouped by domain;
+//! each CLI subcommand lives in [`cmd`] with a `run(args) -> Result<()>`.
+
+pub mod cmd;
+pub mod compress;
+pub mod config;
+pub mod cpio;
+pub mod elf;
+pub mod image;
+pub mod kmod;
+pub mod layers;
+pub mod programs;
+pub mod rescue;
+pub mod tree;
+
+/// Global options shared by every subcommand.
+#[derive(Debug, Clone, Default)]
+pub struct Global {
+    /// Extra configuration files (`-c`), read last.
+    pub config_files: Vec<std::path::PathBuf>,
+    pub verbose: u8,
+    pub quiet: bool,
+}
+
+impl Global {
+    /// Load the configuration for this invocation.
+    pub fn load_config(&self) -> anyhow::Result<config::Loaded> {
+        let files = config::config_files(&self.config_files)?;
+        config::load(&files)
+    }
+}

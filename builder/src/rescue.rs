@@ -1,0 +1,989 @@
+//! Building the rescue image: collect programs, modules and firmware into
+//! layers, write them (from the cache when unchanged), the kernel, the
+//! concatenated initrd and the manifest, and swap the result into place
+//! atomically.
+
+use crate::config::Config;
+use crate::elf::{self, Resolver};
+use crate::kmod::{self, ModulesDb};
+use crate::layers::{self, LayerCache, LayerParams};
+use crate::programs;
+use crate::tree::{Node, Tree};
+use anyhow::{bail, Context, Result};
+use lifeboat_contract::{
+    Compression, InitConfig, LayerInfo, Manifest, ModuleEntry, ModuleIndex, INIT_CONFIG_PATH,
+    INIT_CONFIG_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION, MODULE_INDEX_PATH,
+    MODULE_INDEX_SCHEMA_VERSION,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Errors callers may want to tell apart.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("kernel not found: {0} (give --kernel PATH, or set rescue.kernel)")]
+    KernelNotFound(PathBuf),
+    #[error("modules directory not found: {0} (give --modules-dir DIR, or set rescue.modules_dir; it must contain modules.dep)")]
+    ModulesDirNotFound(PathBuf),
+    #[error("required program(s) not found on this system: {} (install them, or remove them from rescue.programs)", .0.join(", "))]
+    MissingPrograms(Vec<String>),
+    #[error("cannot tell the kernel release: give --kver VER (the kernel file {0} is not named vmlinuz-<kver>)")]
+    NoKver(PathBuf),
+}
+
+/// Inputs of one build, after command line and configuration are merged.
+#[derive(Debug, Clone)]
+pub struct BuildInputs {
+    pub kernel: Option<PathBuf>,
+    pub kver: Option<String>,
+    pub modules_dir: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub use_cache: bool,
+    /// Host root the programs are taken from (normally `/`).
+    pub root: PathBuf,
+}
+
+/// What a build did, for the report and the tests.
+#[derive(Debug, Default)]
+pub struct BuildReport {
+    pub manifest: Option<Manifest>,
+    pub warnings: Vec<String>,
+    pub layers_from_cache: Vec<String>,
+    pub layers_built: Vec<String>,
+    pub seconds: f64,
+    /// Seconds spent collecting (closure, modules, firmware) before writing.
+    pub collect_seconds: f64,
+}
+
+/// Everything that goes into the image, layer by layer, before writing.
+pub struct Plan {
+    pub kver: String,
+    pub kernel: PathBuf,
+    pub layers: Vec<(String, Tree, Compression)>,
+    pub warnings: Vec<String>,
+}
+
+fn kver_from_kernel(p: &Path) -> Option<String> {
+    p.file_name()?
+        .to_str()?
+        .strip_prefix("vmlinuz-")
+        .map(|s| s.to_string())
+}
+
+fn running_kver() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Resolve kernel, kver and modules dir; any missing one is a clear error.
+pub fn resolve_kernel(cfg: &Config, inp: &BuildInputs) -> Result<(PathBuf, String, PathBuf)> {
+    let kernel_opt = inp.kernel.clone().or_else(|| cfg.rescue.kernel.clone());
+    let kver = match inp.kver.clone().or_else(|| cfg.rescue.kver.clone()) {
+        Some(k) => k,
+        None => match &kernel_opt {
+            Some(k) => kver_from_kernel(k).ok_or_else(|| BuildError::NoKver(k.clone()))?,
+            None => {
+                running_kver().context("cannot read the running kernel release; give --kver")?
+            }
+        },
+    };
+    let kernel = kernel_opt.unwrap_or_else(|| PathBuf::from(format!("/boot/vmlinuz-{kver}")));
+    if !kernel.is_file() {
+        return Err(BuildError::KernelNotFound(kernel).into());
+    }
+    let mdir = inp
+        .modules_dir
+        .clone()
+        .or_else(|| cfg.rescue.modules_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(format!("/lib/modules/{kver}")));
+    // Accept both /lib/modules/<kver> and its parent /lib/modules.
+    let mdir = if mdir.join(&kver).join("modules.dep").is_file() {
+        mdir.join(&kver)
+    } else {
+        mdir
+    };
+    if cfg.rescue.modules != "none" && !mdir.join("modules.dep").is_file() {
+        return Err(BuildError::ModulesDirNotFound(mdir).into());
+    }
+    Ok((kernel, kver, mdir))
+}
+
+/// Find the lifeboat-init binary.
+fn find_init(cfg: &Config) -> Result<PathBuf> {
+    if let Some(p) = &cfg.rescue.init {
+        if p.is_file() {
+            return Ok(p.clone());
+        }
+        bail!("rescue.init {} does not exist", p.display());
+    }
+    let mut cands = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(d) = exe.parent() {
+            cands.push(d.join("lifeboat-init"));
+            // Test binaries live in target/<triple>/<profile>/deps.
+            if let Some(pd) = d.parent() {
+                cands.push(pd.join("lifeboat-init"));
+            }
+        }
+    }
+    cands.push(PathBuf::from("/usr/lib/lifeboat/lifeboat-init"));
+    cands.push(PathBuf::from("/usr/libexec/lifeboat/lifeboat-init"));
+    for c in &cands {
+        if c.is_file() {
+            return Ok(c.clone());
+        }
+    }
+    bail!(
+        "lifeboat-init not found (looked in {}); build it with `cargo build -p lifeboat-init` or set rescue.init",
+        cands.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// The lifeboat binary to put into the image.
+fn find_self() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the running lifeboat binary")?;
+    if exe.file_name().is_some_and(|n| n == "lifeboat") {
+        return Ok(exe);
+    }
+    // Running from a test harness: the CLI sits one level up.
+    if let Some(p) = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("lifeboat"))
+    {
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Ok(exe)
+}
+
+macro_rules! overlay_files {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_bytes!(concat!("../../overlays/base/", $name)) as &[u8])),*]
+    };
+}
+
+/// The rescue root skeleton (overlays/base in the source tree).
+const BASE_OVERLAY: &[(&str, &[u8])] = overlay_files!(
+    "etc/passwd",
+    "etc/group",
+    "etc/shadow",
+    "etc/nsswitch.conf",
+    "etc/hosts",
+    "etc/shells",
+    "etc/profile",
+    "etc/motd",
+    "etc/os-release",
+    "etc/fstab",
+);
+
+fn base_layer(cfg: &Config, root: &Path) -> Result<Tree> {
+    let mut t = Tree::new();
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "root",
+        "mnt/local",
+        "var/log",
+        "var/tmp",
+        "etc/lifeboat",
+        "usr/bin",
+    ] {
+        t.add_dir(d, 0o755);
+    }
+    t.add_dir("tmp", 0o1777);
+    t.entries.get_mut("root").unwrap().perm = 0o700;
+    t.add_node("dev/console", Node::CharDev(5, 1), 0o600);
+    t.add_node("dev/null", Node::CharDev(1, 3), 0o666);
+    t.add_symlink("var/run", "../run");
+    // Merged-/usr top-level links exactly as on the host.
+    for d in ["bin", "sbin", "lib", "lib64", "lib32", "libx32"] {
+        if let Ok(target) = std::fs::read_link(root.join(d)) {
+            t.add_symlink(d, &target.to_string_lossy());
+        }
+    }
+    for (name, data) in BASE_OVERLAY {
+        let perm = if *name == "etc/shadow" { 0o600 } else { 0o644 };
+        t.add_bytes(name, data.to_vec(), perm);
+    }
+    let init = find_init(cfg)?;
+    t.add_file_as("init", &init)?;
+    t.entries.get_mut("init").unwrap().perm = 0o755;
+    t.add_file_as("usr/bin/lifeboat", &find_self()?)?;
+    t.entries.get_mut("usr/bin/lifeboat").unwrap().perm = 0o755;
+    Ok(t)
+}
+
+fn tools_layer(cfg: &Config, root: &Path, warnings: &mut Vec<String>) -> Result<Tree> {
+    let r = &cfg.rescue;
+    let excluded: BTreeSet<&str> = r.exclude_programs.iter().map(|s| s.as_str()).collect();
+    let mut required: Vec<&str> = programs::REQUIRED
+        .iter()
+        .copied()
+        .filter(|p| !excluded.contains(p))
+        .collect();
+    required.extend(r.programs.iter().map(|s| s.as_str()));
+    let mut optional: Vec<&str> = programs::OPTIONAL
+        .iter()
+        .copied()
+        .filter(|p| !excluded.contains(p))
+        .collect();
+    optional.extend(r.optional_programs.iter().map(|s| s.as_str()));
+
+    let mut roots = Vec::new();
+    let mut missing = Vec::new();
+    for p in &required {
+        match elf::find_in_path(root, p) {
+            Some(abs) => roots.push(abs),
+            None => missing.push(p.to_string()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(BuildError::MissingPrograms(missing).into());
+    }
+    let mut opt_missing = Vec::new();
+    for p in &optional {
+        match elf::find_in_path(root, p) {
+            Some(abs) => roots.push(abs),
+            None => opt_missing.push(p.to_string()),
+        }
+    }
+    if !opt_missing.is_empty() {
+        warnings.push(format!(
+            "optional programs not found, left out: {}",
+            opt_missing.join(", ")
+        ));
+    }
+    let mut resolver = Resolver::new(root);
+    let dlopen: Vec<String> = programs::DLOPEN.iter().map(|s| s.to_string()).collect();
+    let files = resolver.closure(&roots, &dlopen)?;
+    let mut t = Tree::new();
+    for f in &files {
+        t.add_host_path(root, f)
+            .with_context(|| format!("cannot add {f}"))?;
+    }
+    for p in programs::COPY_AS_IS {
+        if root.join(p.trim_start_matches('/')).exists() {
+            t.add_host_tree(root, p)?;
+        }
+    }
+    for p in &r.copy_as_is {
+        if !root.join(p.trim_start_matches('/')).exists() {
+            bail!("rescue.copy_as_is: {p} does not exist (fix or remove it)");
+        }
+        t.add_host_tree(root, p)?;
+        // Programs copied as they are need their libraries too.
+        let execs: Vec<String> = t
+            .entries
+            .iter()
+            .filter(|(k, e)| {
+                matches!(e.node, Node::File { .. })
+                    && e.perm & 0o111 != 0
+                    && format!("/{k}").starts_with(p.as_str())
+            })
+            .map(|(k, _)| format!("/{k}"))
+            .collect();
+        for f in resolver.closure(&execs, &[])? {
+            t.add_host_path(root, &f)?;
+        }
+    }
+    Ok(t)
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct ModinfoCache {
+    /// path → (size, mtime, mtime_nsec, firmware names)
+    entries: BTreeMap<String, (u64, i64, i64, Vec<String>)>,
+}
+
+/// Firmware names of the given modules, from their .modinfo, cached by file metadata.
+fn module_firmware(
+    db: &ModulesDb,
+    mods: &BTreeSet<String>,
+    cache_file: Option<&Path>,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut cache: ModinfoCache = cache_file
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|d| serde_json::from_slice(&d).ok())
+        .unwrap_or_default();
+    let mut changed = false;
+    let mut out = BTreeMap::new();
+    for m in mods {
+        let info = &db.modules[m];
+        let path = db.dir.join(&info.path);
+        let md = std::fs::metadata(&path)
+            .with_context(|| format!("module {m}: cannot stat {}", path.display()))?;
+        let key = (md.len(), md.mtime(), md.mtime_nsec());
+        let fw = match cache.entries.get(&info.path) {
+            Some((s, t, n, fw)) if (*s, *t, *n) == key => fw.clone(),
+            _ => {
+                let fw: Vec<String> = kmod::modinfo(&path)?
+                    .into_iter()
+                    .filter(|(k, _)| k == "firmware")
+                    .map(|(_, v)| v)
+                    .collect();
+                cache
+                    .entries
+                    .insert(info.path.clone(), (key.0, key.1, key.2, fw.clone()));
+                changed = true;
+                fw
+            }
+        };
+        if !fw.is_empty() {
+            out.insert(m.clone(), fw);
+        }
+    }
+    if changed {
+        if let Some(p) = cache_file {
+            if let Some(d) = p.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            if let Ok(tmp) = tempfile::NamedTempFile::new_in(p.parent().unwrap_or(Path::new("."))) {
+                if std::fs::write(tmp.path(), serde_json::to_vec(&cache)?).is_ok() {
+                    let _ = tmp.persist(p);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Select the module set named by the configuration.
+pub fn select_modules(
+    cfg: &Config,
+    db: &ModulesDb,
+    warnings: &mut Vec<String>,
+) -> Result<BTreeSet<String>> {
+    let r = &cfg.rescue;
+    let mut roots: BTreeSet<String> = match r.modules.as_str() {
+        "generic" => db.by_prefix(kmod::GENERIC_PREFIXES, kmod::GENERIC_EXCLUDE_PREFIXES),
+        "hostonly" => {
+            let mut s = BTreeSet::new();
+            for a in kmod::host_modaliases(Path::new("/sys")) {
+                s.extend(db.resolve(&a));
+            }
+            for m in kmod::loaded_modules(Path::new("/proc/modules")) {
+                if db.modules.contains_key(&m) {
+                    s.insert(m);
+                }
+            }
+            s
+        }
+        "none" => BTreeSet::new(),
+        other => bail!("rescue.modules = {other:?} is not one of generic, hostonly, none"),
+    };
+    for m in &r.add_modules {
+        let hits = db.resolve(m);
+        if hits.is_empty() {
+            bail!(
+                "rescue.add_modules: module {m:?} is not in {} (check the name with modinfo)",
+                db.dir.display()
+            );
+        }
+        roots.extend(hits);
+    }
+    let exclude: BTreeSet<String> = r
+        .exclude_modules
+        .iter()
+        .map(|m| lifeboat_contract::normalize_module_name(m))
+        .collect();
+    roots.retain(|m| !exclude.contains(m));
+    let mut set = db.closure(&roots);
+    for m in set.iter().filter(|m| exclude.contains(*m)) {
+        warnings.push(format!(
+            "module {m} is excluded but needed by an included module; it is included"
+        ));
+    }
+    set.retain(|m| db.modules.contains_key(m));
+    Ok(set)
+}
+
+fn module_index(db: &ModulesDb, kver: &str, set: &BTreeSet<String>) -> ModuleIndex {
+    let mut modules = BTreeMap::new();
+    let keep = |names: Option<&Vec<String>>| -> Vec<String> {
+        names
+            .into_iter()
+            .flatten()
+            .flat_map(|n| db.resolve(n))
+            .filter(|n| set.contains(n))
+            .collect()
+    };
+    for m in set {
+        modules.insert(
+            m.clone(),
+            ModuleEntry {
+                path: kmod::uncompressed_path(&db.modules[m].path),
+                deps: db.load_order_deps(m),
+                pre: keep(db.softdep_pre.get(m)),
+                post: keep(db.softdep_post.get(m)),
+            },
+        );
+    }
+    let aliases = db
+        .aliases
+        .iter()
+        .filter(|(_, m)| set.contains(m))
+        .cloned()
+        .collect();
+    ModuleIndex {
+        schema_version: MODULE_INDEX_SCHEMA_VERSION,
+        kver: kver.to_string(),
+        modules,
+        aliases,
+        builtin: db.builtin.iter().cloned().collect(),
+    }
+}
+
+/// Generated files: (name, content).
+type GeneratedFiles = Vec<(String, Vec<u8>)>;
+
+/// Run the host's depmod over the selected modules (through a farm of
+/// symlinks, so nothing is copied) and return the generated index files.
+fn depmod_outputs(
+    db: &ModulesDb,
+    kver: &str,
+    set: &BTreeSet<String>,
+    cache: Option<&Path>,
+) -> Result<Option<GeneratedFiles>> {
+    let Some(depmod) = ["/usr/sbin/depmod", "/sbin/depmod", "/usr/bin/depmod"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        return Ok(None);
+    };
+    // Cache key: the module files' identities plus the builtin lists.
+    let mut h = Sha256::new();
+    h.update(format!("depmod-v1|{kver}|"));
+    for m in set {
+        let p = db.dir.join(&db.modules[m].path);
+        let md = std::fs::metadata(&p).with_context(|| format!("cannot stat {}", p.display()))?;
+        h.update(format!(
+            "{}|{}|{}|{}\n",
+            db.modules[m].path,
+            md.len(),
+            md.mtime(),
+            md.mtime_nsec()
+        ));
+    }
+    for f in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
+        if let Ok(md) = std::fs::metadata(db.dir.join(f)) {
+            h.update(format!("{f}|{}|{}\n", md.len(), md.mtime()));
+        }
+    }
+    let key = hex::encode(h.finalize());
+    let cache_file = cache.map(|c| c.join(format!("depmod-{key}.json")));
+    if let Some(cf) = &cache_file {
+        if let Ok(d) = std::fs::read(cf) {
+            if let Ok(v) = serde_json::from_slice::<Vec<(String, String)>>(&d) {
+                let mut out = Vec::new();
+                for (n, hexdata) in v {
+                    out.push((n, hex::decode(hexdata)?));
+                }
+                return Ok(Some(out));
+            }
+        }
+    }
+    let tmp = tempfile::tempdir().context("cannot create a temporary directory for depmod")?;
+    let mdir = tmp.path().join("lib/modules").join(kver);
+    std::fs::create_dir_all(&mdir)?;
+    for m in set {
+        let rel = kmod::uncompressed_path(&db.modules[m].path);
+        let link = mdir.join(&rel);
+        std::fs::create_dir_all(link.parent().unwrap())?;
+        std::os::unix::fs::symlink(db.dir.join(&db.modules[m].path), &link)?;
+    }
+    for f in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
+        if db.dir.join(f).exists() {
+            std::fs::copy(db.dir.join(f), mdir.join(f))?;
+        }
+    }
+    let out = std::process::Command::new(depmod)
+        .arg("-b")
+        .arg(tmp.path())
+        .arg(kver)
+        .output()
+        .with_context(|| format!("cannot run {depmod}"))?;
+    if !out.status.success() {
+        bail!(
+            "{depmod} -b {} {kver} failed: {}",
+            tmp.path().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut files = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(&mdir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("modules."))
+        .collect();
+    names.sort();
+    for n in names {
+        files.push((n.clone(), std::fs::read(mdir.join(&n))?));
+    }
+    if let Some(cf) = &cache_file {
+        let enc: Vec<(String, String)> = files
+            .iter()
+            .map(|(n, d)| (n.clone(), hex::encode(d)))
+            .collect();
+        if let Some(d) = cf.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let _ = std::fs::write(cf, serde_json::to_vec(&enc)?);
+    }
+    Ok(Some(files))
+}
+
+fn modules_layer(
+    cfg: &Config,
+    mdir: &Path,
+    kver: &str,
+    cache_dir: Option<&Path>,
+    warnings: &mut Vec<String>,
+) -> Result<(Tree, Tree)> {
+    let mut t = Tree::new();
+    let mut fw = Tree::new();
+    if cfg.rescue.modules == "none" && cfg.rescue.add_modules.is_empty() {
+        return Ok((t, fw));
+    }
+    let modprobe_d: Vec<PathBuf> = [
+        "/etc/modprobe.d",
+        "/run/modprobe.d",
+        "/usr/lib/modprobe.d",
+        "/lib/modprobe.d",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    let db = ModulesDb::load(mdir, &modprobe_d)?;
+    let set = select_modules(cfg, &db, warnings)?;
+    let base = format!("lib/modules/{kver}");
+    for m in &set {
+        let info = &db.modules[m];
+        let src = mdir.join(&info.path);
+        let dst = format!("{base}/{}", kmod::uncompressed_path(&info.path));
+        if info.path != kmod::uncompressed_path(&info.path) {
+            t.add_node(&dst, Node::Decompress { src }, 0o644);
+        } else {
+            t.add_file_as(&dst, &src)?;
+            t.entries.get_mut(&crate::tree::norm(&dst)).unwrap().perm = 0o644;
+        }
+    }
+    let index = module_index(&db, kver, &set);
+    t.add_bytes(MODULE_INDEX_PATH, serde_json::to_vec_pretty(&index)?, 0o644);
+    match depmod_outputs(&db, kver, &set, cache_dir)? {
+        Some(files) => {
+            for (n, d) in files {
+                t.add_bytes(&format!("{base}/{n}"), d, 0o644);
+            }
+        }
+        None => {
+            warnings.push("depmod not found: the image has no modules.*.bin, so modprobe will not work in the rescue shell (lifeboat-init is not affected)".into());
+        }
+    }
+    // Firmware named by the included modules.
+    let fw_dir = &cfg.rescue.firmware_dir;
+    let names = module_firmware(
+        &db,
+        &set,
+        cache_dir
+            .map(|d| d.join(format!("modinfo-{kver}.json")))
+            .as_deref(),
+    )?;
+    let mut missing = BTreeSet::new();
+    for (m, list) in &names {
+        for name in list {
+            let mut found = false;
+            for suf in ["", ".zst", ".xz"] {
+                let cand = format!("{name}{suf}");
+                if fw_dir.join(&cand).exists() {
+                    let mut sub = Tree::new();
+                    sub.add_host_path(fw_dir, &cand)
+                        .with_context(|| format!("firmware {cand} for {m}"))?;
+                    for (k, e) in sub.entries {
+                        fw.add_parents(&format!("lib/firmware/{k}"));
+                        fw.entries.entry(format!("lib/firmware/{k}")).or_insert(e);
+                    }
+                    found = true;
+                    break;
+                }
+            }
+            if !found {
+                missing.insert(format!("{name} ({m})"));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        warnings.push(format!(
+            "{} firmware file(s) named by included modules are not in {}: {}",
+            missing.len(),
+            fw_dir.display(),
+            missing.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok((t, fw))
+}
+
+fn microcode_layer(cfg: &Config) -> Result<Option<Tree>> {
+    let mode = cfg.rescue.microcode.as_str();
+    if !matches!(mode, "auto" | "yes" | "no") {
+        bail!("rescue.microcode = {mode:?} is not one of auto, yes, no");
+    }
+    if mode == "no" {
+        return Ok(None);
+    }
+    let fw = &cfg.rescue.firmware_dir;
+    let mut t = Tree::new();
+    for (dir, out, only_bin) in [
+        ("intel-ucode", "GenuineIntel.bin", false),
+        ("amd-ucode", "AuthenticAMD.bin", true),
+    ] {
+        let Ok(rd) = std::fs::read_dir(fw.join(dir)) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        if only_bin {
+            files.retain(|p| p.extension().is_some_and(|e| e == "bin"));
+        }
+        files.sort();
+        let mut blob = Vec::new();
+        for f in files {
+            blob.extend(std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?);
+        }
+        if !blob.is_empty() {
+            t.add_bytes(&format!("kernel/x86/microcode/{out}"), blob, 0o644);
+        }
+    }
+    if t.is_empty() {
+        if mode == "yes" {
+            bail!(
+                "rescue.microcode = \"yes\" but {} has no intel-ucode/ or amd-ucode/ files",
+                fw.display()
+            );
+        }
+        return Ok(None);
+    }
+    Ok(Some(t))
+}
+
+fn plan_layer(cfg_text: &str, kver: &str) -> Result<Tree> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "rescue".into());
+    let init = InitConfig {
+        schema_version: INIT_CONFIG_SCHEMA_VERSION,
+        kver: kver.to_string(),
+        hostname: hostname.clone(),
+        shell: "/bin/bash".into(),
+    };
+    let mut t = Tree::new();
+    t.add_bytes(INIT_CONFIG_PATH, serde_json::to_vec_pretty(&init)?, 0o644);
+    t.add_bytes("etc/hostname", format!("{hostname}\n").into_bytes(), 0o644);
+    t.add_bytes(
+        "etc/lifeboat/lifeboat.toml",
+        cfg_text.as_bytes().to_vec(),
+        0o600,
+    );
+    Ok(t)
+}
+
+/// Collect everything that goes into the image.
+pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
+    let (kernel, kver, mdir) = resolve_kernel(cfg, inp)?;
+    let comp = Compression::parse(&cfg.rescue.compression).ok_or_else(|| {
+        anyhow::anyhow!(
+            "rescue.compression = {:?} is not one of zstd, xz, gzip, lz4, none",
+            cfg.rescue.compression
+        )
+    })?;
+    let mut warnings = Vec::new();
+    let cache = cache_dir(cfg, inp);
+    let mut layers = Vec::new();
+    if let Some(t) = microcode_layer(cfg)? {
+        layers.push(("microcode".to_string(), t, Compression::None));
+    }
+    layers.push(("base".to_string(), base_layer(cfg, &inp.root)?, comp));
+    let mut tools = tools_layer(cfg, &inp.root, &mut warnings)?;
+    let mut excl: Vec<String> = programs::EXCLUDE.iter().map(|s| s.to_string()).collect();
+    excl.extend(cfg.rescue.exclude.iter().cloned());
+    tools.exclude(&excl);
+    layers.push(("tools".to_string(), tools, comp));
+    let (mut mods, mut fw) = modules_layer(cfg, &mdir, &kver, cache.as_deref(), &mut warnings)?;
+    mods.exclude(&cfg.rescue.exclude);
+    fw.exclude(&cfg.rescue.exclude);
+    if !mods.is_empty() {
+        layers.push((format!("modules-{kver}"), mods, comp));
+    }
+    if !fw.is_empty() {
+        layers.push(("firmware".to_string(), fw, comp));
+    }
+    layers.push(("plan".to_string(), plan_layer(cfg_text, &kver)?, comp));
+    let mut names = BTreeSet::new();
+    for dir in &cfg.rescue.overlays {
+        if !dir.is_dir() {
+            bail!("rescue.overlays: {} is not a directory", dir.display());
+        }
+        let mut t = Tree::new();
+        t.add_host_tree(dir, "/")?;
+        t.entries.remove("");
+        let base = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "root".into());
+        let mut name = format!("overlay-{base}");
+        let mut i = 2;
+        while !names.insert(name.clone()) {
+            name = format!("overlay-{base}-{i}");
+            i += 1;
+        }
+        layers.push((name, t, comp));
+    }
+    Ok(Plan {
+        kver,
+        kernel,
+        layers,
+        warnings,
+    })
+}
+
+fn cache_dir(cfg: &Config, inp: &BuildInputs) -> Option<PathBuf> {
+    if !inp.use_cache {
+        return None;
+    }
+    Some(
+        cfg.rescue
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/cache/lifeboat")),
+    )
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Build the image described by `cfg` into `inp.output_dir`.
+pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildReport> {
+    let t0 = Instant::now();
+    let plan = plan(cfg, cfg_text, inp)?;
+    let collect_seconds = t0.elapsed().as_secs_f64();
+    let out_dir = &inp.output_dir;
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = out_dir
+        .file_name()
+        .context("output directory has no name")?
+        .to_string_lossy()
+        .to_string();
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(&parent)
+        .with_context(|| {
+            format!(
+                "cannot create a temporary directory in {}",
+                parent.display()
+            )
+        })?;
+    let cache = cache_dir(cfg, inp);
+    let lcache = LayerCache {
+        dir: cache.as_ref().map(|d| d.join("layers")),
+    };
+    let epoch = match cfg.rescue.source_date_epoch {
+        Some(e) => e,
+        None => match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .with_context(|| format!("SOURCE_DATE_EPOCH={s:?} is not a number"))?,
+            Err(_) => 0,
+        },
+    };
+    let threads = if cfg.rescue.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    } else {
+        cfg.rescue.threads
+    };
+    let mut report = BuildReport {
+        warnings: plan.warnings.clone(),
+        collect_seconds,
+        ..Default::default()
+    };
+    let mut infos: Vec<LayerInfo> = Vec::new();
+    let mtime =
+        u32::try_from(epoch).context("source_date_epoch does not fit the cpio format (32 bits)")?;
+    // Layers are independent: build them concurrently (each compressor is
+    // itself multithreaded), then record them in load order.
+    let results: Vec<Result<layers::Built>> = std::thread::scope(|s| {
+        let handles: Vec<_> = plan
+            .layers
+            .iter()
+            .map(|(lname, tree, comp)| {
+                let p = LayerParams {
+                    compression: *comp,
+                    level: if *comp == Compression::None {
+                        None
+                    } else {
+                        cfg.rescue.compression_level
+                    },
+                    threads,
+                    mtime,
+                };
+                let (lcache, dir) = (&lcache, staging.path());
+                s.spawn(move || {
+                    lcache
+                        .build(lname, tree, &p, dir)
+                        .with_context(|| format!("cannot build layer {lname}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("layer builder panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        let built = r?;
+        if built.from_cache {
+            report.layers_from_cache.push(built.info.name.clone());
+        } else {
+            report.layers_built.push(built.info.name.clone());
+        }
+        infos.push(built.info);
+    }
+    // The kernel.
+    let kfile = format!("vmlinuz-{}", plan.kver);
+    let kdst = staging.path().join(&kfile);
+    std::fs::copy(&plan.kernel, &kdst)
+        .with_context(|| format!("cannot copy {}", plan.kernel.display()))?;
+    let kernel_sha256 = sha256_file(&kdst)?;
+    // The concatenated initrd, cached by the layer hashes it is made of.
+    let mut h = Sha256::new();
+    for i in &infos {
+        h.update(format!("{}\n", i.sha256));
+    }
+    let combo = hex::encode(h.finalize());
+    let initrd = staging.path().join("initrd.img");
+    let cached_initrd = lcache.dir.as_ref().map(|d| {
+        (
+            d.join(format!("initrd-{combo}.img")),
+            d.join(format!("initrd-{combo}.sha256")),
+        )
+    });
+    let mut initrd_sha256 = None;
+    if let Some((img, sum)) = &cached_initrd {
+        if let (true, Ok(s)) = (img.is_file(), std::fs::read_to_string(sum)) {
+            layers::link_or_copy(img, &initrd)?;
+            initrd_sha256 = Some(s.trim().to_string());
+        }
+    }
+    let initrd_sha256 = match initrd_sha256 {
+        Some(s) => s,
+        None => {
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&initrd)
+                    .with_context(|| format!("cannot create {}", initrd.display()))?,
+            );
+            let mut hh = Sha256::new();
+            for i in &infos {
+                let data = std::fs::read(staging.path().join(&i.file))?;
+                hh.update(&data);
+                out.write_all(&data)
+                    .with_context(|| format!("cannot write {}", initrd.display()))?;
+            }
+            let f = out.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            let s = hex::encode(hh.finalize());
+            if let Some((img, sum)) = &cached_initrd {
+                let _ =
+                    layers::link_or_copy(&initrd, img).and_then(|_| Ok(std::fs::write(sum, &s)?));
+            }
+            s
+        }
+    };
+    let manifest = Manifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        lifeboat_version: env!("CARGO_PKG_VERSION").to_string(),
+        kver: plan.kver.clone(),
+        kernel: kfile,
+        kernel_sha256,
+        initrd: "initrd.img".into(),
+        initrd_sha256,
+        source_date_epoch: epoch,
+        layers: infos,
+    };
+    let mut mj = serde_json::to_vec_pretty(&manifest)?;
+    mj.push(b'\n');
+    std::fs::write(staging.path().join("manifest.json"), mj)?;
+    // Files holding configuration (possibly secrets later) are not world-readable.
+    let staged = staging.keep();
+    swap_into_place(&staged, out_dir)?;
+    report.manifest = Some(manifest);
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Atomically replace `dst` (a directory, possibly absent) with `src`.
+fn swap_into_place(src: &Path, dst: &Path) -> Result<()> {
+    if !dst.exists() {
+        return std::fs::rename(src, dst)
+            .with_context(|| format!("cannot rename {} to {}", src.display(), dst.display()));
+    }
+    if !dst.is_dir() {
+        let _ = std::fs::remove_dir_all(src);
+        bail!("output {} exists and is not a directory", dst.display());
+    }
+    let c_src = std::ffi::CString::new(src.as_os_str().as_encoded_bytes())?;
+    let c_dst = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())?;
+    // renameat2(RENAME_EXCHANGE): both names stay valid at every instant.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            c_src.as_ptr(),
+            libc::AT_FDCWD,
+            c_dst.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_dir_all(src);
+        return Err(e).with_context(|| format!("cannot swap the new image into {}", dst.display()));
+    }
+    // `src` now holds the previous image.
+    std::fs::remove_dir_all(src)
+        .with_context(|| format!("cannot remove the previous image at {}", src.display()))?;
+    Ok(())
+}

@@ -1,0 +1,359 @@
+//! The contract between the host-side builder (`lifeboat`) and the rescue
+//! OS's PID 1 (`lifeboat-init`).
+//!
+//! Every type that crosses that boundary is defined here, exactly once. Each
+//! top-level document carries a `schema_version`; readers refuse documents
+//! from a newer schema and unknown fields (`deny_unknown_fields`), so a stale
+//! init never silently misreads what a newer builder wrote.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Schema version of the layer manifest (`manifest.json`).
+pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
+/// Schema version of the init configuration (`/etc/lifeboat/init.json`).
+pub const INIT_CONFIG_SCHEMA_VERSION: u32 = 1;
+/// Schema version of the module index (`/lib/lifeboat/modules.json`).
+pub const MODULE_INDEX_SCHEMA_VERSION: u32 = 1;
+
+/// Path of the init configuration inside the rescue root.
+pub const INIT_CONFIG_PATH: &str = "etc/lifeboat/init.json";
+/// Path of the precomputed module index inside the rescue root.
+pub const MODULE_INDEX_PATH: &str = "lib/lifeboat/modules.json";
+/// Path of the image manifest copy inside the rescue root.
+pub const MANIFEST_NAME: &str = "manifest.json";
+
+/// Error raised when a document cannot be accepted.
+#[derive(Debug)]
+pub enum ContractError {
+    /// The JSON did not parse or had unknown/missing fields.
+    Parse(serde_json::Error),
+    /// The document was written by a newer lifeboat.
+    NewerSchema {
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
+}
+
+impl std::fmt::Display for ContractError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContractError::Parse(e) => write!(f, "{e}"),
+            ContractError::NewerSchema {
+                what,
+                found,
+                supported,
+            } => write!(
+                f,
+                "{what} has schema_version {found}, but this lifeboat understands only up to \
+                 {supported}; use the lifeboat version that wrote it, or rebuild the image"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ContractError {}
+
+fn check_version(what: &'static str, found: u32, supported: u32) -> Result<(), ContractError> {
+    if found > supported {
+        Err(ContractError::NewerSchema {
+            what,
+            found,
+            supported,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Compression of one layer file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Zstd,
+    Xz,
+    Gzip,
+    /// The kernel's "legacy" lz4 framing (magic 0x184C2102).
+    Lz4,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+            Compression::Gzip => "gzip",
+            Compression::Lz4 => "lz4",
+        }
+    }
+
+    /// File name suffix used for a layer with this compression.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Compression::None => "cpio",
+            Compression::Zstd => "cpio.zst",
+            Compression::Xz => "cpio.xz",
+            Compression::Gzip => "cpio.gz",
+            Compression::Lz4 => "cpio.lz4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Compression> {
+        Some(match s {
+            "none" => Compression::None,
+            "zstd" => Compression::Zstd,
+            "xz" => Compression::Xz,
+            "gzip" => Compression::Gzip,
+            "lz4" => Compression::Lz4,
+            _ => return None,
+        })
+    }
+}
+
+/// One layer of the rescue image, as recorded in `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerInfo {
+    /// Layer name: `microcode`, `base`, `tools`, `modules-<kver>`, `firmware`, `plan`, `overlay-<name>`.
+    pub name: String,
+    /// File name of the layer inside the output directory.
+    pub file: String,
+    pub compression: Compression,
+    /// Size of the layer file in bytes.
+    pub size: u64,
+    /// sha256 of the layer file, lower-case hex.
+    pub sha256: String,
+    /// Number of cpio entries (directories, files, links, nodes), without the trailer.
+    pub files: u64,
+}
+
+/// `manifest.json`: what a rescue image consists of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema_version: u32,
+    /// Version of the lifeboat that built the image.
+    pub lifeboat_version: String,
+    /// Kernel release the image's modules belong to.
+    pub kver: String,
+    /// File name of the kernel inside the output directory.
+    pub kernel: String,
+    /// sha256 of the kernel file.
+    pub kernel_sha256: String,
+    /// File name of the concatenation of all layers.
+    pub initrd: String,
+    /// sha256 of the concatenated initrd.
+    pub initrd_sha256: String,
+    /// Timestamp used for every archive entry (SOURCE_DATE_EPOCH).
+    pub source_date_epoch: u64,
+    /// Layers in load order; later layers win.
+    pub layers: Vec<LayerInfo>,
+}
+
+impl Manifest {
+    pub fn from_json(text: &str) -> Result<Manifest, ContractError> {
+        let m: Manifest = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        check_version("manifest", m.schema_version, MANIFEST_SCHEMA_VERSION)?;
+        Ok(m)
+    }
+}
+
+/// `/etc/lifeboat/init.json`: what PID 1 needs to know about the image it runs from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub schema_version: u32,
+    /// Kernel release the image was built for; the init warns when the running kernel differs.
+    pub kver: String,
+    /// Host name of the machine the image was built on.
+    pub hostname: String,
+    /// Shell to start on the console.
+    pub shell: String,
+}
+
+impl InitConfig {
+    pub fn from_json(text: &str) -> Result<InitConfig, ContractError> {
+        let c: InitConfig = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        check_version("init config", c.schema_version, INIT_CONFIG_SCHEMA_VERSION)?;
+        Ok(c)
+    }
+}
+
+/// One loadable module in the precomputed index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleEntry {
+    /// Path relative to `/lib/modules/<kver>/`, always uncompressed in the image.
+    pub path: String,
+    /// Hard dependencies (module names), in load order (deepest first).
+    pub deps: Vec<String>,
+    /// Soft dependencies to load before this module, when present in the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre: Vec<String>,
+    /// Soft dependencies to load after this module, when present in the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<String>,
+}
+
+/// `/lib/lifeboat/modules.json`: alias and dependency tables so that the init
+/// can load drivers for coldplugged devices without libkmod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleIndex {
+    pub schema_version: u32,
+    pub kver: String,
+    /// Module name (underscores) → entry; only modules present in the image.
+    pub modules: BTreeMap<String, ModuleEntry>,
+    /// (glob pattern, module name) pairs from modules.alias, restricted to modules in the image.
+    pub aliases: Vec<(String, String)>,
+    /// Names of modules built into the kernel.
+    pub builtin: Vec<String>,
+}
+
+impl ModuleIndex {
+    pub fn from_json(text: &str) -> Result<ModuleIndex, ContractError> {
+        let m: ModuleIndex = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        check_version(
+            "module index",
+            m.schema_version,
+            MODULE_INDEX_SCHEMA_VERSION,
+        )?;
+        Ok(m)
+    }
+}
+
+/// Normalise a module name the way kmod does: dashes become underscores.
+pub fn normalize_module_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// Match a modalias against an alias pattern using fnmatch-style globbing
+/// (`*`, `?`, `[...]`), as modprobe does for modules.alias.
+pub fn alias_matches(pattern: &str, text: &str) -> bool {
+    glob_match(pattern.as_bytes(), text.as_bytes())
+}
+
+fn glob_match(p: &[u8], t: &[u8]) -> bool {
+    // Iterative matcher with single-star backtracking.
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() {
+            match p[pi] {
+                b'*' => {
+                    star = Some((pi, ti));
+                    pi += 1;
+                    continue;
+                }
+                b'?' => {
+                    pi += 1;
+                    ti += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = class_match(&p[pi..], t[ti]) {
+                        if matched {
+                            pi += next;
+                            ti += 1;
+                            continue;
+                        }
+                    } else if t[ti] == b'[' {
+                        pi += 1;
+                        ti += 1;
+                        continue;
+                    }
+                }
+                c if c == t[ti] => {
+                    pi += 1;
+                    ti += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        match star {
+            Some((sp, st)) => {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            }
+            None => return false,
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Match a `[...]` class at the start of `p`; returns (matched, pattern length).
+fn class_match(p: &[u8], c: u8) -> Option<(bool, usize)> {
+    let mut i = 1;
+    let negate = i < p.len() && (p[i] == b'!' || p[i] == b'^');
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    while i < p.len() {
+        if p[i] == b']' && !first {
+            return Some((matched != negate, i + 1));
+        }
+        first = false;
+        if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
+            if p[i] <= c && c <= p[i + 2] {
+                matched = true;
+            }
+            i += 3;
+        } else {
+            if p[i] == c {
+                matched = true;
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_basics() {
+        assert!(alias_matches(
+            "pci:v00008086d*sv*sd*bc*sc*i*",
+            "pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00"
+        ));
+        assert!(!alias_matches("pci:v00008086d*", "pci:v000010ECd00008168"));
+        assert!(alias_matches(
+            "virtio:d00000002v*",
+            "virtio:d00000002v00001AF4"
+        ));
+        assert!(alias_matches("a?c", "abc"));
+        assert!(!alias_matches("a?c", "ac"));
+        assert!(alias_matches("acpi*:PNP0A0[38]:*", "acpi:PNP0A08:"));
+        assert!(!alias_matches("acpi*:PNP0A0[38]:*", "acpi:PNP0A05:"));
+        assert!(alias_matches("x[a-c]y", "xby"));
+        assert!(!alias_matches("x[!a-c]y", "xby"));
+        assert!(alias_matches("*", ""));
+        assert!(!alias_matches("", "a"));
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let j = r#"{"schema_version":99,"kver":"x","hostname":"h","shell":"/bin/sh"}"#;
+        let e = InitConfig::from_json(j).unwrap_err();
+        assert!(e.to_string().contains("schema_version 99"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let j = r#"{"schema_version":1,"kver":"x","hostname":"h","shell":"/bin/sh","extra":1}"#;
+        let e = InitConfig::from_json(j).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}
