@@ -1,1 +1,245 @@
+//! Bad input: each error names the thing, exits non-zero and leaves no
+//! output (and an existing image untouched).
 
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// Run mkrescue expecting failure; return stderr.
+fn fails(work: &Path, out: &Path, toml: &str, args: &[&str]) -> String {
+    let f = fixture();
+    let confdir = work.join("etc-lifeboat");
+    std::fs::create_dir_all(&confdir).unwrap();
+    let cfg = work.join("test.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let mut c = lifeboat(&confdir);
+    c.arg("-c")
+        .arg(&cfg)
+        .arg("mkrescue")
+        .arg("--output-dir")
+        .arg(out)
+        .arg("--no-cache");
+    if !args.contains(&"--kernel") {
+        c.arg("--kernel").arg(f.kernel());
+    }
+    if !args.contains(&"--modules-dir") {
+        c.arg("--modules-dir").arg(f.modules_dir());
+    }
+    c.args(["--kver", &f.kver]).args(args);
+    let o = c.output().unwrap();
+    assert!(
+        !o.status.success(),
+        "mkrescue unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(o.status.code(), Some(1));
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn no_leftovers(work: &Path) {
+    let left: Vec<String> = std::fs::read_dir(work)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "temporary output left behind: {left:?}");
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    let err = fails(
+        w.path(),
+        &out,
+        "",
+        &["--kernel", "/nonexistent/vmlinuz-9.9"],
+    );
+    assert!(
+        err.contains("kernel not found: /nonexistent/vmlinuz-9.9"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    no_leftovers(w.path());
+}
+
+#[test]
+fn missing_modules_dir_is_named() {
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    let err = fails(
+        w.path(),
+        &out,
+        "",
+        &["--modules-dir", "/nonexistent/modules"],
+    );
+    assert!(
+        err.contains("modules directory not found: /nonexistent/modules"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    no_leftovers(w.path());
+}
+
+#[test]
+fn missing_required_program_is_named() {
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    let err = fails(
+        w.path(),
+        &out,
+        "[rescue]\nprograms = [\"no-such-tool-xyz\"]\n",
+        &[],
+    );
+    assert!(
+        err.contains("required program(s) not found") && err.contains("no-such-tool-xyz"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    no_leftovers(w.path());
+}
+
+#[test]
+fn missing_optional_program_is_only_a_warning() {
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    let o = build(
+        w.path(),
+        &out,
+        "[rescue]\noptional_programs = [\"no-such-tool-abc\"]\nmodules = \"none\"\n",
+        &["--no-cache"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("no-such-tool-abc"),
+        "{err}"
+    );
+    assert!(out.join("manifest.json").is_file());
+}
+
+#[test]
+fn unknown_config_key_names_file_key_and_line() {
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    let err = fails(
+        w.path(),
+        &out,
+        "[rescue]\ncompression = \"zstd\"\nkernal = \"/boot/x\"\n",
+        &[],
+    );
+    assert!(err.contains("test.toml"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("rescue.kernal"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn wrong_type_in_a_conf_d_file_is_named() {
+    let w = tempfile::tempdir().unwrap();
+    let confdir = w.path().join("etc-lifeboat");
+    std::fs::create_dir_all(confdir.join("conf.d")).unwrap();
+    std::fs::write(
+        confdir.join("conf.d/10-site.toml"),
+        "[rescue]\nthreads = \"many\"\n",
+    )
+    .unwrap();
+    let o = lifeboat(&confdir).arg("dump").output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("10-site.toml") && err.contains("line 2") && err.contains("rescue.threads"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failed_build_leaves_the_previous_image_intact() {
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    build(
+        w.path(),
+        &out,
+        "[rescue]\nmodules = \"none\"\n",
+        &["--no-cache"],
+    );
+    let before = sha256(&out.join("manifest.json"));
+    let _ = fails(
+        w.path(),
+        &out,
+        "[rescue]\nprograms = [\"no-such-tool-xyz\"]\n",
+        &[],
+    );
+    assert_eq!(sha256(&out.join("manifest.json")), before);
+    run_ok(lifeboat(w.path()).args(["image", "verify"]).arg(&out));
+    no_leftovers(w.path());
+}
+
+#[test]
+fn dump_shows_values_and_their_origin() {
+    let w = tempfile::tempdir().unwrap();
+    let confdir = w.path().join("etc");
+    std::fs::create_dir_all(confdir.join("conf.d")).unwrap();
+    std::fs::write(
+        confdir.join("lifeboat.toml"),
+        "OUTPUT = \"initrd\"\n[rescue]\ncompression = \"xz\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        confdir.join("site.toml"),
+        "[rescue]\ncompression = \"gzip\"\n",
+    )
+    .unwrap();
+    std::fs::write(confdir.join("conf.d/50-a.toml"), "[rescue]\nthreads = 1\n").unwrap();
+    let extra = w.path().join("cli.toml");
+    std::fs::write(&extra, "[rescue]\nthreads = 2\n").unwrap();
+    let o = run_ok(lifeboat(&confdir).arg("-c").arg(&extra).arg("dump"));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = |k: &str| {
+        text.lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or_else(|| panic!("{k} missing:\n{text}"))
+            .to_string()
+    };
+    assert!(
+        line("compression = \"gzip\"").ends_with("site.toml"),
+        "{text}"
+    );
+    assert!(line("threads = 2").ends_with("cli.toml"), "{text}");
+    assert!(
+        line("output = \"initrd\"").ends_with("lifeboat.toml"),
+        "{text}"
+    );
+    assert!(
+        line("modules = \"generic\"").ends_with("# default"),
+        "{text}"
+    );
+    let o = run_ok(lifeboat(&confdir).arg("dump").arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["config"]["rescue"]["threads"], 1);
+    assert!(v["origin"]["rescue.threads"]
+        .as_str()
+        .unwrap()
+        .ends_with("50-a.toml"));
+}
+
+#[test]
+fn unsupported_output_and_url_are_refused_clearly() {
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    let err = fails(w.path(), &out, "OUTPUT = \"ISO\"\n", &[]);
+    assert!(err.contains("OUTPUT = \"ISO\" is not supported"), "{err}");
+    let confdir = w.path().join("c");
+    std::fs::create_dir_all(&confdir).unwrap();
+    let cfg = w.path().join("u.toml");
+    std::fs::write(&cfg, "OUTPUT_URL = \"nfs://server/export\"\n").unwrap();
+    let o = lifeboat(&confdir)
+        .arg("-c")
+        .arg(&cfg)
+        .arg("mkrescue")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("OUTPUT_URL = \"nfs://server/export\""));
+}

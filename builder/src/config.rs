@@ -206,9 +206,14 @@ fn describe(e: &toml::de::Error, text: &str) -> String {
         .filter_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
         .last()
         .map(|s| s.trim().to_string());
-    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty());
     match (key, section) {
-        (Some(k), Some(s)) if !line.trim().starts_with('[') => format!("line {line_no}: key `{s}.{k}`: {msg}"),
+        (Some(k), Some(s)) if !line.trim().starts_with('[') => {
+            format!("line {line_no}: key `{s}.{k}`: {msg}")
+        }
         (Some(k), None) => format!("line {line_no}: key `{k}`: {msg}"),
         _ => format!("line {line_no}: {msg}"),
     }

@@ -160,6 +160,11 @@ impl<W: Write> Writer<W> {
             rdev_minor: 0,
         };
         self.header(&h)?;
+        // Pad the archive to 512 bytes with zeros, as GNU cpio does: tools
+        // such as unmkinitramfs find the boundary between concatenated
+        // archives by that zero padding, and the kernel skips it.
+        let n = (512 - self.written % 512) % 512;
+        self.put(&vec![0u8; n as usize])?;
         self.out.flush()?;
         Ok(self.out)
     }
@@ -292,7 +297,7 @@ mod tests {
         w.data(b"hello").unwrap();
         w.finish_entry().unwrap();
         let out = w.finish().unwrap();
-        assert_eq!(out.len() % 4, 0);
+        assert_eq!(out.len() % 512, 0);
         let mut r = Reader::new(&out[..]);
         let h = r.next_header().unwrap().unwrap();
         assert_eq!(h.name, "a");
@@ -318,7 +323,7 @@ mod tests {
         w.header(&hdr("f", S_IFREG | 0o644, 0)).unwrap();
         w.finish_entry().unwrap();
         let out = w.finish().unwrap();
-        let cut = &out[..out.len() - 20];
+        let cut = &out[..out.len() - 400];
         let mut r = Reader::new(cut);
         r.next_header().unwrap();
         assert!(r.next_header().is_err());

@@ -103,8 +103,14 @@ fn safe_rel(name: &str) -> Result<PathBuf> {
 }
 
 /// Unpack every layer in order (later wins) into `dest`, as the kernel does.
-pub fn unpack(dir: &Path, dest: &Path) -> Result<usize> {
-    let m = load_manifest(dir)?;
+pub fn unpack(dir: &Path, dest: &Path, only: Option<&str>) -> Result<usize> {
+    let mut m = load_manifest(dir)?;
+    if let Some(name) = only {
+        m.layers.retain(|l| l.name == name);
+        if m.layers.is_empty() {
+            bail!("image {} has no layer named {name:?}", dir.display());
+        }
+    }
     std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
     let dest = std::fs::canonicalize(dest)?;
     let mut n = 0usize;
@@ -170,6 +176,8 @@ pub fn unpack(dir: &Path, dest: &Path) -> Result<usize> {
                                 format!("cannot create device {}", target.display())
                             });
                         }
+                        // mknod is subject to the umask; the archive's mode is not.
+                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(perm))?;
                     }
                 }
                 _ => bail!(

@@ -4,8 +4,8 @@
 //! the real `modprobe`/`modinfo` serve only as test oracles.
 
 use anyhow::{bail, Context, Result};
-use lifeboat_contract::{alias_matches, normalize_module_name};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use lifeboat_contract::{alias_matches, normalize_alias, normalize_module_name};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -21,8 +21,9 @@ pub struct ModulesDb {
     pub dir: PathBuf,
     pub modules: BTreeMap<String, ModInfo>,
     pub aliases: Vec<(String, String)>,
-    pub softdep_pre: HashMap<String, Vec<String>>,
-    pub softdep_post: HashMap<String, Vec<String>>,
+    /// softdep lines in kmod's order: (module name pattern, pre, post).
+    /// Only the first line matching a module counts, as in kmod.
+    pub softdeps: Vec<(String, Vec<String>, Vec<String>)>,
     pub builtin: BTreeSet<String>,
     /// Aliases of builtin modules (from modules.builtin.modinfo).
     pub builtin_aliases: Vec<(String, String)>,
@@ -83,31 +84,42 @@ impl ModulesDb {
                 let mut it = line.split_whitespace();
                 if it.next() == Some("alias") {
                     if let (Some(pat), Some(m)) = (it.next(), it.next()) {
-                        db.aliases.push((pat.to_string(), normalize_module_name(m)));
+                        db.aliases
+                            .push((normalize_alias(pat), normalize_module_name(m)));
                     }
                 }
             }
         }
-        if let Ok(text) = std::fs::read_to_string(dir.join("modules.softdep")) {
-            db.parse_softdeps(&text);
-        }
+        // kmod reads the modprobe.d files and modules.softdep as one list
+        // sorted by file name (a name in an earlier directory hides the same
+        // name in later ones).
+        let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
         for d in modprobe_d {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(d)
-                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-                .unwrap_or_default();
-            files.retain(|p| p.extension().is_some_and(|e| e == "conf"));
-            files.sort();
-            for f in files {
-                if let Ok(text) = std::fs::read_to_string(&f) {
-                    db.parse_softdeps(&text);
-                    for line in text.lines() {
-                        let mut it = line.split_whitespace();
-                        if it.next() == Some("alias") {
-                            if let (Some(pat), Some(m)) = (it.next(), it.next()) {
-                                db.config_aliases
-                                    .push((pat.to_string(), normalize_module_name(m)));
-                            }
-                        }
+            let Ok(rd) = std::fs::read_dir(d) else {
+                continue;
+            };
+            for e in rd.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.ends_with(".conf") {
+                    files.entry(name).or_insert_with(|| e.path());
+                }
+            }
+        }
+        files.insert("modules.softdep".into(), dir.join("modules.softdep"));
+        for (name, f) in &files {
+            let Ok(text) = std::fs::read_to_string(f) else {
+                continue;
+            };
+            db.parse_softdeps(&text);
+            if name == "modules.softdep" {
+                continue;
+            }
+            for line in text.lines() {
+                let mut it = line.split_whitespace();
+                if it.next() == Some("alias") {
+                    if let (Some(pat), Some(m)) = (it.next(), it.next()) {
+                        db.config_aliases
+                            .push((normalize_alias(pat), normalize_module_name(m)));
                     }
                 }
             }
@@ -123,7 +135,7 @@ impl ModulesDb {
                 if let Some((m, kv)) = rec.split_once('.') {
                     if let Some(a) = kv.strip_prefix("alias=") {
                         db.builtin_aliases
-                            .push((a.to_string(), normalize_module_name(m)));
+                            .push((normalize_alias(a), normalize_module_name(m)));
                     }
                 }
             }
@@ -139,22 +151,30 @@ impl ModulesDb {
                 continue;
             }
             let Some(m) = it.next() else { continue };
-            let m = normalize_module_name(m);
+            let (mut pre, mut post) = (Vec::new(), Vec::new());
             let mut mode = "";
             for w in it {
                 match w {
                     "pre:" | "post:" => mode = w,
-                    _ => {
-                        let w = normalize_module_name(w);
-                        match mode {
-                            "pre:" => self.softdep_pre.entry(m.clone()).or_default().push(w),
-                            "post:" => self.softdep_post.entry(m.clone()).or_default().push(w),
-                            _ => {}
-                        }
-                    }
+                    // A module name or an alias: resolved (and normalised) later.
+                    _ if mode == "pre:" => pre.push(w.to_string()),
+                    _ if mode == "post:" => post.push(w.to_string()),
+                    _ => {}
                 }
             }
+            self.softdeps.push((normalize_module_name(m), pre, post));
         }
+    }
+
+    /// Soft dependencies (pre, post) of module `m`: the first matching
+    /// softdep line only, as kmod does.
+    pub fn softdeps_of(&self, m: &str) -> (&[String], &[String]) {
+        for (pat, pre, post) in &self.softdeps {
+            if alias_matches(pat, m) {
+                return (pre, post);
+            }
+        }
+        (&[], &[])
     }
 
     /// Resolve a module name or a modalias to module names (loadable or builtin).
@@ -165,10 +185,11 @@ impl ModulesDb {
         if self.modules.contains_key(&n) || self.builtin.contains(&n) {
             return vec![n];
         }
+        let query = normalize_alias(name);
         for table in [&self.config_aliases, &self.aliases, &self.builtin_aliases] {
             let hits: BTreeSet<String> = table
                 .iter()
-                .filter(|(p, _)| alias_matches(p, name))
+                .filter(|(p, _)| alias_matches(p, &query))
                 .map(|(_, m)| m.clone())
                 .collect();
             if !hits.is_empty() {
@@ -193,13 +214,8 @@ impl ModulesDb {
             for d in &info.deps {
                 q.push_back(d.clone());
             }
-            for s in self
-                .softdep_pre
-                .get(&m)
-                .into_iter()
-                .chain(self.softdep_post.get(&m))
-                .flatten()
-            {
+            let (pre, post) = self.softdeps_of(&m);
+            for s in pre.iter().chain(post) {
                 for r in self.resolve(s) {
                     q.push_back(r);
                 }

@@ -409,10 +409,9 @@ pub fn select_modules(
 
 fn module_index(db: &ModulesDb, kver: &str, set: &BTreeSet<String>) -> ModuleIndex {
     let mut modules = BTreeMap::new();
-    let keep = |names: Option<&Vec<String>>| -> Vec<String> {
+    let keep = |names: &[String]| -> Vec<String> {
         names
-            .into_iter()
-            .flatten()
+            .iter()
             .flat_map(|n| db.resolve(n))
             .filter(|n| set.contains(n))
             .collect()
@@ -423,8 +422,8 @@ fn module_index(db: &ModulesDb, kver: &str, set: &BTreeSet<String>) -> ModuleInd
             ModuleEntry {
                 path: kmod::uncompressed_path(&db.modules[m].path),
                 deps: db.load_order_deps(m),
-                pre: keep(db.softdep_pre.get(m)),
-                post: keep(db.softdep_post.get(m)),
+                pre: keep(db.softdeps_of(m).0),
+                post: keep(db.softdeps_of(m).1),
             },
         );
     }
@@ -731,13 +730,17 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
     let (mut mods, mut fw) = modules_layer(cfg, &mdir, &kver, cache.as_deref(), &mut warnings)?;
     mods.exclude(&cfg.rescue.exclude);
     fw.exclude(&cfg.rescue.exclude);
+    mods.rebase_merged_usr(&inp.root);
+    fw.rebase_merged_usr(&inp.root);
     if !mods.is_empty() {
         layers.push((format!("modules-{kver}"), mods, comp));
     }
     if !fw.is_empty() {
         layers.push(("firmware".to_string(), fw, comp));
     }
-    layers.push(("plan".to_string(), plan_layer(cfg_text, &kver)?, comp));
+    let mut plan_tree = plan_layer(cfg_text, &kver)?;
+    plan_tree.rebase_merged_usr(&inp.root);
+    layers.push(("plan".to_string(), plan_tree, comp));
     let mut names = BTreeSet::new();
     for dir in &cfg.rescue.overlays {
         if !dir.is_dir() {

@@ -313,6 +313,53 @@ impl Tree {
         Ok(())
     }
 
+    /// Move entries below top-level directories that are symlinks on the
+    /// host (merged-/usr: `lib -> usr/lib`) to where those symlinks point,
+    /// and add the symlinks themselves. A layer must never contain a real
+    /// directory where the root has a symlink: GNU cpio (and unmkinitramfs)
+    /// would replace the symlink by it.
+    pub fn rebase_merged_usr(&mut self, root: &Path) {
+        let mut links = Vec::new();
+        for d in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+            if let Ok(t) = std::fs::read_link(root.join(d)) {
+                let t = t.to_string_lossy().to_string();
+                let resolved = norm(&t);
+                if !t.starts_with('/') && !resolved.is_empty() && !resolved.starts_with(d) {
+                    links.push((d.to_string(), t, resolved));
+                }
+            }
+        }
+        for (d, target, resolved) in links {
+            let prefix = format!("{d}/");
+            let moved: Vec<String> = self
+                .entries
+                .keys()
+                .filter(|k| k.starts_with(&prefix) || **k == d)
+                .cloned()
+                .collect();
+            if moved.is_empty() {
+                continue;
+            }
+            for k in moved {
+                let e = self.entries.remove(&k).unwrap();
+                if k == d {
+                    continue;
+                }
+                let nk = format!("{resolved}/{}", &k[prefix.len()..]);
+                self.add_parents(&nk);
+                self.entries.entry(nk).or_insert(e);
+            }
+            self.entries.insert(
+                d.clone(),
+                Entry {
+                    node: Node::Symlink(target),
+                    perm: 0o777,
+                    host_id: None,
+                },
+            );
+        }
+    }
+
     /// Remove every entry matching one of the glob patterns (matched against
     /// the absolute archive path, e.g. `/usr/share/doc/*`). Returns how many were removed.
     pub fn exclude(&mut self, patterns: &[String]) -> usize {
@@ -383,6 +430,22 @@ mod tests {
         let mut t = Tree::new();
         let e = t.add_host_path(d.path(), "/a").unwrap_err();
         assert!(format!("{e:#}").contains("too many levels"));
+    }
+
+    #[test]
+    fn merged_usr_rebase() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("usr/lib")).unwrap();
+        symlink("usr/lib", d.path().join("lib")).unwrap();
+        let mut t = Tree::new();
+        t.add_bytes("lib/modules/6.1/modules.dep", vec![], 0o644);
+        t.add_bytes("etc/x", vec![], 0o644);
+        t.rebase_merged_usr(d.path());
+        assert_eq!(t.entries["lib"].node, Node::Symlink("usr/lib".into()));
+        assert!(t.contains("usr/lib/modules/6.1/modules.dep"));
+        assert!(t.contains("usr/lib/modules"));
+        assert!(!t.entries.keys().any(|k| k.starts_with("lib/")));
+        assert!(t.contains("etc/x"));
     }
 
     #[test]

@@ -207,7 +207,9 @@ pub struct ModuleIndex {
     pub kver: String,
     /// Module name (underscores) → entry; only modules present in the image.
     pub modules: BTreeMap<String, ModuleEntry>,
-    /// (glob pattern, module name) pairs from modules.alias, restricted to modules in the image.
+    /// (glob pattern, module name) pairs from modules.alias, restricted to
+    /// modules in the image. Patterns are normalised with [`normalize_alias`];
+    /// normalise a modalias the same way before matching.
     pub aliases: Vec<(String, String)>,
     /// Names of modules built into the kernel.
     pub builtin: Vec<String>,
@@ -228,6 +230,28 @@ impl ModuleIndex {
 /// Normalise a module name the way kmod does: dashes become underscores.
 pub fn normalize_module_name(name: &str) -> String {
     name.replace('-', "_")
+}
+
+/// Normalise an alias (or alias pattern) the way kmod does before lookups:
+/// dashes become underscores, except inside `[...]` classes.
+pub fn normalize_alias(alias: &str) -> String {
+    let mut out = String::with_capacity(alias.len());
+    let mut in_class = false;
+    for c in alias.chars() {
+        match c {
+            '[' => {
+                in_class = true;
+                out.push(c)
+            }
+            ']' => {
+                in_class = false;
+                out.push(c)
+            }
+            '-' if !in_class => out.push('_'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Match a modalias against an alias pattern using fnmatch-style globbing
@@ -341,6 +365,12 @@ mod tests {
         assert!(!alias_matches("x[!a-c]y", "xby"));
         assert!(alias_matches("*", ""));
         assert!(!alias_matches("", "a"));
+    }
+
+    #[test]
+    fn alias_normalisation_keeps_classes() {
+        assert_eq!(normalize_alias("crypto-crc32c"), "crypto_crc32c");
+        assert_eq!(normalize_alias("a-[x-z]-b"), "a_[x-z]_b");
     }
 
     #[test]

@@ -16,8 +16,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Unpack all layers, in order, into DEST.
-    Unpack { dir: PathBuf, dest: PathBuf },
+    /// Unpack all layers, in order (later wins), into DEST.
+    Unpack {
+        dir: PathBuf,
+        dest: PathBuf,
+        /// Only this layer.
+        #[arg(long)]
+        layer: Option<String>,
+    },
     /// Check every file's sha256 against the manifest, and every archive's structure.
     Verify {
         dir: PathBuf,
@@ -51,8 +57,8 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Unpack { dir, dest } => {
-            let n = crate::image::unpack(&dir, &dest)?;
+        Command::Unpack { dir, dest, layer } => {
+            let n = crate::image::unpack(&dir, &dest, layer.as_deref())?;
             if !g.quiet {
                 println!("unpacked {n} entries into {}", dest.display());
             }
