@@ -204,6 +204,8 @@ fn main() {
     }
 
     let mut shell_pid = spawn_shell(&shell);
+    let mut started = std::time::Instant::now();
+    let mut backoff = Duration::from_millis(300);
     log(&format!(
         "ready (uptime {:.2} s); shell on the console",
         uptime()
@@ -219,9 +221,22 @@ fn main() {
             continue;
         }
         if Some(pid) == shell_pid {
-            log("shell exited; starting a new one (use `lifeboat` commands or reboot -f to leave)");
-            std::thread::sleep(Duration::from_millis(300));
+            let how = if libc::WIFEXITED(status) {
+                format!("with status {}", libc::WEXITSTATUS(status))
+            } else {
+                format!("by signal {}", libc::WTERMSIG(status))
+            };
+            log(&format!("shell exited {how}; starting a new one"));
+            // A shell that dies at once (no console input) is restarted
+            // ever more slowly, up to every 10 s, instead of spinning.
+            if started.elapsed() < Duration::from_secs(2) {
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            } else {
+                backoff = Duration::from_millis(300);
+            }
+            std::thread::sleep(backoff);
             shell_pid = spawn_shell(&shell);
+            started = std::time::Instant::now();
         }
     }
 }

@@ -1,0 +1,184 @@
+//! A small QEMU harness: boot a kernel and initrd under TCG (or KVM when
+//! `LIFEBOAT_QEMU_ACCEL=kvm`), capture the serial console into memory and a
+//! log file, wait for markers with a timeout, and type commands. QEMU is
+//! killed when the [`Vm`] is dropped, also when a test panics.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub memory_mb: u32,
+    pub cpus: u32,
+    /// Where the console is logged (in addition to memory).
+    pub log: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
+impl BootSpec {
+    pub fn new(kernel: &Path, initrd: &Path) -> BootSpec {
+        BootSpec {
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            append: "console=ttyS0".into(),
+            memory_mb: 1024,
+            cpus: 2,
+            log: None,
+            extra_args: vec![],
+        }
+    }
+}
+
+/// The accelerator: TCG unless LIFEBOAT_QEMU_ACCEL says otherwise (KVM
+/// hangs right after the BIOS on some CI machines).
+pub fn accel() -> String {
+    std::env::var("LIFEBOAT_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into())
+}
+
+pub struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    console: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Vm {
+    pub fn boot(spec: &BootSpec) -> std::io::Result<Vm> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            &accel(),
+            "-m",
+            &spec.memory_mb.to_string(),
+            "-smp",
+            &spec.cpus.to_string(),
+        ])
+        .arg("-kernel")
+        .arg(&spec.kernel)
+        .arg("-initrd")
+        .arg(&spec.initrd)
+        .args(["-append", &spec.append])
+        .args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .args(&spec.extra_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86): {e}"),
+            )
+        })?;
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let mut log = match &spec.log {
+            Some(p) => Some(std::fs::File::create(p)?),
+            None => None,
+        };
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let console = console.clone();
+            let mut log = log.as_mut().map(|f| f.try_clone().unwrap());
+            let mut stream = stream;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    console.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if let Some(f) = log.as_mut() {
+                        let _ = f.write_all(&buf[..n]);
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        Ok(Vm {
+            child,
+            stdin,
+            console,
+        })
+    }
+
+    /// Everything the console printed so far (carriage returns removed).
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().unwrap()).replace('\r', "")
+    }
+
+    /// Wait until the console contains `marker` after byte offset `from`;
+    /// returns the offset just past it. On timeout the error shows the
+    /// console's tail.
+    pub fn wait_for_from(
+        &mut self,
+        marker: &str,
+        from: usize,
+        timeout: Duration,
+    ) -> Result<usize, String> {
+        let t0 = Instant::now();
+        loop {
+            let text = self.console();
+            if let Some(i) = text.get(from..).and_then(|t| t.find(marker)) {
+                return Ok(from + i + marker.len());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!(
+                    "QEMU exited ({st}) before {marker:?} appeared; console tail:\n{}",
+                    tail(&text, 3000)
+                ));
+            }
+            if t0.elapsed() > timeout {
+                return Err(format!(
+                    "{marker:?} did not appear within {timeout:?}; console tail:\n{}",
+                    tail(&text, 3000)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<usize, String> {
+        self.wait_for_from(marker, 0, timeout)
+    }
+
+    /// Type a line on the serial console.
+    pub fn send_line(&mut self, line: &str) -> std::io::Result<()> {
+        let s = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("console input closed"))?;
+        s.write_all(line.as_bytes())?;
+        s.write_all(b"\n")?;
+        s.flush()
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,30 @@
+#!/bin/bash
+# Install what building and testing Lifeboat needs on Debian 12, and check
+# the Rust toolchain. Idempotent: when everything is there it does nothing.
+set -euo pipefail
+PKGS=(
+  # archive and module oracles, the peer for benchmarks
+  cpio kmod dracut dracut-core initramfs-tools-core binutils bc file
+  # compressors
+  zstd xz-utils lz4 gzip
+  # the recovery toolbox that goes into the image (and is tested in a chroot)
+  e2fsprogs xfsprogs btrfs-progs dosfstools lvm2 mdadm cryptsetup-bin parted gdisk fdisk
+  rsync openssh-server openssh-client iproute2 grub-pc-bin grub-efi-amd64-bin grub2-common
+  efibootmgr nano less tar util-linux udev
+  # booting images
+  qemu-system-x86 qemu-utils ovmf xorriso mtools
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found. Lifeboat needs Rust >= 1.80 with the x86_64-unknown-linux-gnu target (rustup)." >&2
+  exit 1
+fi

@@ -1,0 +1,23 @@
+#!/bin/bash
+# The whole test suite, as CI runs it: dependencies, the kernel fixture,
+# format, lints, then every test (unit, integration against GNU cpio,
+# unmkinitramfs, chroot, modprobe/modinfo, and a QEMU boot).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export LIFEBOAT_KERNEL_FIXTURE="$(bash qemu/fixtures/kernel.sh | tail -1)"
+echo "kernel fixture: $LIFEBOAT_KERNEL_FIXTURE"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+# lifeboat-init lives in its own crate: build every binary before the tests use them.
+cargo build --workspace -q
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$rc"
