@@ -4,7 +4,7 @@
 set -euo pipefail
 PKGS=(
   # archive and module oracles, the peer for benchmarks
-  cpio kmod dracut dracut-core initramfs-tools-core binutils bc file
+  cpio kmod dracut dracut-core initramfs-tools-core binutils bc file gcc libc6-dev
   # compressors
   zstd xz-utils lz4 gzip
   # the recovery toolbox that goes into the image (and is tested in a chroot)

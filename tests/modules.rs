@@ -10,15 +10,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 fn modprobe_d() -> Vec<PathBuf> {
-    [
-        "/etc/modprobe.d",
-        "/run/modprobe.d",
-        "/usr/lib/modprobe.d",
-        "/lib/modprobe.d",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .collect()
+    lifeboat::kmod::default_modprobe_dirs()
 }
 
 fn db() -> ModulesDb {
@@ -239,5 +231,55 @@ fn compressed_modules_are_decompressed_into_the_image() {
         out.lines().filter(|l| l.starts_with("insmod")).count(),
         closure.len(),
         "{out}"
+    );
+}
+
+#[test]
+fn hostonly_covers_this_machines_devices() {
+    // The oracle: modprobe -R on every modalias under /sys, against the fixture tree.
+    let f = fixture();
+    let db = db();
+    let aliases = lifeboat::kmod::host_modaliases(std::path::Path::new("/sys"));
+    assert!(
+        !aliases.is_empty(),
+        "this machine exposes no modaliases under /sys"
+    );
+    let mut expected = BTreeSet::new();
+    for a in &aliases {
+        let (ok, out, _) = sh(&format!(
+            "modprobe -d {} -S {} -R '{a}'",
+            f.root.display(),
+            f.kver
+        ));
+        if ok {
+            for m in out.lines() {
+                let m = lifeboat_contract::normalize_module_name(m);
+                if db.modules.contains_key(&m) {
+                    expected.insert(m);
+                }
+            }
+        }
+    }
+    let mut cfg = lifeboat::config::Config::default();
+    cfg.rescue.modules = "hostonly".into();
+    let set = lifeboat::rescue::select_modules(&cfg, &db, &mut Vec::new()).unwrap();
+    for m in &expected {
+        assert!(
+            set.contains(m),
+            "hostonly set lacks {m}, which this machine's devices need"
+        );
+    }
+    // And it is a real subset, not everything.
+    let generic = lifeboat::rescue::select_modules(
+        &lifeboat::config::Config::default(),
+        &db,
+        &mut Vec::new(),
+    )
+    .unwrap();
+    assert!(
+        set.len() < generic.len(),
+        "hostonly ({}) is not smaller than generic ({})",
+        set.len(),
+        generic.len()
     );
 }

@@ -518,6 +518,71 @@ mod tests {
     }
 
     #[test]
+    fn origin_runpath_and_rpath_are_followed_like_ldd() {
+        // Build a real program whose library is found only through
+        // RUNPATH=$ORIGIN/../lib, and one through an RPATH; ldd is the oracle.
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("app/bin")).unwrap();
+        std::fs::create_dir_all(r.join("app/lib")).unwrap();
+        std::fs::create_dir_all(r.join("other")).unwrap();
+        std::fs::write(r.join("foo.c"), "int foo(void) { return 42; }\n").unwrap();
+        std::fs::write(
+            r.join("main.c"),
+            "int foo(void); int main(void) { return foo() - 42; }\n",
+        )
+        .unwrap();
+        let sh = |cmd: &str| {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(r)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        sh("gcc -shared -fPIC -o app/lib/libfoo.so foo.c");
+        sh("cp app/lib/libfoo.so other/libfoo.so");
+        sh("gcc -o app/bin/prog main.c -Lapp/lib -lfoo -Wl,--enable-new-dtags,-rpath,'$ORIGIN/../lib'");
+        sh("gcc -o app/bin/prog2 main.c -Lother -lfoo -Wl,--disable-new-dtags,-rpath,$PWD/other");
+        sh("./app/bin/prog && ./app/bin/prog2");
+        let mut res = Resolver::new(Path::new("/"));
+        for (prog, want) in [
+            ("app/bin/prog", "app/lib/libfoo.so"),
+            ("app/bin/prog2", "other/libfoo.so"),
+        ] {
+            let abs = r.join(prog).to_string_lossy().to_string();
+            let got = res.closure(std::slice::from_ref(&abs), &[]).unwrap();
+            let want_abs = r.join(want);
+            let ldd = sh(&format!("ldd {abs}"));
+            let ldd_foo = ldd
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("libfoo.so => "))
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("ldd found no libfoo.so: {ldd}"));
+            let want_real = std::fs::canonicalize(&want_abs).unwrap();
+            assert_eq!(
+                std::fs::canonicalize(ldd_foo).unwrap(),
+                want_real,
+                "ldd disagrees with the fixture"
+            );
+            let got_real: BTreeSet<PathBuf> = got
+                .iter()
+                .map(|p| std::fs::canonicalize(p).unwrap())
+                .collect();
+            assert!(
+                got_real.contains(&want_real),
+                "{prog}: {got:?} lacks {want}"
+            );
+        }
+    }
+
+    #[test]
     fn closure_of_host_ls_matches_ldd() {
         // ldd is the oracle for the closure of a real binary.
         let Some(ls) = find_in_path(Path::new("/"), "ls") else {

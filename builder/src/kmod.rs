@@ -244,6 +244,19 @@ impl ModulesDb {
     }
 }
 
+/// The modprobe configuration directories kmod reads, in priority order.
+pub fn default_modprobe_dirs() -> Vec<PathBuf> {
+    [
+        "/etc/modprobe.d",
+        "/run/modprobe.d",
+        "/usr/lib/modprobe.d",
+        "/lib/modprobe.d",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect()
+}
+
 /// Path prefixes of the `generic` module set: what any supported machine may
 /// need to see its disks, keyboard and network.
 pub const GENERIC_PREFIXES: &[&str] = &[

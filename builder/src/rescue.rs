@@ -561,16 +561,7 @@ fn modules_layer(
     if cfg.rescue.modules == "none" && cfg.rescue.add_modules.is_empty() {
         return Ok((t, fw));
     }
-    let modprobe_d: Vec<PathBuf> = [
-        "/etc/modprobe.d",
-        "/run/modprobe.d",
-        "/usr/lib/modprobe.d",
-        "/lib/modprobe.d",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .collect();
-    let db = ModulesDb::load(mdir, &modprobe_d)?;
+    let db = ModulesDb::load(mdir, &kmod::default_modprobe_dirs())?;
     let set = select_modules(cfg, &db, warnings)?;
     let base = format!("lib/modules/{kver}");
     for m in &set {
