@@ -1,45 +1,241 @@
-//! Boot the image built from the fixture kernel in QEMU (TCG) and use its
-//! shell over the serial console.
+//! Boot images built from the fixture kernel in QEMU (TCG) and check the
+//! rescue OS from its serial console and over ssh.
 
 mod common;
 
 use common::*;
-use lifeboat_qemu::{BootSpec, Vm};
+use lifeboat_qemu::{free_port, BootSpec, Vm};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-#[test]
-fn the_image_boots_to_a_shell_with_the_toolbox() {
-    let work = tempfile::tempdir().unwrap();
-    let img = work.path().join("img");
-    build(work.path(), &img, "", &["--no-cache"]);
+const BOOT: Duration = Duration::from_secs(180);
+const STEP: Duration = Duration::from_secs(60);
+
+/// Layers other than `plan` are shared through one cache across these tests.
+fn cache() -> &'static Path {
+    static C: OnceLock<PathBuf> = OnceLock::new();
+    C.get_or_init(|| tempfile::tempdir().unwrap().keep())
+}
+
+fn image(work: &Path, toml: &str) -> (PathBuf, lifeboat_contract::Manifest) {
+    let img = work.join("img");
+    let cfg = format!("[rescue]\ncache_dir = \"{}\"\n{toml}", cache().display());
+    build(work, &img, &cfg, &[]);
     let m = manifest(&img);
-    let mut spec = BootSpec::new(&img.join(&m.kernel), &img.join(&m.initrd));
-    spec.log = Some(work.path().join("console.log"));
-    let mut vm = Vm::boot(&spec).unwrap();
-    let at = vm
-        .wait_for("lifeboat: ready", Duration::from_secs(120))
-        .unwrap();
-    vm.wait_for_from("lifeboat:~# ", at, Duration::from_secs(30))
-        .unwrap();
-    // The running kernel is the image's own, so no mismatch warning.
+    (img, m)
+}
+
+fn spec(img: &Path, m: &lifeboat_contract::Manifest, work: &Path, append: &str) -> BootSpec {
+    let mut s = BootSpec::new(&img.join(&m.kernel), &img.join(&m.initrd));
+    s.append = format!("console=ttyS0 {append}");
+    s.log = Some(work.join("console.log"));
+    s
+}
+
+/// Type a command and wait for its output marker.
+fn run(vm: &mut Vm, from: usize, cmd: &str) -> (usize, String) {
+    let tag = format!("DONE{}", from);
+    vm.send_line(&format!("{cmd}; echo {tag}-$?")).unwrap();
+    // The echo of the typed line holds the tag followed by `-$?`; the answer has digits.
+    let mut pos = from;
+    loop {
+        let end = vm.wait_for_from(&format!("{tag}-"), pos, STEP).unwrap();
+        let text = vm.console();
+        if text[end..].starts_with(|c: char| c.is_ascii_digit()) {
+            let start = text[..end]
+                .rfind(&format!("{cmd}; echo {tag}"))
+                .map(|i| i + cmd.len())
+                .unwrap_or(from);
+            return (end, text[start..end].to_string());
+        }
+        pos = end;
+    }
+}
+
+#[test]
+fn boots_with_dhcp_and_a_usable_shell() {
+    let work = tempfile::tempdir().unwrap();
+    let (img, m) = image(work.path(), "[network]\ncapture = false\n");
+    let mut vm = Vm::boot(&spec(&img, &m, work.path(), "").with_user_net("")).unwrap();
+    let at = vm.wait_for("lifeboat: ready", BOOT).unwrap();
+    let console = vm.console();
     assert!(
-        !vm.console()
-            .contains("WARNING: this image was built for kernel"),
-        "{}",
+        console.contains("10.0.2.15/24"),
+        "DHCP address not shown:\n{console}"
+    );
+    assert!(
+        !console.contains("WARNING: this image was built for kernel"),
+        "{console}"
+    );
+    let at = vm.wait_for_from("lifeboat:~# ", at, STEP).unwrap();
+    let (at, out) = run(
+        &mut vm,
+        at,
+        "echo SUM=$((40+2)); uname -r; ip -4 -o addr show eth0; cat /etc/resolv.conf",
+    );
+    assert!(out.contains("SUM=42") && out.contains(&m.kver), "{out}");
+    assert!(out.contains("inet 10.0.2.15/24"), "{out}");
+    assert!(out.contains("nameserver 10.0.2.3"), "{out}");
+    // Job control works: the shell has the serial port as controlling terminal.
+    let (at, out) = run(&mut vm, at, "sleep 30 & jobs; kill %1");
+    assert!(out.contains("[1]"), "no job control: {out}");
+    // modprobe works from the shell: the image's indexes match its modules.
+    let (_, out) = run(
+        &mut vm,
+        at,
+        "modprobe dm_mod && grep -c '^dm_mod ' /proc/modules",
+    );
+    assert!(out.contains('1'), "{out}");
+}
+
+#[test]
+fn captured_static_config_is_replayed_by_mac() {
+    let work = tempfile::tempdir().unwrap();
+    let net = work.path().join("network.json");
+    std::fs::write(
+        &net,
+        r#"{"interfaces":[{"name":"enp0s9","mac":"52:54:00:12:34:56","addresses":["10.0.2.50/24"]}],
+            "routes":[{"destination":"default","gateway":"10.0.2.2","interface":"enp0s9"}],
+            "dns":["10.0.2.3"],"search":["lab.example"]}"#,
+    )
+    .unwrap();
+    let (img, m) = image(
+        work.path(),
+        &format!("[network]\nfile = \"{}\"\n", net.display()),
+    );
+    let mut vm = Vm::boot(&spec(&img, &m, work.path(), "").with_user_net("")).unwrap();
+    let at = vm.wait_for("lifeboat: ready", BOOT).unwrap();
+    assert!(
+        !vm.console().contains("dhcp from"),
+        "DHCP was used instead of the captured config"
+    );
+    let at = vm.wait_for_from("lifeboat:~# ", at, STEP).unwrap();
+    let (_, out) = run(
+        &mut vm,
+        at,
+        "ip -4 -o addr show scope global; ip -4 route show default; cat /etc/resolv.conf",
+    );
+    let addrs: Vec<&str> = out.lines().filter(|l| l.contains(" inet ")).collect();
+    assert_eq!(addrs.len(), 1, "{out}");
+    assert!(addrs[0].contains("inet 10.0.2.50/24"), "{out}");
+    assert!(out.contains("default via 10.0.2.2 dev eth0"), "{out}");
+    assert!(out.contains("search lab.example"), "{out}");
+}
+
+#[test]
+fn ip_on_the_command_line_overrides_everything() {
+    let work = tempfile::tempdir().unwrap();
+    let net = work.path().join("network.json");
+    std::fs::write(&net, r#"{"interfaces":[{"name":"eth0","mac":"52:54:00:12:34:56","addresses":["10.0.2.50/24"]}]}"#).unwrap();
+    let (img, m) = image(
+        work.path(),
+        &format!("[network]\nfile = \"{}\"\n", net.display()),
+    );
+    let append = "ip=10.0.2.60::10.0.2.2:255.255.255.0:rescue:eth0:none:10.0.2.3";
+    let mut vm = Vm::boot(&spec(&img, &m, work.path(), append).with_user_net("")).unwrap();
+    let at = vm.wait_for("lifeboat: ready", BOOT).unwrap();
+    let at = vm.wait_for_from("lifeboat:~# ", at, STEP).unwrap();
+    let (_, out) = run(
+        &mut vm,
+        at,
+        "ip -4 -o addr show scope global; ip -4 route show default",
+    );
+    assert!(
+        out.contains("inet 10.0.2.60/24") && !out.contains("10.0.2.50"),
+        "{out}"
+    );
+    assert!(out.contains("default via 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn ssh_with_a_key_works_and_passwords_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("id_ed25519");
+    let (ok, _, err) = sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {}",
+        key.display()
+    ));
+    assert!(ok, "{err}");
+    let toml = format!(
+        "[network]\ncapture = false\n[ssh]\nauthorized_keys = [\"{}.pub\"]\n",
+        key.display()
+    );
+    let (img, m) = image(work.path(), &toml);
+    let port = free_port();
+    let mut vm = Vm::boot(
+        &spec(&img, &m, work.path(), "")
+            .with_user_net(&format!("hostfwd=tcp:127.0.0.1:{port}-:22")),
+    )
+    .unwrap();
+    vm.wait_for("lifeboat: ready", BOOT).unwrap();
+    let opts = format!(
+        "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 -o BatchMode=yes -p {port}"
+    );
+    let mut last = String::new();
+    let mut ok = false;
+    for _ in 0..10 {
+        let (good, out, err) = sh(&format!(
+            "ssh {opts} -i {} root@127.0.0.1 lifeboat --version",
+            key.display()
+        ));
+        if good && out.contains("lifeboat") {
+            ok = true;
+            break;
+        }
+        last = format!("{out}{err}");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    assert!(
+        ok,
+        "ssh with the key failed: {last}\nconsole:\n{}",
         vm.console()
     );
-    vm.send_line("echo SUM=$((40+2)); uname -r; lvm version | head -1; ls /lib/modules")
+    let (good, _, err) = sh(&format!(
+        "ssh {opts} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive root@127.0.0.1 true"
+    ));
+    assert!(!good, "password login was not refused");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        !err.contains("password"),
+        "the server offered password authentication: {err}"
+    );
+}
+
+#[test]
+fn a_missing_plan_disk_gives_a_clear_message_and_a_working_shell() {
+    let work = tempfile::tempdir().unwrap();
+    let toml = "[network]\ncapture = false\n[boot]\ndisk_timeout = 3\nrequire_disks = [{ serial = \"LB-NOT-THERE\" }]\n";
+    let (img, m) = image(work.path(), toml);
+    // One disk is present, but not the one the plan needs.
+    let disk = work.path().join("other.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut s = spec(&img, &m, work.path(), "lifeboat.recover=auto");
+    s.extra_args.extend([
+        "-drive".into(),
+        format!("file={},format=raw,if=none,id=d0", disk.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0,serial=LB-OTHER".into(),
+    ]);
+    let mut vm = Vm::boot(&s).unwrap();
+    let at = vm
+        .wait_for("did not appear within 3 s: serial LB-NOT-THERE", BOOT)
         .unwrap();
     let at = vm
-        .wait_for_from("SUM=42", at, Duration::from_secs(30))
+        .wait_for_from("vda (1048576 bytes, serial LB-OTHER)", at, STEP)
         .unwrap();
-    vm.wait_for_from(&m.kver, at, Duration::from_secs(30))
+    let at = vm
+        .wait_for_from("lifeboat: emergency shell on", at, STEP)
         .unwrap();
-    vm.wait_for_from("LVM version", at, Duration::from_secs(30))
-        .unwrap();
-    // modprobe works from the shell: the image's indexes match its modules.
-    vm.send_line("modprobe virtio_blk && grep -c virtio_blk /proc/modules && echo MODPROBE-OK")
-        .unwrap();
-    vm.wait_for_from("MODPROBE-OK", at, Duration::from_secs(60))
-        .unwrap();
+    assert!(
+        !vm.console().contains("lifeboat: ready"),
+        "claimed ready despite the missing disk"
+    );
+    let at = vm.wait_for_from("lifeboat:~# ", at, STEP).unwrap();
+    let (_, out) = run(
+        &mut vm,
+        at,
+        "echo EMERG-$((2+3)); cat /sys/block/vda/serial",
+    );
+    assert!(out.contains("EMERG-5") && out.contains("LB-OTHER"), "{out}");
 }

@@ -26,6 +26,80 @@ pub struct Config {
     pub output_url: String,
     /// Settings of the rescue image.
     pub rescue: Rescue,
+    /// The network setup the rescue OS brings up.
+    pub network: Network,
+    /// sshd in the rescue OS.
+    pub ssh: Ssh,
+    /// Behaviour of the rescue OS at boot.
+    pub boot: Boot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// Record this host's interfaces, addresses, routes and DNS into the
+    /// image (replayed on NICs with the same MAC; DHCP otherwise).
+    pub capture: bool,
+    /// Use this network.json (the init's NetworkConfig) instead of capturing.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            capture: true,
+            file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ssh {
+    /// Start sshd in the rescue OS (the `lifeboat.ssh=0|1` boot option overrides).
+    pub enabled: bool,
+    pub port: u16,
+    /// Files whose public keys may log in as root. Missing files are skipped with a warning.
+    pub authorized_keys: Vec<PathBuf>,
+    /// crypt(3) hash of a root password for the rescue OS. Without it,
+    /// password logins are refused.
+    pub password_hash: Option<String>,
+}
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Ssh {
+            enabled: true,
+            port: 22,
+            authorized_keys: vec![PathBuf::from("/root/.ssh/authorized_keys")],
+            password_hash: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Boot {
+    /// Disks that must be present before recovery starts, e.g.
+    /// `[{ serial = "S3Z9NB0K" }, { name = "sda", size_bytes = 500107862016 }]`.
+    pub require_disks: Vec<lifeboat_contract::DiskRef>,
+    /// Seconds to wait for them.
+    pub disk_timeout: u32,
+    /// After a fatal error when unattended: `shell` or `reboot`.
+    pub on_failure: String,
+    /// Seconds before that reboot.
+    pub reboot_delay: u32,
+}
+
+impl Default for Boot {
+    fn default() -> Self {
+        Boot {
+            require_disks: vec![],
+            disk_timeout: 30,
+            on_failure: "shell".into(),
+            reboot_delay: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -82,6 +156,9 @@ impl Default for Config {
             output: "initrd".into(),
             output_url: "file:///var/lib/lifeboat/output".into(),
             rescue: Rescue::default(),
+            network: Network::default(),
+            ssh: Ssh::default(),
+            boot: Boot::default(),
         }
     }
 }
@@ -306,8 +383,11 @@ impl Loaded {
 
     /// Optional keys that are unset in a section (TOML has no null).
     fn unset_keys(&self, prefix: &str) -> Vec<&'static str> {
-        if prefix != "rescue" {
-            return vec![];
+        match prefix {
+            "network" if self.config.network.file.is_none() => return vec!["file"],
+            "ssh" if self.config.ssh.password_hash.is_none() => return vec!["password_hash"],
+            "rescue" => {}
+            _ => return vec![],
         }
         let r = &self.config.rescue;
         let mut v = vec![];

@@ -11,9 +11,9 @@ use crate::programs;
 use crate::tree::{Node, Tree};
 use anyhow::{bail, Context, Result};
 use lifeboat_contract::{
-    Compression, InitConfig, LayerInfo, Manifest, ModuleEntry, ModuleIndex, INIT_CONFIG_PATH,
-    INIT_CONFIG_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION, MODULE_INDEX_PATH,
-    MODULE_INDEX_SCHEMA_VERSION,
+    Compression, FailurePolicy, InitConfig, LayerInfo, Manifest, ModuleEntry, ModuleIndex,
+    SshConfig, INIT_CONFIG_PATH, INIT_CONFIG_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION,
+    MODULE_INDEX_PATH, MODULE_INDEX_SCHEMA_VERSION,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -676,24 +676,92 @@ fn microcode_layer(cfg: &Config) -> Result<Option<Tree>> {
     Ok(Some(t))
 }
 
-fn plan_layer(cfg_text: &str, kver: &str) -> Result<Tree> {
+fn plan_layer(
+    cfg: &Config,
+    cfg_text: &str,
+    kver: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Tree> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "rescue".into());
+    let network = match &cfg.network.file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("network.file: cannot read {}", f.display()))?;
+            serde_json::from_str(&text).with_context(|| {
+                format!("network.file: {} is not a valid network.json", f.display())
+            })?
+        }
+        None if cfg.network.capture => {
+            match crate::netcapture::capture() {
+                Ok(n) => n,
+                Err(e) => {
+                    warnings.push(format!("cannot capture this host's network setup ({e:#}); the rescue OS will use DHCP"));
+                    Default::default()
+                }
+            }
+        }
+        None => Default::default(),
+    };
+    let on_failure = match cfg.boot.on_failure.as_str() {
+        "shell" => FailurePolicy::Shell,
+        "reboot" => FailurePolicy::Reboot {
+            after_secs: cfg.boot.reboot_delay,
+        },
+        other => bail!("boot.on_failure = {other:?} is not one of shell, reboot"),
+    };
     let init = InitConfig {
         schema_version: INIT_CONFIG_SCHEMA_VERSION,
         kver: kver.to_string(),
         hostname: hostname.clone(),
         shell: "/bin/bash".into(),
+        network,
+        ssh: SshConfig {
+            enabled: cfg.ssh.enabled,
+            port: cfg.ssh.port,
+            password_hash: cfg.ssh.password_hash.clone(),
+        },
+        disks: cfg.boot.require_disks.clone(),
+        disk_timeout_secs: cfg.boot.disk_timeout,
+        on_failure,
     };
     let mut t = Tree::new();
-    t.add_bytes(INIT_CONFIG_PATH, serde_json::to_vec_pretty(&init)?, 0o644);
+    t.add_bytes(INIT_CONFIG_PATH, serde_json::to_vec_pretty(&init)?, 0o600);
     t.add_bytes("etc/hostname", format!("{hostname}\n").into_bytes(), 0o644);
     t.add_bytes(
         "etc/lifeboat/lifeboat.toml",
         cfg_text.as_bytes().to_vec(),
         0o600,
     );
+    // Keys allowed to log in over ssh.
+    let mut keys = String::new();
+    for f in &cfg.ssh.authorized_keys {
+        match std::fs::read_to_string(f) {
+            Ok(text) => {
+                for line in text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                {
+                    keys.push_str(line);
+                    keys.push('\n');
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "ssh.authorized_keys: cannot read {} ({e}); skipped",
+                f.display()
+            )),
+        }
+    }
+    if cfg.ssh.enabled && keys.is_empty() && cfg.ssh.password_hash.is_none() {
+        warnings.push("no ssh.authorized_keys and no ssh.password_hash: nobody will be able to log in over ssh".into());
+    }
+    if !keys.is_empty() {
+        t.add_dir("root", 0o700);
+        t.add_dir("root/.ssh", 0o700);
+        t.add_bytes("root/.ssh/authorized_keys", keys.into_bytes(), 0o600);
+    }
     Ok(t)
 }
 
@@ -729,7 +797,7 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
     if !fw.is_empty() {
         layers.push(("firmware".to_string(), fw, comp));
     }
-    let mut plan_tree = plan_layer(cfg_text, &kver)?;
+    let mut plan_tree = plan_layer(cfg, cfg_text, &kver, &mut warnings)?;
     plan_tree.rebase_merged_usr(&inp.root);
     layers.push(("plan".to_string(), plan_tree, comp));
     let mut names = BTreeSet::new();

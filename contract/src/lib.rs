@@ -170,8 +170,145 @@ pub struct InitConfig {
     pub kver: String,
     /// Host name of the machine the image was built on.
     pub hostname: String,
-    /// Shell to start on the console.
+    /// Shell to start on the consoles.
     pub shell: String,
+    /// The host's network setup, replayed at boot (interfaces matched by MAC).
+    #[serde(default)]
+    pub network: NetworkConfig,
+    /// Remote access.
+    #[serde(default)]
+    pub ssh: SshConfig,
+    /// Block devices the recovery plan needs; the init waits for them.
+    #[serde(default)]
+    pub disks: Vec<DiskRef>,
+    /// How long to wait for `disks`, in seconds.
+    #[serde(default = "default_disk_timeout")]
+    pub disk_timeout_secs: u32,
+    /// What to do after a fatal error when running unattended.
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+}
+
+fn default_disk_timeout() -> u32 {
+    30
+}
+
+/// After a fatal error: an emergency shell, or a reboot after a delay
+/// (only when unattended; interactively there is always a shell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "action", deny_unknown_fields)]
+pub enum FailurePolicy {
+    #[default]
+    Shell,
+    Reboot {
+        after_secs: u32,
+    },
+}
+
+/// A block device the plan needs, identified as precisely as the host allowed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRef {
+    /// Kernel name on the source machine (`sda`, `vda`, `nvme0n1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+/// Network configuration captured from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub interfaces: Vec<NetInterface>,
+    #[serde(default)]
+    pub routes: Vec<NetRoute>,
+    /// Name servers for /etc/resolv.conf.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Search domains for /etc/resolv.conf.
+    #[serde(default)]
+    pub search: Vec<String>,
+}
+
+/// One interface. Physical ones are found by MAC; VLANs, bonds and bridges
+/// are created from the interfaces they name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetInterface {
+    /// Name on the source host; other entries refer to it by this name.
+    pub name: String,
+    #[serde(default)]
+    pub kind: NetKind,
+    /// MAC address (`52:54:00:12:34:56`) of a physical interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Addresses with prefix length (`10.0.2.50/24`, `fd00::5/64`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Use DHCP on this interface instead of static addresses.
+    #[serde(default)]
+    pub dhcp: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "type", deny_unknown_fields)]
+pub enum NetKind {
+    #[default]
+    Ethernet,
+    Vlan {
+        parent: String,
+        id: u16,
+    },
+    Bond {
+        /// Kernel bonding mode name: `active-backup`, `balance-rr`, `802.3ad`, ...
+        mode: String,
+        members: Vec<String>,
+    },
+    Bridge {
+        members: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRoute {
+    /// `default` or a prefix (`10.1.0.0/16`).
+    pub destination: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Interface name (as in [`NetInterface::name`]).
+    pub interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
+}
+
+/// sshd in the rescue OS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    pub enabled: bool,
+    pub port: u16,
+    /// crypt(3) hash for root's password; without it password logins are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            enabled: true,
+            port: 22,
+            password_hash: None,
+        }
+    }
 }
 
 impl InitConfig {
@@ -374,6 +511,30 @@ mod tests {
     }
 
     #[test]
+    fn init_config_defaults_and_roundtrip() {
+        let j = r#"{"schema_version":1,"kver":"x","hostname":"h","shell":"/bin/sh"}"#;
+        let c = InitConfig::from_json(j).unwrap();
+        assert!(c.ssh.enabled);
+        assert_eq!(c.disk_timeout_secs, 30);
+        assert_eq!(c.on_failure, FailurePolicy::Shell);
+        let mut c2 = c.clone();
+        c2.network.interfaces.push(NetInterface {
+            name: "bond0".into(),
+            kind: NetKind::Bond {
+                mode: "active-backup".into(),
+                members: vec!["eth0".into(), "eth1".into()],
+            },
+            mac: None,
+            addresses: vec!["10.0.0.5/24".into()],
+            mtu: Some(9000),
+            dhcp: false,
+        });
+        c2.on_failure = FailurePolicy::Reboot { after_secs: 60 };
+        let back = InitConfig::from_json(&serde_json::to_string(&c2).unwrap()).unwrap();
+        assert_eq!(back, c2);
+    }
+
+    #[test]
     fn newer_schema_is_refused() {
         let j = r#"{"schema_version":99,"kver":"x","hostname":"h","shell":"/bin/sh"}"#;
         let e = InitConfig::from_json(j).unwrap_err();
@@ -383,6 +544,9 @@ mod tests {
     #[test]
     fn unknown_field_is_refused() {
         let j = r#"{"schema_version":1,"kver":"x","hostname":"h","shell":"/bin/sh","extra":1}"#;
+        let e = InitConfig::from_json(j).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let j = r#"{"schema_version":1,"kver":"x","hostname":"h","shell":"/bin/sh","network":{"interfaces":[{"name":"eth0","kind":{"type":"vlan","parent":"eth1","id":5},"typo":1}]}}"#;
         let e = InitConfig::from_json(j).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -23,6 +23,24 @@ pub struct BootSpec {
 }
 
 impl BootSpec {
+    /// Add a virtio NIC on QEMU's user-mode network (slirp: DHCP gives
+    /// 10.0.2.15, the host is 10.0.2.2). `opts` are extra netdev options
+    /// such as `hostfwd=tcp:127.0.0.1:2222-:22`.
+    pub fn with_user_net(mut self, opts: &str) -> BootSpec {
+        let mut nd = "user,id=n0".to_string();
+        if !opts.is_empty() {
+            nd.push(',');
+            nd.push_str(opts);
+        }
+        self.extra_args.extend([
+            "-netdev".to_string(),
+            nd,
+            "-device".into(),
+            "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56".into(),
+        ]);
+        self
+    }
+
     pub fn new(kernel: &Path, initrd: &Path) -> BootSpec {
         BootSpec {
             kernel: kernel.to_path_buf(),
@@ -73,6 +91,9 @@ impl Vm {
             "none",
             "-no-reboot",
         ])
+        // RDRAND (-cpu max) and a virtio RNG, as real machines and most
+        // clouds have: without them TCG guests wait minutes for entropy.
+        .args(["-cpu", "max", "-device", "virtio-rng-pci"])
         .args(&spec.extra_args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -181,4 +202,12 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free TCP port on 127.0.0.1 (for hostfwd).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(2222)
 }

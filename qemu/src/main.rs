@@ -74,6 +74,7 @@ fn main() {
                 "-nographic",
                 "-no-reboot",
             ])
+            .args(["-cpu", "max", "-device", "virtio-rng-pci"])
             .arg("-kernel")
             .arg(&kernel)
             .arg("-initrd")

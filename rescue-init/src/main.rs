@@ -1,48 +1,32 @@
 //! lifeboat-init: PID 1 of the Lifeboat rescue OS.
 //!
-//! This first version does the essentials: mounts the API filesystems,
-//! reads the init configuration, checks the running kernel against the
-//! image's, announces `lifeboat: ready` and keeps an interactive shell on
-//! the console, reaping orphans. It never panics out: every failure is
-//! reported and the shell is still offered.
+//! In order: mount the API filesystems, set up the console and the log,
+//! read the kernel command line and /etc/lifeboat/init.json, load drivers
+//! for the devices present (coldplug + uevents), wait for the disks the plan
+//! needs, bring the network up (ip=, else the host's captured setup, else
+//! DHCP), start sshd, put a root shell on every console and announce
+//! `lifeboat: ready`. Then reap orphans and handle reboot/poweroff signals.
+//! It never panics out: a failure is reported with what to do, and the
+//! emergency shell (or, unattended, a reboot) follows.
 
-use lifeboat_contract::{InitConfig, INIT_CONFIG_PATH};
+mod cmdline;
+mod coldplug;
+mod disks;
+mod log;
+mod net;
+mod ssh;
+
+use cmdline::{Cmdline, Recover};
+use lifeboat_contract::{FailurePolicy, InitConfig, INIT_CONFIG_PATH, INIT_CONFIG_SCHEMA_VERSION};
+use log::log;
+use std::collections::HashMap;
 use std::ffi::CString;
-use std::io::Write;
 use std::time::Duration;
-
-fn uptime() -> f64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
-        .unwrap_or(0.0)
-}
-
-/// Log to the console and to /dev/kmsg (and /run/lifeboat/init.log once /run exists).
-fn log(msg: &str) {
-    let line = format!("[{:8.3}] lifeboat: {msg}\n", uptime());
-    let _ = std::io::stdout().write_all(line.as_bytes());
-    let _ = std::io::stdout().flush();
-    if let Ok(mut k) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        let _ = k.write_all(format!("lifeboat: {msg}\n").as_bytes());
-    }
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open("/run/lifeboat/init.log")
-    {
-        let _ = f.write_all(line.as_bytes());
-    }
-}
 
 fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
     let _ = std::fs::create_dir_all(target);
-    let (s, t, f, d) = (
-        CString::new(src).unwrap(),
-        CString::new(target).unwrap(),
-        CString::new(fstype).unwrap(),
-        CString::new(data).unwrap(),
-    );
+    let c = |s: &str| CString::new(s).unwrap();
+    let (s, t, f, d) = (c(src), c(target), c(fstype), c(data));
     let rc = unsafe {
         libc::mount(
             s.as_ptr(),
@@ -61,7 +45,6 @@ fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str
 }
 
 fn setup_console() {
-    // Make /dev/console our stdin/stdout/stderr if the kernel did not.
     let c = CString::new("/dev/console").unwrap();
     let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
     if fd >= 0 {
@@ -82,47 +65,170 @@ fn running_kernel() -> String {
         .unwrap_or_default()
 }
 
-/// Start the shell in its own session with the console as controlling
-/// terminal (so job control and Ctrl-C work) and return its pid.
-fn spawn_shell(shell: &str) -> Option<libc::pid_t> {
+/// Terminal devices to put a shell on.
+fn shell_consoles(cmd: &Cmdline) -> Vec<String> {
+    let list: Vec<String> = match &cmd.shell_console {
+        Some(c) => vec![c.clone()],
+        None => cmd.consoles.clone(),
+    };
+    let mut out: Vec<String> = Vec::new();
+    for c in list {
+        let dev = if c == "tty0" { "tty1".to_string() } else { c };
+        let path = format!("/dev/{dev}");
+        if std::path::Path::new(&path).exists() && !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    if out.is_empty() {
+        out.push("/dev/console".into());
+    }
+    out
+}
+
+/// Start a login shell on `tty` in its own session with the terminal as its
+/// controlling TTY, so job control and Ctrl-C work.
+fn spawn_shell(shell: &str, tty: &str) -> Option<libc::pid_t> {
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         log(&format!("fork failed: {}", std::io::Error::last_os_error()));
         return None;
     }
-    if pid == 0 {
-        unsafe {
-            libc::setsid();
-            libc::ioctl(0, libc::TIOCSCTTY, 1);
-        }
-        let sh = CString::new(shell).unwrap();
-        let arg0 = CString::new("-bash").unwrap();
-        let env: Vec<CString> = [
-            "HOME=/root",
-            "TERM=linux",
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "SHELL=/bin/bash",
-        ]
-        .iter()
-        .map(|s| CString::new(*s).unwrap())
-        .collect();
-        let _ = std::env::set_current_dir("/root");
-        let argv = [arg0.as_ptr(), std::ptr::null()];
-        let mut envp: Vec<*const libc::c_char> = env.iter().map(|c| c.as_ptr()).collect();
-        envp.push(std::ptr::null());
-        unsafe { libc::execve(sh.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        // Fall back to /bin/sh.
-        let fallback = CString::new("/bin/sh").unwrap();
-        let argv = [fallback.as_ptr(), std::ptr::null()];
-        unsafe { libc::execve(fallback.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        unsafe { libc::_exit(127) };
+    if pid > 0 {
+        return Some(pid);
     }
-    Some(pid)
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::setsid();
+        let t = CString::new(tty).unwrap();
+        let fd = libc::open(t.as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            libc::ioctl(fd, libc::TIOCSCTTY, 1);
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+    let _ = std::env::set_current_dir("/root");
+    let env: Vec<CString> = [
+        "HOME=/root",
+        "TERM=linux",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "SHELL=/bin/bash",
+        "USER=root",
+        "LOGNAME=root",
+    ]
+    .iter()
+    .map(|s| CString::new(*s).unwrap())
+    .collect();
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    for sh in [shell, "/bin/sh"] {
+        let path = CString::new(sh).unwrap();
+        let arg0 = CString::new(format!("-{}", sh.rsplit('/').next().unwrap_or("sh"))).unwrap();
+        let argv = [arg0.as_ptr(), std::ptr::null()];
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    }
+    unsafe { libc::_exit(127) }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Shutdown {
+    Reboot,
+    PowerOff,
+    Halt,
+}
+
+fn shutdown(how: Shutdown) -> ! {
+    log(&format!(
+        "{how:?}: stopping processes, syncing and unmounting"
+    ));
+    unsafe {
+        libc::kill(-1, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        libc::sync();
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines().rev() {
+        let mut f = line.split_whitespace();
+        let (_, Some(target)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if matches!(target, "/" | "/proc" | "/sys" | "/dev") {
+            continue;
+        }
+        if let Ok(t) = CString::new(target) {
+            unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    unsafe {
+        libc::sync();
+        let cmd = match how {
+            Shutdown::Reboot => libc::RB_AUTOBOOT,
+            Shutdown::PowerOff => libc::RB_POWER_OFF,
+            Shutdown::Halt => libc::RB_HALT_SYSTEM,
+        };
+        libc::reboot(cmd);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+fn load_config() -> InitConfig {
+    let default = || InitConfig {
+        schema_version: INIT_CONFIG_SCHEMA_VERSION,
+        kver: running_kernel(),
+        hostname: "lifeboat".into(),
+        shell: "/bin/bash".into(),
+        network: Default::default(),
+        ssh: Default::default(),
+        disks: vec![],
+        disk_timeout_secs: 30,
+        on_failure: FailurePolicy::Shell,
+    };
+    match std::fs::read_to_string(format!("/{INIT_CONFIG_PATH}")) {
+        Ok(text) => match InitConfig::from_json(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                log(&format!("ERROR: cannot use /{INIT_CONFIG_PATH}: {e}; continuing with defaults (DHCP, no plan)"));
+                default()
+            }
+        },
+        Err(e) => {
+            log(&format!(
+                "no /{INIT_CONFIG_PATH} ({e}); continuing with defaults (DHCP, no plan)"
+            ));
+            default()
+        }
+    }
+}
+
+/// Report a fatal problem; unattended with a reboot policy, reboot after
+/// the delay, otherwise continue into the emergency shell.
+fn fatal(what: &str, todo: &str, cfg: &InitConfig, cmd: &Cmdline) {
+    log(&format!("ERROR: {what}"));
+    log(&format!("what to do: {todo}"));
+    if let (Recover::Auto, FailurePolicy::Reboot { after_secs }) = (cmd.recover, cfg.on_failure) {
+        log(&format!(
+            "unattended: rebooting in {after_secs} s (boot.on_failure = reboot)"
+        ));
+        std::thread::sleep(Duration::from_secs(after_secs as u64));
+        shutdown(Shutdown::Reboot);
+    }
+    log("emergency shell: the rescue system is usable, but recovery will not start by itself");
 }
 
 fn main() {
     std::panic::set_hook(Box::new(|info| {
-        log(&format!("internal error: {info}; continuing with a shell"));
+        log(&format!("internal error: {info}; continuing"));
     }));
     setup_console();
     mount(
@@ -149,6 +255,13 @@ fn main() {
     );
     mount(
         "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    );
+    mount(
+        "tmpfs",
         "/run",
         "tmpfs",
         libc::MS_NOSUID | libc::MS_NODEV,
@@ -172,71 +285,187 @@ fn main() {
     }
     let _ = std::fs::create_dir_all("/run/lifeboat");
     setup_console();
+    // Signals are taken synchronously in the main loop.
+    let mut sigs: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut sigs);
+        for s in [
+            libc::SIGCHLD,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGHUP,
+        ] {
+            libc::sigaddset(&mut sigs, s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut());
+        // Ctrl-Alt-Del becomes SIGINT for us instead of an instant reset.
+        libc::reboot(libc::RB_DISABLE_CAD);
+    }
+
+    let cmd = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    log::DEBUG.store(cmd.debug, std::sync::atomic::Ordering::Relaxed);
     log(&format!(
         "lifeboat-init {} starting",
         env!("CARGO_PKG_VERSION")
     ));
+    for w in &cmd.warnings {
+        log(&format!("kernel command line: {w}"));
+    }
+    let cfg = load_config();
+    let h = CString::new(cfg.hostname.clone()).unwrap_or_default();
+    unsafe { libc::sethostname(h.as_ptr(), cfg.hostname.len()) };
+    let running = running_kernel();
+    if cfg.kver != running {
+        log(&format!(
+            "WARNING: this image was built for kernel {} but kernel {running} is running; its modules will not \
+             load. Boot the kernel that came with the image.",
+            cfg.kver
+        ));
+    }
 
-    let mut shell = "/bin/bash".to_string();
-    match std::fs::read_to_string(format!("/{INIT_CONFIG_PATH}")) {
-        Ok(text) => match InitConfig::from_json(&text) {
-            Ok(c) => {
-                let running = running_kernel();
-                if c.kver != running {
-                    log(&format!(
-                        "WARNING: this image was built for kernel {} but kernel {running} is running; \
-                         its modules will not load. Boot the image's own kernel.",
-                        c.kver
-                    ));
+    let t = std::time::Instant::now();
+    let n = coldplug::run(Duration::from_millis(700), Duration::from_secs(15));
+    log(&format!(
+        "loaded {n} driver module(s) in {:.2} s",
+        t.elapsed().as_secs_f64()
+    ));
+
+    let mut failed = false;
+    if cmd.shell {
+        log("lifeboat.shell: stopping at a shell before network and recovery");
+    } else {
+        if !cfg.disks.is_empty() {
+            if let Err(missing) = disks::wait(
+                &cfg.disks,
+                Duration::from_secs(cfg.disk_timeout_secs as u64),
+            ) {
+                let list: Vec<String> = missing.iter().map(disks::describe).collect();
+                let present: Vec<String> = disks::scan()
+                    .iter()
+                    .filter(|d| d.size_bytes > 0)
+                    .map(|d| {
+                        format!(
+                            "{} ({} bytes{})",
+                            d.name,
+                            d.size_bytes,
+                            d.serial
+                                .as_ref()
+                                .map(|s| format!(", serial {s}"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                fatal(
+                    &format!(
+                        "disk(s) needed by the recovery plan did not appear within {} s: {}",
+                        cfg.disk_timeout_secs,
+                        list.join("; ")
+                    ),
+                    &format!(
+                        "check cabling, controller and its driver (lsmod, dmesg); disks present: {}",
+                        if present.is_empty() { "none".to_string() } else { present.join(", ") }
+                    ),
+                    &cfg,
+                    &cmd,
+                );
+                failed = true;
+            }
+        }
+        match net::bring_up(&cfg.network, &cmd, &cfg.hostname) {
+            Ok(lines) => {
+                for l in lines {
+                    log(&format!("network: {l}"));
                 }
-                let h = CString::new(c.hostname.clone()).unwrap_or_default();
-                unsafe { libc::sethostname(h.as_ptr(), c.hostname.len()) };
-                shell = c.shell;
             }
             Err(e) => log(&format!(
-                "cannot use /{INIT_CONFIG_PATH}: {e}; using defaults"
+                "network: not configured: {e}; continuing without network"
             )),
-        },
-        Err(e) => log(&format!("no /{INIT_CONFIG_PATH} ({e}); using defaults")),
-    }
-    if !std::path::Path::new(&shell).exists() {
-        shell = "/bin/sh".into();
+        }
+        for l in net::report() {
+            log(&format!("address: {l}"));
+        }
     }
 
-    let mut shell_pid = spawn_shell(&shell);
-    let mut started = std::time::Instant::now();
-    let mut backoff = Duration::from_millis(300);
-    log(&format!(
-        "ready (uptime {:.2} s); shell on the console",
-        uptime()
-    ));
-    loop {
-        let mut status = 0;
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
-            std::thread::sleep(Duration::from_millis(200));
-            if shell_pid.is_none() {
-                shell_pid = spawn_shell(&shell);
-            }
-            continue;
+    // sshd starts in its own process: generating host keys can wait for
+    // the kernel's entropy, and the console shell must not.
+    let ssh_on = cmd.ssh.unwrap_or(cfg.ssh.enabled) && !cmd.shell;
+    let mut sshd_pid = if ssh_on { ssh::start(&cfg.ssh) } else { None };
+
+    if !cmd.debug {
+        // Keep kernel chatter from scribbling over the shell prompt.
+        let _ = std::fs::write("/proc/sys/kernel/printk", "4");
+    }
+    let consoles = shell_consoles(&cmd);
+    let mut shells: HashMap<libc::pid_t, String> = HashMap::new();
+    for c in &consoles {
+        if let Some(pid) = spawn_shell(&cfg.shell, c) {
+            shells.insert(pid, c.clone());
         }
-        if Some(pid) == shell_pid {
-            let how = if libc::WIFEXITED(status) {
-                format!("with status {}", libc::WEXITSTATUS(status))
-            } else {
-                format!("by signal {}", libc::WTERMSIG(status))
-            };
-            log(&format!("shell exited {how}; starting a new one"));
-            // A shell that dies at once (no console input) is restarted
-            // ever more slowly, up to every 10 s, instead of spinning.
-            if started.elapsed() < Duration::from_secs(2) {
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            } else {
-                backoff = Duration::from_millis(300);
+    }
+    if failed {
+        log(&format!(
+            "emergency shell on {} (uptime {:.2} s)",
+            consoles.join(", "),
+            log::uptime()
+        ));
+    } else {
+        log(&format!(
+            "ready (uptime {:.2} s); shell on {}",
+            log::uptime(),
+            consoles.join(", ")
+        ));
+    }
+    if matches!(cmd.recover, Recover::Auto | Recover::Ask) && !failed {
+        log("lifeboat.recover: this image carries no recovery plan yet; nothing to recover");
+    }
+
+    let mut restarts: HashMap<String, (std::time::Instant, Duration)> = HashMap::new();
+    loop {
+        let ts = libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        let sig = unsafe { libc::sigtimedwait(&sigs, std::ptr::null_mut(), &ts) };
+        match sig {
+            libc::SIGTERM | libc::SIGINT => shutdown(Shutdown::Reboot),
+            libc::SIGUSR2 => shutdown(Shutdown::PowerOff),
+            libc::SIGUSR1 => shutdown(Shutdown::Halt),
+            _ => {}
+        }
+        loop {
+            let mut status = 0;
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
             }
-            std::thread::sleep(backoff);
-            shell_pid = spawn_shell(&shell);
-            started = std::time::Instant::now();
+            if let Some(tty) = shells.remove(&pid) {
+                // A shell that dies at once (no terminal input) is restarted
+                // ever more slowly, up to every 10 s, instead of spinning.
+                let (last, backoff) = restarts
+                    .entry(tty.clone())
+                    .or_insert((std::time::Instant::now(), Duration::ZERO));
+                *backoff = if last.elapsed() < Duration::from_secs(2) {
+                    (*backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(10))
+                } else {
+                    Duration::from_millis(250)
+                };
+                std::thread::sleep(*backoff);
+                *last = std::time::Instant::now();
+                if let Some(p) = spawn_shell(&cfg.shell, &tty) {
+                    shells.insert(p, tty);
+                }
+            } else if sshd_pid == Some(pid) {
+                let failed_at_once = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1;
+                if failed_at_once {
+                    sshd_pid = None;
+                } else {
+                    log("sshd exited; restarting it");
+                    std::thread::sleep(Duration::from_secs(1));
+                    sshd_pid = ssh::start(&cfg.ssh);
+                }
+            }
         }
     }
 }
