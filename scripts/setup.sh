@@ -10,7 +10,7 @@ PKGS=(
   # the recovery toolbox that goes into the image (and is tested in a chroot)
   e2fsprogs xfsprogs btrfs-progs dosfstools lvm2 mdadm cryptsetup-bin parted gdisk fdisk
   rsync openssh-server openssh-client iproute2 grub-pc-bin grub-efi-amd64-bin grub2-common
-  efibootmgr nano less tar util-linux udev
+  efibootmgr nano less tar util-linux udev iputils-ping
   # booting images
   qemu-system-x86 qemu-utils ovmf xorriso mtools
 )

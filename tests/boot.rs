@@ -239,3 +239,113 @@ fn a_missing_plan_disk_gives_a_clear_message_and_a_working_shell() {
     );
     assert!(out.contains("EMERG-5") && out.contains("LB-OTHER"), "{out}");
 }
+
+#[test]
+fn bond_vlan_and_bridge_are_rebuilt_from_the_captured_setup() {
+    // Two NICs in an active-backup bond carrying the address, a VLAN on the
+    // bond, and a bridge over a third NIC: as `ip -d` would have captured them.
+    let work = tempfile::tempdir().unwrap();
+    let net = work.path().join("network.json");
+    std::fs::write(
+        &net,
+        r#"{"interfaces":[
+            {"name":"eno1","mac":"52:54:00:00:00:01"},
+            {"name":"eno2","mac":"52:54:00:00:00:02"},
+            {"name":"eno3","mac":"52:54:00:00:00:03"},
+            {"name":"bond0","kind":{"type":"bond","mode":"active-backup","members":["eno1","eno2"]},"addresses":["10.0.2.50/24"],"mtu":1400},
+            {"name":"bond0.7","kind":{"type":"vlan","parent":"bond0","id":7},"addresses":["192.168.7.5/24"]},
+            {"name":"br0","kind":{"type":"bridge","members":["eno3"]},"addresses":["192.168.9.1/24"]}],
+          "routes":[{"destination":"default","gateway":"10.0.2.2","interface":"bond0"}]}"#,
+    )
+    .unwrap();
+    let (img, m) = image(
+        work.path(),
+        &format!("[network]\nfile = \"{}\"\n", net.display()),
+    );
+    let mut s = spec(&img, &m, work.path(), "");
+    for i in 1..=3 {
+        s.extra_args.extend([
+            "-netdev".into(),
+            format!("user,id=n{i}"),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=n{i},mac=52:54:00:00:00:0{i}"),
+        ]);
+    }
+    let mut vm = Vm::boot(&s).unwrap();
+    let at = vm.wait_for("lifeboat: ready", BOOT).unwrap();
+    let at = vm.wait_for_from("lifeboat:~# ", at, STEP).unwrap();
+    let (at, out) = run(
+        &mut vm,
+        at,
+        "grep -E 'Bonding Mode|Slave Interface' /proc/net/bonding/bond0; ip -o link show bond0",
+    );
+    assert!(out.contains("fault-tolerance (active-backup)"), "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("Slave Interface"))
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(out.contains("mtu 1400"), "{out}");
+    let (at, out) = run(
+        &mut vm,
+        at,
+        "ip -d -o link show bond0.7; ip -o -4 addr show bond0.7; ip -o -4 addr show bond0",
+    );
+    assert!(out.contains("vlan protocol 802.1Q id 7"), "{out}");
+    assert!(
+        out.contains("192.168.7.5/24") && out.contains("10.0.2.50/24"),
+        "{out}"
+    );
+    let (at, out) = run(
+        &mut vm,
+        at,
+        "ls /sys/class/net/br0/brif; ip -o -4 addr show br0; ip -4 route show default",
+    );
+    assert!(
+        out.contains("eth2") || out.contains("eno3"),
+        "bridge port missing: {out}"
+    );
+    assert!(
+        out.contains("192.168.9.1/24") && out.contains("default via 10.0.2.2 dev bond0"),
+        "{out}"
+    );
+    // Traffic flows through the bond: slirp's gateway answers.
+    let (_, out) = run(
+        &mut vm,
+        at,
+        "ping -c 1 -W 5 10.0.2.2 >/dev/null && echo PING-OK",
+    );
+    assert!(out.contains("PING-OK"), "{out}");
+}
+
+#[test]
+fn a_kernel_that_does_not_match_the_image_is_reported() {
+    // Build the image as if for another kernel release, boot the fixture kernel.
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("img");
+    let f = fixture();
+    build(
+        work.path(),
+        &img,
+        &format!(
+            "[rescue]\ncache_dir = \"{}\"\nmodules = \"none\"\n[network]\ncapture = false\n",
+            cache().display()
+        ),
+        &[
+            "--kver",
+            "6.1.0-0-other-amd64",
+            "--modules-dir",
+            f.modules_dir().to_str().unwrap(),
+        ],
+    );
+    let m = manifest(&img);
+    let mut vm = Vm::boot(&spec(&img, &m, work.path(), "lifeboat.shell")).unwrap();
+    let at = vm
+        .wait_for("built for kernel 6.1.0-0-other-amd64", BOOT)
+        .unwrap();
+    vm.wait_for_from(&format!("kernel {} is running", f.kver), at - 200, STEP)
+        .unwrap();
+    vm.wait_for_from("lifeboat: ready", at, STEP).unwrap();
+}

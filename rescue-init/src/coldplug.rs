@@ -223,6 +223,15 @@ pub fn parse_uevent(b: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Load modules by name (e.g. `bonding` before creating a bond).
+pub fn load_names(names: &[&str]) {
+    if let Some(mut l) = Loader::new() {
+        for n in names {
+            l.load(n);
+        }
+    }
+}
+
 /// Coldplug, then follow uevents until nothing new arrived for `quiet`
 /// (or `max` elapsed), so late USB/NVMe devices get their drivers too.
 pub fn run(quiet: Duration, max: Duration) -> usize {

@@ -373,6 +373,18 @@ fn main() {
                 failed = true;
             }
         }
+        // Virtual devices the captured setup needs: their drivers are not
+        // coldplugged by any hardware.
+        let mut extra = Vec::new();
+        for i in &cfg.network.interfaces {
+            match i.kind {
+                lifeboat_contract::NetKind::Bond { .. } => extra.push("bonding"),
+                lifeboat_contract::NetKind::Vlan { .. } => extra.push("8021q"),
+                lifeboat_contract::NetKind::Bridge { .. } => extra.push("bridge"),
+                lifeboat_contract::NetKind::Ethernet => {}
+            }
+        }
+        coldplug::load_names(&extra);
         match net::bring_up(&cfg.network, &cmd, &cfg.hostname) {
             Ok(lines) => {
                 for l in lines {

@@ -115,11 +115,12 @@ pub fn build(work: &Path, out: &Path, extra_toml: &str, args: &[&str]) -> Output
         .arg("mkrescue")
         .arg("--kernel")
         .arg(f.kernel())
-        .arg("--kver")
-        .arg(&f.kver)
         .arg("--output-dir")
         .arg(out)
         .args(args);
+    if !args.contains(&"--kver") {
+        c.arg("--kver").arg(&f.kver);
+    }
     if !args.contains(&"--modules-dir") {
         c.arg("--modules-dir").arg(f.modules_dir());
     }

@@ -169,7 +169,19 @@ fn apply_captured(
     for pass in 0..2 {
         for i in &cfg.interfaces {
             let created = match (&i.kind, pass) {
-                (NetKind::Bond { mode, .. }, 0) => Some(nl.create_bond(&i.name, mode)),
+                (NetKind::Bond { mode, .. }, 0) => {
+                    // Loading the bonding driver may have created a default
+                    // bond0 (round-robin): replace it with the captured mode.
+                    if let Some(old) = nl
+                        .links()
+                        .unwrap_or_default()
+                        .iter()
+                        .find(|l| l.name == i.name)
+                    {
+                        let _ = nl.del_link(old.index);
+                    }
+                    Some(nl.create_bond(&i.name, mode))
+                }
                 (NetKind::Bridge { .. }, 0) => Some(nl.create_bridge(&i.name)),
                 (NetKind::Vlan { parent, id }, 1) => match map.get(parent) {
                     Some((p, _)) => Some(nl.create_vlan(&i.name, *p, *id)),

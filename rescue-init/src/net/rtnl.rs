@@ -193,6 +193,13 @@ impl Rtnl {
         .map(|_| ())
     }
 
+    pub fn del_link(&mut self, index: u32) -> io::Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        self.request(RouteNetlinkMessage::DelLink(m), NLM_F_ACK)
+            .map(|_| ())
+    }
+
     pub fn create_vlan(&mut self, name: &str, parent: u32, id: u16) -> io::Result<()> {
         self.new_link(
             name,
