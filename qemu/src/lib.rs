@@ -60,6 +60,34 @@ pub fn accel() -> String {
     std::env::var("LIFEBOAT_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into())
 }
 
+/// Machine, kernel, initrd, command line, RNG and the spec's extra
+/// arguments (no console wiring).
+pub fn base_args(spec: &BootSpec) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "-accel".into(),
+        accel(),
+        "-m".into(),
+        spec.memory_mb.to_string(),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.initrd.display().to_string(),
+        "-append".into(),
+        spec.append.clone(),
+        "-no-reboot".into(),
+        // RDRAND (-cpu max) and a virtio RNG, as real machines and most
+        // clouds have: without them TCG guests wait minutes for entropy.
+        "-cpu".into(),
+        "max".into(),
+        "-device".into(),
+        "virtio-rng-pci".into(),
+    ];
+    v.extend(spec.extra_args.iter().cloned());
+    v
+}
+
 pub struct Vm {
     child: Child,
     stdin: Option<ChildStdin>,
@@ -69,35 +97,11 @@ pub struct Vm {
 impl Vm {
     pub fn boot(spec: &BootSpec) -> std::io::Result<Vm> {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-accel",
-            &accel(),
-            "-m",
-            &spec.memory_mb.to_string(),
-            "-smp",
-            &spec.cpus.to_string(),
-        ])
-        .arg("-kernel")
-        .arg(&spec.kernel)
-        .arg("-initrd")
-        .arg(&spec.initrd)
-        .args(["-append", &spec.append])
-        .args([
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ])
-        // RDRAND (-cpu max) and a virtio RNG, as real machines and most
-        // clouds have: without them TCG guests wait minutes for entropy.
-        .args(["-cpu", "max", "-device", "virtio-rng-pci"])
-        .args(&spec.extra_args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(base_args(spec))
+            .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| {
             std::io::Error::new(
                 e.kind(),

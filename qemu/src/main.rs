@@ -1,111 +1,127 @@
-//! `lifeboat-qemu`: boot a Lifeboat image directory in QEMU.
+//! `lifeboat-qemu`: boot a Lifeboat image (or any kernel + initrd) in QEMU.
 //!
-//!   lifeboat-qemu IMAGE_DIR [--expect TEXT] [--run COMMAND]... [--timeout SECS] [--log FILE]
-//!   lifeboat-qemu IMAGE_DIR --interactive
+//!   lifeboat-qemu IMAGE_DIR [options]
+//!   lifeboat-qemu --kernel FILE --initrd FILE [options]
 //!
-//! Without --interactive it waits for `lifeboat: ready` (or --expect), types
-//! each --run command, prints the console, and exits 0 on success.
+//! Options:
+//!   --expect TEXT     wait for TEXT on the console (default `lifeboat: ready`)
+//!   --run COMMAND     type COMMAND at the shell afterwards (repeatable); a
+//!                     non-zero exit status fails the run
+//!   --append ARGS     kernel command line (default `console=ttyS0`)
+//!   --net [OPTS]      a virtio NIC on QEMU's user network (OPTS e.g. hostfwd=...)
+//!   --disk FILE       attach FILE as a virtio disk (repeatable)
+//!   --timeout SECS    per wait (default 180)
+//!   --log FILE        also write the console to FILE
+//!   --interactive     just boot with the console on this terminal (Ctrl-A X quits)
+//!
+//! Prints the console and, on stderr, how long the marker took (host wall time).
 
 use lifeboat_qemu::{BootSpec, Vm};
 use std::path::PathBuf;
 use std::time::Duration;
 
 fn usage() -> ! {
-    eprintln!("usage: lifeboat-qemu IMAGE_DIR [--expect TEXT] [--run CMD]... [--timeout SECS] [--log FILE] [--append ARGS] [--interactive]");
+    eprintln!(
+        "usage: lifeboat-qemu (IMAGE_DIR | --kernel FILE --initrd FILE) [--expect TEXT] [--run CMD]... \
+         [--append ARGS] [--net [OPTS]] [--disk FILE]... [--timeout SECS] [--log FILE] [--interactive]"
+    );
     std::process::exit(2)
 }
 
-fn field(manifest: &str, key: &str) -> Option<String> {
-    let i = manifest.find(&format!("\"{key}\""))?;
-    let rest = &manifest[i + key.len() + 2..];
-    let start = rest.find('"')? + 1;
-    let end = rest[start..].find('"')? + start;
-    Some(rest[start..end].to_string())
+fn fail(msg: &str) -> ! {
+    eprintln!("lifeboat-qemu: {msg}");
+    std::process::exit(1)
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let mut dir = None;
-    let (mut expect, mut runs, mut timeout, mut log, mut interactive) = (
-        "lifeboat: ready".to_string(),
-        Vec::new(),
-        180u64,
-        None,
-        false,
-    );
+    let mut args = std::env::args().skip(1).peekable();
+    let (mut dir, mut kernel, mut initrd) = (None, None, None);
+    let mut expect = "lifeboat: ready".to_string();
+    let mut runs = Vec::new();
+    let mut timeout = 180u64;
+    let mut log = None;
+    let mut interactive = false;
     let mut append = "console=ttyS0".to_string();
+    let mut net: Option<String> = None;
+    let mut disks = Vec::new();
     while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
-            "--expect" => expect = args.next().unwrap_or_else(|| usage()),
-            "--run" => runs.push(args.next().unwrap_or_else(|| usage())),
-            "--timeout" => {
-                timeout = args
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_else(|| usage())
+            "--expect" => expect = val(),
+            "--run" => runs.push(val()),
+            "--timeout" => timeout = val().parse().unwrap_or_else(|_| usage()),
+            "--log" => log = Some(PathBuf::from(val())),
+            "--append" => append = val(),
+            "--kernel" => kernel = Some(PathBuf::from(val())),
+            "--initrd" => initrd = Some(PathBuf::from(val())),
+            "--disk" => disks.push(PathBuf::from(val())),
+            "--net" => {
+                let opts = match args.peek() {
+                    Some(n) if !n.starts_with("--") && n.contains('=') => args.next().unwrap(),
+                    _ => String::new(),
+                };
+                net = Some(opts);
             }
-            "--log" => log = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
-            "--append" => append = args.next().unwrap_or_else(|| usage()),
             "--interactive" => interactive = true,
             "-h" | "--help" => usage(),
-            d if dir.is_none() => dir = Some(PathBuf::from(d)),
+            d if dir.is_none() && !d.starts_with("--") => dir = Some(PathBuf::from(d)),
             _ => usage(),
         }
     }
-    let dir = dir.unwrap_or_else(|| usage());
-    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_else(|e| {
-        eprintln!(
-            "lifeboat-qemu: cannot read {}/manifest.json: {e}",
-            dir.display()
+    if let Some(dir) = &dir {
+        let text = std::fs::read_to_string(dir.join("manifest.json"))
+            .unwrap_or_else(|e| fail(&format!("cannot read {}/manifest.json: {e}", dir.display())));
+        let m: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| fail(&format!("bad manifest: {e}")));
+        kernel = Some(
+            dir.join(
+                m["kernel"]
+                    .as_str()
+                    .unwrap_or_else(|| fail("manifest lacks kernel")),
+            ),
         );
-        std::process::exit(1)
-    });
-    let kernel = dir.join(field(&manifest, "kernel").expect("manifest lacks kernel"));
-    let initrd = dir.join(field(&manifest, "initrd").expect("manifest lacks initrd"));
-    if interactive {
-        let err = std::process::Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                &lifeboat_qemu::accel(),
-                "-m",
-                "1024",
-                "-smp",
-                "2",
-                "-nographic",
-                "-no-reboot",
-            ])
-            .args(["-cpu", "max", "-device", "virtio-rng-pci"])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", &append])
-            .status();
-        std::process::exit(match err {
-            Ok(s) => s.code().unwrap_or(1),
-            Err(e) => {
-                eprintln!("lifeboat-qemu: cannot start qemu-system-x86_64: {e}");
-                1
-            }
-        });
+        initrd = Some(
+            dir.join(
+                m["initrd"]
+                    .as_str()
+                    .unwrap_or_else(|| fail("manifest lacks initrd")),
+            ),
+        );
     }
+    let (Some(kernel), Some(initrd)) = (kernel, initrd) else {
+        usage()
+    };
     let mut spec = BootSpec::new(&kernel, &initrd);
     spec.append = append;
     spec.log = log;
+    if let Some(opts) = &net {
+        spec = spec.with_user_net(opts);
+    }
+    for (i, d) in disks.iter().enumerate() {
+        spec.extra_args.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=d{i}", d.display()),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=d{i}"),
+        ]);
+    }
+    if interactive {
+        let st = std::process::Command::new("qemu-system-x86_64")
+            .args(lifeboat_qemu::base_args(&spec))
+            .args(["-nographic"])
+            .status();
+        std::process::exit(match st {
+            Ok(s) => s.code().unwrap_or(1),
+            Err(e) => fail(&format!("cannot start qemu-system-x86_64: {e}")),
+        });
+    }
     let t0 = std::time::Instant::now();
-    let mut vm = Vm::boot(&spec).unwrap_or_else(|e| {
-        eprintln!("lifeboat-qemu: {e}");
-        std::process::exit(1)
-    });
-    let mut at = match vm.wait_for(&expect, Duration::from_secs(timeout)) {
-        Ok(at) => at,
-        Err(e) => {
-            eprintln!("lifeboat-qemu: {e}");
-            std::process::exit(1)
-        }
-    };
+    let mut vm = Vm::boot(&spec).unwrap_or_else(|e| fail(&e.to_string()));
+    let mut at = vm
+        .wait_for(&expect, Duration::from_secs(timeout))
+        .unwrap_or_else(|e| fail(&e));
     eprintln!(
-        "lifeboat-qemu: saw {expect:?} after {:.1} s (accel {})",
+        "lifeboat-qemu: saw {expect:?} after {:.2} s (host wall time, accel {})",
         t0.elapsed().as_secs_f64(),
         lifeboat_qemu::accel()
     );
@@ -113,35 +129,28 @@ fn main() {
         let done = format!("LIFEBOAT-QEMU-DONE-{i}");
         let _ = vm.wait_for_from("# ", at, Duration::from_secs(30));
         vm.send_line(&format!("{cmd}; echo {done}-$?"))
-            .expect("cannot type on the console");
+            .unwrap_or_else(|e| fail(&format!("cannot type: {e}")));
         // The echoed command line also contains the marker (followed by `$?`):
         // the answer is the occurrence followed by digits.
         let mut pos = at;
         let status = loop {
-            match vm.wait_for_from(&format!("{done}-"), pos, Duration::from_secs(timeout)) {
-                Ok(n) => {
-                    std::thread::sleep(Duration::from_millis(100));
-                    let text = vm.console();
-                    let digits: String = text[n..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit())
-                        .collect();
-                    pos = n;
-                    if !digits.is_empty() {
-                        break digits;
-                    }
-                }
-                Err(e) => {
-                    eprintln!("lifeboat-qemu: {e}");
-                    std::process::exit(1)
-                }
+            let n = vm
+                .wait_for_from(&format!("{done}-"), pos, Duration::from_secs(timeout))
+                .unwrap_or_else(|e| fail(&e));
+            std::thread::sleep(Duration::from_millis(100));
+            let digits: String = vm.console()[n..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            pos = n;
+            if !digits.is_empty() {
+                break digits;
             }
         };
         at = pos;
         if status != "0" {
             print!("{}", vm.console());
-            eprintln!("lifeboat-qemu: command {cmd:?} failed with status {status}");
-            std::process::exit(1)
+            fail(&format!("command {cmd:?} failed with status {status}"));
         }
     }
     std::thread::sleep(Duration::from_millis(300));

@@ -4,16 +4,26 @@
 
 use crate::log::{debug, log};
 use lifeboat_contract::{alias_matches, normalize_alias, ModuleIndex, MODULE_INDEX_PATH};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Loading,
+    Done,
+    Failed,
+}
+
+/// Loads modules with their dependencies; shareable between threads so
+/// independent drivers probe their devices in parallel.
 pub struct Loader {
     index: ModuleIndex,
     base: String,
-    loaded: HashSet<String>,
-    failed: HashSet<String>,
-    pub count: usize,
+    state: Mutex<HashMap<String, State>>,
+    count: AtomicUsize,
 }
 
 impl Loader {
@@ -34,42 +44,56 @@ impl Loader {
                 return None;
             }
         };
-        let loaded = std::fs::read_to_string("/proc/modules")
+        let state = std::fs::read_to_string("/proc/modules")
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.split_whitespace().next())
-            .map(lifeboat_contract::normalize_module_name)
+            .map(|m| (lifeboat_contract::normalize_module_name(m), State::Done))
             .collect();
         let base = format!("/lib/modules/{}", index.kver);
         Some(Loader {
             index,
             base,
-            loaded,
-            failed: HashSet::new(),
-            count: 0,
+            state: Mutex::new(state),
+            count: AtomicUsize::new(0),
         })
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
     }
 
     /// Load `name` with its dependencies and softdeps. Errors are logged,
     /// never fatal: a driver that does not load leaves that device unused.
-    pub fn load(&mut self, name: &str) {
+    pub fn load(&self, name: &str) {
         self.load_depth(name, 0)
     }
 
-    fn load_depth(&mut self, name: &str, depth: u32) {
+    fn load_depth(&self, name: &str, depth: u32) {
         let name = lifeboat_contract::normalize_module_name(name);
-        if depth > 16 || self.loaded.contains(&name) || self.failed.contains(&name) {
+        if depth > 16 {
             return;
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            match st.get(&name) {
+                // Loading in another thread: calling finit_module again is
+                // safe, the kernel waits for that load and says EEXIST.
+                Some(State::Done) | Some(State::Failed) => return,
+                Some(State::Loading) if depth == 0 => return,
+                Some(State::Loading) => {}
+                None => {
+                    st.insert(name.clone(), State::Loading);
+                }
+            }
         }
         let Some(entry) = self.index.modules.get(&name).cloned() else {
             if !self.index.builtin.contains(&name) {
                 debug(&format!("module {name} is not in the image"));
             }
-            self.loaded.insert(name);
+            self.state.lock().unwrap().insert(name, State::Done);
             return;
         };
-        // Mark first: softdep cycles must not recurse forever.
-        self.loaded.insert(name.clone());
         for p in &entry.pre {
             self.load_depth(p, depth + 1);
         }
@@ -77,20 +101,50 @@ impl Loader {
             self.load_depth(d, depth + 1);
         }
         let path = format!("{}/{}", self.base, entry.path);
-        match finit_module(&path) {
-            Ok(()) => {
-                self.count += 1;
+        let result = finit_module(&path);
+        let mut st = self.state.lock().unwrap();
+        match result {
+            Ok(true) => {
+                self.count.fetch_add(1, Ordering::Relaxed);
                 debug(&format!("loaded {name}"));
+                st.insert(name.clone(), State::Done);
+            }
+            Ok(false) => {
+                st.insert(name.clone(), State::Done);
             }
             Err(e) => {
-                self.loaded.remove(&name);
-                self.failed.insert(name.clone());
+                st.insert(name.clone(), State::Failed);
+                drop(st);
                 log(&format!("cannot load module {name} ({path}): {e}"));
+                return;
             }
         }
+        drop(st);
         for p in &entry.post {
             self.load_depth(p, depth + 1);
         }
+    }
+
+    /// Load several modules in parallel (each with its dependencies).
+    pub fn load_all(&self, names: Vec<String>) {
+        if names.len() <= 1 {
+            for n in names {
+                self.load(&n);
+            }
+            return;
+        }
+        let queue = Mutex::new(names);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| loop {
+                    let next = queue.lock().unwrap().pop();
+                    match next {
+                        Some(n) => self.load(&n),
+                        None => break,
+                    }
+                });
+            }
+        });
     }
 
     /// Modules whose aliases match this modalias.
@@ -108,24 +162,30 @@ impl Loader {
         v
     }
 
-    pub fn load_alias(&mut self, modalias: &str) {
-        for m in self.modules_for(modalias) {
-            self.load(&m);
-        }
+    /// Modules for a batch of modaliases, deduplicated.
+    pub fn modules_for_all(&self, modaliases: &[String]) -> Vec<String> {
+        let mut v: Vec<String> = modaliases
+            .iter()
+            .flat_map(|a| self.modules_for(a))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 }
 
-fn finit_module(path: &str) -> std::io::Result<()> {
+/// Ok(true) when loaded now, Ok(false) when it was already there.
+fn finit_module(path: &str) -> std::io::Result<bool> {
     let f = std::fs::File::open(path)?;
     use std::os::fd::AsRawFd;
     let empty = CString::new("").unwrap();
     let rc = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), empty.as_ptr(), 0) };
     if rc == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EEXIST) {
-        return Ok(());
+        return Ok(false);
     }
     Err(e)
 }
@@ -225,47 +285,55 @@ pub fn parse_uevent(b: &[u8]) -> Vec<(String, String)> {
 
 /// Load modules by name (e.g. `bonding` before creating a bond).
 pub fn load_names(names: &[&str]) {
-    if let Some(mut l) = Loader::new() {
-        for n in names {
-            l.load(n);
-        }
+    if let Some(l) = Loader::new() {
+        l.load_all(names.iter().map(|s| s.to_string()).collect());
     }
 }
 
 /// Coldplug, then follow uevents until nothing new arrived for `quiet`
 /// (or `max` elapsed), so late USB/NVMe devices get their drivers too.
+/// Drivers of independent devices load in parallel.
 pub fn run(quiet: Duration, max: Duration) -> usize {
-    let Some(mut loader) = Loader::new() else {
+    let Some(loader) = Loader::new() else {
         return 0;
     };
     let events = Uevents::open();
     let t0 = Instant::now();
     let mut seen: HashSet<String> = HashSet::new();
-    for a in scan_modaliases() {
-        if seen.insert(a.clone()) {
-            loader.load_alias(&a);
+    let batch = |aliases: Vec<String>, seen: &mut HashSet<String>| {
+        let fresh: Vec<String> = aliases
+            .into_iter()
+            .filter(|a| seen.insert(a.clone()))
+            .collect();
+        if !fresh.is_empty() {
+            loader.load_all(loader.modules_for_all(&fresh));
         }
-    }
+    };
+    batch(scan_modaliases(), &mut seen);
     if let Some(ev) = &events {
         let mut last = Instant::now();
         while last.elapsed() < quiet && t0.elapsed() < max {
-            if let Some(fields) = ev.next(Duration::from_millis(100)) {
+            // Gather what arrives within a short window, then load it together.
+            let mut pending = Vec::new();
+            while let Some(fields) = ev.next(Duration::from_millis(if pending.is_empty() {
+                100
+            } else {
+                20
+            })) {
                 last = Instant::now();
                 if let Some((_, a)) = fields.iter().find(|(k, _)| k == "MODALIAS") {
-                    if seen.insert(a.clone()) {
-                        loader.load_alias(a);
-                    }
+                    pending.push(a.clone());
+                }
+                if t0.elapsed() >= max {
+                    break;
                 }
             }
+            batch(pending, &mut seen);
         }
     }
     // Anything that appeared between the scan and the socket.
-    for a in scan_modaliases() {
-        if seen.insert(a.clone()) {
-            loader.load_alias(&a);
-        }
-    }
-    loader.count
+    batch(scan_modaliases(), &mut seen);
+    loader.count()
 }
 
 #[cfg(test)]
@@ -311,9 +379,8 @@ mod tests {
         let l = Loader {
             index: idx,
             base: "/x".into(),
-            loaded: HashSet::new(),
-            failed: HashSet::new(),
-            count: 0,
+            state: Mutex::new(HashMap::new()),
+            count: AtomicUsize::new(0),
         };
         assert_eq!(
             l.modules_for("virtio:d00000001v00001AF4"),

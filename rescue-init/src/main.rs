@@ -326,7 +326,7 @@ fn main() {
     }
 
     let t = std::time::Instant::now();
-    let n = coldplug::run(Duration::from_millis(700), Duration::from_secs(15));
+    let n = coldplug::run(Duration::from_millis(400), Duration::from_secs(15));
     log(&format!(
         "loaded {n} driver module(s) in {:.2} s",
         t.elapsed().as_secs_f64()
