@@ -33,6 +33,25 @@ fn spec(img: &Path, m: &lifeboat_contract::Manifest, work: &Path, append: &str) 
     s
 }
 
+/// Remove terminal escape sequences (bash's bracketed-paste toggles).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\x1b' && it.peek() == Some(&'[') {
+            it.next();
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Type a command and wait for its output marker.
 fn run(vm: &mut Vm, from: usize, cmd: &str) -> (usize, String) {
     let tag = format!("DONE{}", from);
@@ -47,7 +66,7 @@ fn run(vm: &mut Vm, from: usize, cmd: &str) -> (usize, String) {
                 .rfind(&format!("{cmd}; echo {tag}"))
                 .map(|i| i + cmd.len())
                 .unwrap_or(from);
-            return (end, text[start..end].to_string());
+            return (end, strip_ansi(&text[start..end]));
         }
         pos = end;
     }
@@ -348,4 +367,22 @@ fn a_kernel_that_does_not_match_the_image_is_reported() {
     vm.wait_for_from(&format!("kernel {} is running", f.kver), at - 200, STEP)
         .unwrap();
     vm.wait_for_from("lifeboat: ready", at, STEP).unwrap();
+}
+
+#[test]
+fn boots_under_uefi_firmware_too() {
+    let work = tempfile::tempdir().unwrap();
+    let (img, m) = image(work.path(), "[network]\ncapture = false\n");
+    let mut s = spec(&img, &m, work.path(), "").with_user_net("");
+    s.uefi = true;
+    let mut vm = Vm::boot(&s).unwrap();
+    vm.wait_for("lifeboat: ready", BOOT).unwrap();
+    let at = vm.wait_for("lifeboat:~# ", STEP).unwrap();
+    // The init mounted efivarfs: the firmware's variables are visible.
+    let (_, out) = run(
+        &mut vm,
+        at,
+        "test -d /sys/firmware/efi && grep -c efivarfs /proc/mounts",
+    );
+    assert!(out.lines().any(|l| l.trim() == "1"), "{out}");
 }

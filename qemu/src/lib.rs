@@ -19,6 +19,10 @@ pub struct BootSpec {
     pub cpus: u32,
     /// Where the console is logged (in addition to memory).
     pub log: Option<PathBuf>,
+    /// Boot with UEFI firmware (OVMF) instead of SeaBIOS.
+    pub uefi: bool,
+    /// The VM's copy of the OVMF variable store (made by [`Vm::boot`]).
+    pub uefi_vars: Option<PathBuf>,
     pub extra_args: Vec<String>,
 }
 
@@ -49,6 +53,8 @@ impl BootSpec {
             memory_mb: 1024,
             cpus: 2,
             log: None,
+            uefi: false,
+            uefi_vars: None,
             extra_args: vec![],
         }
     }
@@ -84,18 +90,68 @@ pub fn base_args(spec: &BootSpec) -> Vec<String> {
         "-device".into(),
         "virtio-rng-pci".into(),
     ];
+    if let Some(vars) = &spec.uefi_vars {
+        let (code, _) = ovmf();
+        v.extend([
+            "-drive".into(),
+            format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                code.display()
+            ),
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+        ]);
+    }
     v.extend(spec.extra_args.iter().cloned());
     v
 }
 
+/// OVMF code and variable-store templates (Debian package `ovmf`).
+pub fn ovmf() -> (PathBuf, PathBuf) {
+    for d in ["/usr/share/OVMF", "/usr/share/ovmf"] {
+        let (c, v) = (
+            Path::new(d).join("OVMF_CODE.fd"),
+            Path::new(d).join("OVMF_VARS.fd"),
+        );
+        if c.exists() && v.exists() {
+            return (c, v);
+        }
+    }
+    (
+        PathBuf::from("/usr/share/OVMF/OVMF_CODE.fd"),
+        PathBuf::from("/usr/share/OVMF/OVMF_VARS.fd"),
+    )
+}
+
+/// A private, writable copy of the OVMF variable store for one VM.
+pub fn ovmf_vars_copy() -> std::io::Result<PathBuf> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let (_, vars) = ovmf();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("lifeboat-ovmf-vars-{}-{n}.fd", std::process::id()));
+    std::fs::copy(&vars, &p).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot copy {} (apt-get install ovmf): {e}", vars.display()),
+        )
+    })?;
+    Ok(p)
+}
+
 pub struct Vm {
     child: Child,
+    vars: Option<PathBuf>,
     stdin: Option<ChildStdin>,
     console: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Vm {
     pub fn boot(spec: &BootSpec) -> std::io::Result<Vm> {
+        let mut spec = spec.clone();
+        if spec.uefi && spec.uefi_vars.is_none() {
+            spec.uefi_vars = Some(ovmf_vars_copy()?);
+        }
+        let spec = &spec;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(base_args(spec))
             .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
@@ -136,6 +192,7 @@ impl Vm {
         let stdin = child.stdin.take();
         Ok(Vm {
             child,
+            vars: spec.uefi_vars.clone(),
             stdin,
             console,
         })
@@ -205,6 +262,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(v) = &self.vars {
+            let _ = std::fs::remove_file(v);
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //!   --disk FILE       attach FILE as a virtio disk (repeatable)
 //!   --timeout SECS    per wait (default 180)
 //!   --log FILE        also write the console to FILE
+//!   --uefi            boot with OVMF instead of SeaBIOS
 //!   --interactive     just boot with the console on this terminal (Ctrl-A X quits)
 //!
 //! Prints the console and, on stderr, how long the marker took (host wall time).
@@ -23,7 +24,7 @@ use std::time::Duration;
 fn usage() -> ! {
     eprintln!(
         "usage: lifeboat-qemu (IMAGE_DIR | --kernel FILE --initrd FILE) [--expect TEXT] [--run CMD]... \
-         [--append ARGS] [--net [OPTS]] [--disk FILE]... [--timeout SECS] [--log FILE] [--interactive]"
+         [--append ARGS] [--net [OPTS]] [--disk FILE]... [--timeout SECS] [--log FILE] [--uefi] [--interactive]"
     );
     std::process::exit(2)
 }
@@ -44,6 +45,7 @@ fn main() {
     let mut append = "console=ttyS0".to_string();
     let mut net: Option<String> = None;
     let mut disks = Vec::new();
+    let mut uefi = false;
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
@@ -63,6 +65,7 @@ fn main() {
                 net = Some(opts);
             }
             "--interactive" => interactive = true,
+            "--uefi" => uefi = true,
             "-h" | "--help" => usage(),
             d if dir.is_none() && !d.starts_with("--") => dir = Some(PathBuf::from(d)),
             _ => usage(),
@@ -94,6 +97,7 @@ fn main() {
     let mut spec = BootSpec::new(&kernel, &initrd);
     spec.append = append;
     spec.log = log;
+    spec.uefi = uefi;
     if let Some(opts) = &net {
         spec = spec.with_user_net(opts);
     }
@@ -104,6 +108,10 @@ fn main() {
             "-device".into(),
             format!("virtio-blk-pci,drive=d{i}"),
         ]);
+    }
+    if spec.uefi {
+        spec.uefi_vars =
+            Some(lifeboat_qemu::ovmf_vars_copy().unwrap_or_else(|e| fail(&e.to_string())));
     }
     if interactive {
         let st = std::process::Command::new("qemu-system-x86_64")
