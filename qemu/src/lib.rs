@@ -153,6 +153,15 @@ impl Vm {
         }
         let spec = &spec;
         let mut cmd = Command::new("qemu-system-x86_64");
+        // QEMU dies with its parent, even when the parent exits without
+        // dropping the Vm (process::exit, a killed test run).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         cmd.args(base_args(spec))
             .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
             .stdin(Stdio::piped())

@@ -85,22 +85,36 @@ fn shell_consoles(cmd: &Cmdline) -> Vec<String> {
     out
 }
 
+/// Fork a child in a new session with the default signal mask. Returns
+/// Some(pid) in the parent, Some(0) in the child, None when fork failed.
+pub(crate) fn fork_session(what: &str) -> Option<libc::pid_t> {
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        log(&format!(
+            "cannot fork for {what}: {}",
+            std::io::Error::last_os_error()
+        ));
+        return None;
+    }
+    if pid == 0 {
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::setsid();
+        }
+    }
+    Some(pid)
+}
+
 /// Start a login shell on `tty` in its own session with the terminal as its
 /// controlling TTY, so job control and Ctrl-C work.
 fn spawn_shell(shell: &str, tty: &str) -> Option<libc::pid_t> {
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        log(&format!("fork failed: {}", std::io::Error::last_os_error()));
-        return None;
-    }
-    if pid > 0 {
-        return Some(pid);
+    match fork_session("a shell")? {
+        0 => {}
+        pid => return Some(pid),
     }
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        libc::setsid();
         let t = CString::new(tty).unwrap();
         let fd = libc::open(t.as_ptr(), libc::O_RDWR);
         if fd >= 0 {

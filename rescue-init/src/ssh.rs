@@ -40,22 +40,9 @@ pub fn start(c: &SshConfig) -> Option<libc::pid_t> {
         log("sshd is not in this image; no remote access");
         return None;
     }
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        log(&format!(
-            "cannot fork for sshd: {}",
-            std::io::Error::last_os_error()
-        ));
-        return None;
-    }
-    if pid > 0 {
-        return Some(pid);
-    }
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        libc::setsid();
+    match crate::fork_session("sshd")? {
+        0 => {}
+        pid => return Some(pid),
     }
     match prepare(c) {
         Ok(()) => exec_sshd(c),
