@@ -11,6 +11,7 @@ pub mod elf;
 pub mod image;
 pub mod kmod;
 pub mod layers;
+pub mod layout;
 pub mod netcapture;
 pub mod programs;
 pub mod rescue;

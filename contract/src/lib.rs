@@ -364,6 +364,120 @@ impl ModuleIndex {
     }
 }
 
+/// Schema version of the disk layout (`layout.json`).
+pub const LAYOUT_SCHEMA_VERSION: u32 = 1;
+
+/// `layout.json`: the storage of a machine as captured on the live host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layout {
+    pub schema_version: u32,
+    pub hostname: String,
+    pub disks: Vec<Disk>,
+    /// Filesystems and swap, by device path.
+    #[serde(default)]
+    pub filesystems: Vec<Filesystem>,
+    /// The mount tree (local filesystems only).
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+}
+
+impl Layout {
+    pub fn from_json(text: &str) -> Result<Layout, ContractError> {
+        let l: Layout = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        check_version("layout", l.schema_version, LAYOUT_SCHEMA_VERSION)?;
+        Ok(l)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// Kernel name (`sda`, `nvme0n1`).
+    pub name: String,
+    pub path: String,
+    pub size_bytes: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    /// Names under /dev/disk/by-id pointing at this disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_id: Vec<String>,
+    pub removable: bool,
+    pub rotational: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<PartitionTable>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionTable {
+    /// `gpt` or `dos`.
+    pub kind: String,
+    /// GPT disk GUID or MBR disk identifier (`0x1234abcd`).
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_lba: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_lba: Option<u64>,
+    pub sector_size: u32,
+    pub partitions: Vec<Partition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    pub number: u32,
+    /// Device node on the source machine.
+    pub node: String,
+    /// Start and size in sectors of `sector_size`.
+    pub start: u64,
+    pub size: u64,
+    /// GPT type GUID or MBR type (hex, e.g. `83`).
+    pub type_id: String,
+    /// GPT PARTUUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// GPT partition name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GPT attributes as sfdisk prints them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attrs: Option<String>,
+    /// MBR boot flag.
+    #[serde(default)]
+    pub bootable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filesystem {
+    pub device: String,
+    /// `ext4`, `xfs`, `btrfs`, `vfat`, `swap`, `crypto_LUKS`, `LVM2_member`, `linux_raid_member`, ...
+    pub fstype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Bytes in use when captured (for shrinking onto smaller disks); not compared by `layout check`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub target: String,
+    pub source: String,
+    pub fstype: String,
+    pub options: String,
+}
+
 /// Normalise a module name the way kmod does: dashes become underscores.
 pub fn normalize_module_name(name: &str) -> String {
     name.replace('-', "_")

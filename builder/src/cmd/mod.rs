@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 pub mod dump;
 pub mod image;
+pub mod layout;
 pub mod mkrescue;
 
 #[derive(Debug, Parser)]
@@ -39,7 +40,22 @@ pub enum Command {
     /// Inspect a built image: ls, unpack, verify.
     #[command(subcommand)]
     Image(image::Command),
+    /// Capture the disk layout (save), show it, or check it for drift.
+    #[command(subcommand)]
+    Layout(layout::Command),
 }
+
+/// An exit status other than 0/1 chosen by a command (e.g. `layout check`).
+#[derive(Debug)]
+pub struct Exit(pub i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 pub fn run(cli: Cli) -> Result<()> {
     let g = Global {
@@ -51,5 +67,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mkrescue(a) => mkrescue::run(&g, a),
         Command::Dump(a) => dump::run(&g, a),
         Command::Image(c) => image::run(&g, c),
+        Command::Layout(c) => layout::run(&g, c),
     }
 }
