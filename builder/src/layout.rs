@@ -98,6 +98,9 @@ pub fn parse_blkid(device: &str, text: &str) -> Option<Filesystem> {
         uuid,
         label,
         used_bytes: None,
+        params: Default::default(),
+        subvolumes: vec![],
+        default_subvolume: None,
     })
 }
 
@@ -156,6 +159,11 @@ pub fn parse_findmnt(text: &str) -> Result<Vec<Mount>> {
     }
     out.sort_by(|a, b| a.target.cmp(&b.target));
     Ok(out)
+}
+
+/// Is `cmd` on PATH?
+fn which(cmd: &str) -> bool {
+    crate::elf::find_in_path(Path::new("/"), cmd).is_some()
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<Option<String>> {
@@ -255,6 +263,63 @@ pub fn capture(only: &[String]) -> Result<Layout> {
         }
         disks.push(disk);
     }
+    // md arrays and LVM only when capturing everything: they span disks.
+    let mut md = Vec::new();
+    if only.is_empty() && which("mdadm") {
+        for e in std::fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let n = e.file_name().to_string_lossy().to_string();
+            if !n.starts_with("md") {
+                continue;
+            }
+            let dev = format!("/dev/{n}");
+            if let Some(t) = run("mdadm", &["--detail", "--export", &dev])? {
+                md.push(crate::layout_parse::mdadm_export(&dev, &t)?);
+                if let Some(t) = run("blkid", &["-p", "-o", "export", &dev])? {
+                    filesystems.extend(parse_blkid(&dev, &t));
+                }
+            }
+        }
+        md.sort_by(|a, b| a.device.cmp(&b.device));
+    }
+    let mut lvm = lifeboat_contract::Lvm::default();
+    if only.is_empty() && which("lvm") {
+        let rep = |cmd: &str, fields: &str| -> Result<Option<String>> {
+            run(
+                "lvm",
+                &[cmd, "--reportformat", "json", "--units", "b", "-o", fields],
+            )
+        };
+        if let Some(t) = rep("pvs", "pv_name,pv_uuid,vg_name,pv_size")? {
+            lvm.pvs = crate::layout_parse::lvm_pvs(&t)?;
+        }
+        if let Some(t) = rep("vgs", "vg_name,vg_uuid,vg_extent_size,vg_size")? {
+            lvm.vgs = crate::layout_parse::lvm_vgs(&t)?;
+        }
+        if let Some(t) = rep(
+            "lvs",
+            "lv_name,vg_name,lv_uuid,lv_size,segtype,pool_lv,stripes,lv_attr",
+        )? {
+            lvm.lvs = crate::layout_parse::lvm_lvs(&t)?;
+        }
+        for lv in &lvm.lvs {
+            let dev = format!("/dev/{}/{}", lv.vg, lv.name);
+            if Path::new(&dev).exists() {
+                if let Some(t) = run("blkid", &["-p", "-o", "export", &dev])? {
+                    filesystems.extend(parse_blkid(&dev, &t));
+                }
+            }
+        }
+    }
+    let mut luks = Vec::new();
+    for fs in filesystems.iter().filter(|f| f.fstype == "crypto_LUKS") {
+        if let Some(t) = run("cryptsetup", &["luksDump", &fs.device])? {
+            luks.push(crate::layout_parse::luks_dump(&fs.device, &t)?);
+        }
+    }
     let mounts = match run(
         "findmnt",
         &["--json", "--list", "-o", "TARGET,SOURCE,FSTYPE,OPTIONS"],
@@ -263,10 +328,37 @@ pub fn capture(only: &[String]) -> Result<Layout> {
         None => Vec::new(),
     };
     for fs in &mut filesystems {
-        if let Some(m) = mounts.iter().find(|m| m.source == fs.device) {
-            if let Ok(st) = nix_statvfs(&m.target) {
+        let mount = mounts
+            .iter()
+            .find(|m| m.source == fs.device)
+            .map(|m| m.target.clone());
+        if let Some(target) = &mount {
+            if let Ok(st) = nix_statvfs(target) {
                 fs.used_bytes = Some(st);
             }
+        }
+        match fs.fstype.as_str() {
+            "ext2" | "ext3" | "ext4" => {
+                if let Some(t) = run("tune2fs", &["-l", &fs.device])? {
+                    fs.params = crate::layout_parse::tune2fs(&t);
+                }
+            }
+            "xfs" => {
+                if let Some(t) = run("xfs_info", &[mount.as_deref().unwrap_or(&fs.device)])? {
+                    fs.params = crate::layout_parse::xfs_info(&t);
+                }
+            }
+            "btrfs" => {
+                if let Some(target) = &mount {
+                    if let Some(t) = run("btrfs", &["subvolume", "list", "-p", target])? {
+                        fs.subvolumes = crate::layout_parse::btrfs_subvolumes(&t)?;
+                    }
+                    if let Some(t) = run("btrfs", &["subvolume", "get-default", target])? {
+                        fs.default_subvolume = crate::layout_parse::btrfs_default(&t);
+                    }
+                }
+            }
+            _ => {}
         }
     }
     let hostname = read(Path::new("/proc/sys/kernel/hostname")).unwrap_or_default();
@@ -276,6 +368,9 @@ pub fn capture(only: &[String]) -> Result<Layout> {
         disks,
         filesystems,
         mounts,
+        md,
+        luks,
+        lvm,
     })
 }
 
@@ -506,6 +601,9 @@ mod tests {
             disks: vec![disk],
             filesystems: vec![],
             mounts: vec![],
+            md: vec![],
+            luks: vec![],
+            lvm: Default::default(),
         };
         assert!(diff(&a, &a).is_empty());
         let mut b = a.clone();
@@ -527,13 +625,9 @@ mod tests {
         );
         // Used bytes alone is not drift.
         let mut c = a.clone();
-        c.filesystems.push(Filesystem {
-            device: "/dev/x".into(),
-            fstype: "ext4".into(),
-            uuid: None,
-            label: None,
-            used_bytes: Some(1),
-        });
+        c.filesystems
+            .push(parse_blkid("/dev/x", "TYPE=ext4\n").unwrap());
+        c.filesystems[0].used_bytes = Some(1);
         let mut e = c.clone();
         e.filesystems[0].used_bytes = Some(99);
         assert!(diff(&c, &e).is_empty());

@@ -12,6 +12,7 @@ pub mod image;
 pub mod kmod;
 pub mod layers;
 pub mod layout;
+pub mod layout_parse;
 pub mod netcapture;
 pub mod programs;
 pub mod rescue;

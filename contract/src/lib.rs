@@ -380,6 +380,100 @@ pub struct Layout {
     /// The mount tree (local filesystems only).
     #[serde(default)]
     pub mounts: Vec<Mount>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub md: Vec<MdArray>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub luks: Vec<Luks>,
+    #[serde(default)]
+    pub lvm: Lvm,
+}
+
+/// An md RAID array (`mdadm --detail --export`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MdArray {
+    pub device: String,
+    pub level: String,
+    pub metadata: String,
+    pub uuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Active members in role order.
+    pub members: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spares: Vec<String>,
+}
+
+/// A LUKS container (`cryptsetup luksDump`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Luks {
+    pub device: String,
+    pub version: u32,
+    pub uuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub cipher: String,
+    pub key_bits: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pbkdf: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sector_size: Option<u32>,
+}
+
+/// LVM as reported by `pvs/vgs/lvs --reportformat json --units b`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Lvm {
+    #[serde(default)]
+    pub pvs: Vec<Pv>,
+    #[serde(default)]
+    pub vgs: Vec<Vg>,
+    #[serde(default)]
+    pub lvs: Vec<Lv>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pv {
+    pub device: String,
+    pub uuid: String,
+    pub vg: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vg {
+    pub name: String,
+    pub uuid: String,
+    pub extent_bytes: u64,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lv {
+    pub vg: String,
+    pub name: String,
+    pub uuid: String,
+    pub size_bytes: u64,
+    /// `linear`, `striped`, `raid1`, `mirror`, `thin-pool`, `thin`, ...
+    pub segtype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    pub stripes: u32,
+}
+
+/// A btrfs subvolume (`btrfs subvolume list -p`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subvolume {
+    pub id: u64,
+    pub parent: u64,
+    pub path: String,
 }
 
 impl Layout {
@@ -467,6 +561,14 @@ pub struct Filesystem {
     /// Bytes in use when captured (for shrinking onto smaller disks); not compared by `layout check`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_bytes: Option<u64>,
+    /// Creation parameters worth reproducing (ext: features, block_size,
+    /// inode_size, reserved_blocks; xfs: isize, bsize, crc, reflink, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subvolumes: Vec<Subvolume>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_subvolume: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
