@@ -113,3 +113,125 @@ fn check_without_a_saved_layout_says_what_to_do() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("run `lifeboat layout save` first"));
 }
+
+/// Inside the rescue OS in QEMU (the build machine has no md driver):
+/// build md RAID1 + LUKS2 + LVM (linear, thin) + xfs/ext4 + btrfs with
+/// subvolumes, run `lifeboat layout save` there, and check what it captured
+/// against what the real tools printed in the same run.
+#[test]
+fn capture_of_md_luks_lvm_and_btrfs_in_a_vm() {
+    use lifeboat_qemu::{BootSpec, Vm};
+    use std::time::Duration;
+    let w = tempfile::tempdir().unwrap();
+    let overlay = repo().join("tests/fixtures/layout/vm-overlay");
+    let img = w.path().join("img");
+    build(
+        w.path(),
+        &img,
+        &format!(
+            "[network]\ncapture = false\n[ssh]\nenabled = false\n[rescue]\noverlays = [\"{}\"]\n",
+            overlay.display()
+        ),
+        &[],
+    );
+    let m = manifest(&img);
+    let mut spec = BootSpec::new(&img.join(&m.kernel), &img.join(&m.initrd));
+    spec.log = Some(w.path().join("console.log"));
+    for (i, (name, size)) in [("a", "700M"), ("b", "700M"), ("c", "700M"), ("out", "8M")]
+        .iter()
+        .enumerate()
+    {
+        let p = w.path().join(format!("{name}.img"));
+        let (ok, _, err) = sh(&format!("truncate -s {size} {}", p.display()));
+        assert!(ok, "{err}");
+        spec.extra_args.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=d{i}", p.display()),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=d{i}"),
+        ]);
+    }
+    let mut vm = Vm::boot(&spec).unwrap();
+    let at = vm
+        .wait_for("lifeboat: ready", Duration::from_secs(180))
+        .unwrap();
+    vm.wait_for_from("lifeboat:~# ", at, Duration::from_secs(60))
+        .unwrap();
+    // record-layout leaves its outputs in /tmp/rec; keep btrfs mounted for the capture.
+    vm.send_line(
+        "sed -i 's|^tar -cf /dev/vdd.*||' /usr/local/bin/record-layout && record-layout && mount /dev/vdc /mnt/bt \
+         && lifeboat layout save -o /tmp/rec/layout.json && tar -cf /dev/vdd -C /tmp/rec . && sync && echo CAPTURE-OK-$((1+1))",
+    )
+    .unwrap();
+    vm.wait_for_from("CAPTURE-OK-2", at, Duration::from_secs(400))
+        .unwrap();
+    drop(vm);
+    let out = w.path().join("rec");
+    std::fs::create_dir(&out).unwrap();
+    let (ok, _, err) = sh(&format!(
+        "tar -xf {} -C {}",
+        w.path().join("out.img").display(),
+        out.display()
+    ));
+    assert!(ok, "{err}");
+    let read = |n: &str| std::fs::read_to_string(out.join(n)).unwrap();
+    let l = lifeboat_contract::Layout::from_json(&read("layout.json")).unwrap();
+
+    // md: same array as mdadm reports, members in role order.
+    let md =
+        lifeboat::layout_parse::mdadm_export("/dev/md0", &read("mdadm-detail-export.txt")).unwrap();
+    assert_eq!(l.md, vec![md]);
+    assert_eq!(l.md[0].members, vec!["/dev/vda", "/dev/vdb"]);
+    // LUKS on the array, as luksDump says.
+    assert_eq!(l.luks.len(), 1);
+    assert_eq!(l.luks[0].device, "/dev/md0");
+    assert!(read("cryptsetup-luksdump.txt").contains(&l.luks[0].uuid));
+    // LVM as its own JSON reports.
+    assert_eq!(
+        l.lvm.lvs,
+        lifeboat::layout_parse::lvm_lvs(&read("lvm-lvs.json")).unwrap()
+    );
+    assert_eq!(
+        l.lvm.vgs,
+        lifeboat::layout_parse::lvm_vgs(&read("lvm-vgs.json")).unwrap()
+    );
+    // Filesystems with their UUIDs (blkid is the oracle) and creation parameters.
+    let blkid = read("blkid.txt");
+    let fs = |dev: &str| {
+        l.filesystems
+            .iter()
+            .find(|f| f.device == dev)
+            .unwrap_or_else(|| panic!("{dev} not captured: {:?}", l.filesystems))
+    };
+    for (dev, t) in [
+        ("/dev/vg0/root", "xfs"),
+        ("/dev/vg0/thin1", "ext4"),
+        ("/dev/vdc", "btrfs"),
+        ("/dev/md0", "crypto_LUKS"),
+    ] {
+        let f = fs(dev);
+        assert_eq!(f.fstype, t);
+        assert!(
+            blkid.contains(&format!("UUID={}", f.uuid.as_ref().unwrap())),
+            "{dev}: {:?}",
+            f.uuid
+        );
+    }
+    assert_eq!(
+        fs("/dev/vg0/root")
+            .params
+            .get("meta-data.isize")
+            .map(String::as_str),
+        Some("512")
+    );
+    assert!(fs("/dev/vg0/thin1").params["features"].contains("metadata_csum"));
+    let bt = fs("/dev/vdc");
+    assert_eq!(
+        bt.subvolumes
+            .iter()
+            .map(|s| s.path.as_str())
+            .collect::<Vec<_>>(),
+        vec!["@", "@home", "@home/snaps"]
+    );
+    assert_eq!(bt.default_subvolume, Some(bt.subvolumes[0].id));
+}

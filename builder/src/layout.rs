@@ -150,11 +150,20 @@ pub fn parse_findmnt(text: &str) -> Result<Vec<Mount>> {
         {
             continue;
         }
+        // findmnt prints a subvolume or bind source as `/dev/vdc[/@home]`.
+        let (source, root) = match source.split_once('[') {
+            Some((dev, rest)) => (
+                dev.to_string(),
+                Some(rest.trim_end_matches(']').to_string()),
+            ),
+            None => (source, None),
+        };
         out.push(Mount {
             target: fs["target"].as_str().unwrap_or("").to_string(),
             source,
             fstype,
             options: fs["options"].as_str().unwrap_or("").to_string(),
+            root,
         });
     }
     out.sort_by(|a, b| a.target.cmp(&b.target));
@@ -569,12 +578,17 @@ mod tests {
             {"target":"/","source":"/dev/vda2","fstype":"ext4","options":"rw,relatime"},
             {"target":"/proc","source":"proc","fstype":"proc","options":"rw"},
             {"target":"/boot/efi","source":"/dev/vda1","fstype":"vfat","options":"rw"},
+            {"target":"/home","source":"/dev/vda3[/@home]","fstype":"btrfs","options":"rw"},
             {"target":"/mnt/backup","source":"srv:/export","fstype":"nfs4","options":"rw"},
             {"target":"/run","source":"tmpfs","fstype":"tmpfs","options":"rw"}]}"#;
         let m = parse_findmnt(t).unwrap();
         assert_eq!(
             m.iter().map(|m| m.target.as_str()).collect::<Vec<_>>(),
-            vec!["/", "/boot/efi"]
+            vec!["/", "/boot/efi", "/home"]
+        );
+        assert_eq!(
+            (m[2].source.as_str(), m[2].root.as_deref()),
+            ("/dev/vda3", Some("/@home"))
         );
     }
 

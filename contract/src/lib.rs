@@ -578,6 +578,10 @@ pub struct Mount {
     pub source: String,
     pub fstype: String,
     pub options: String,
+    /// The directory of the filesystem mounted there, when not its root
+    /// (a btrfs subvolume such as `/@home`, or a bind mount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// Normalise a module name the way kmod does: dashes become underscores.
