@@ -235,3 +235,38 @@ fn capture_of_md_luks_lvm_and_btrfs_in_a_vm() {
     );
     assert_eq!(bt.default_subvolume, Some(bt.subvolumes[0].id));
 }
+
+#[test]
+fn grub_bios_code_and_special_partitions_are_recognised() {
+    // GRUB's own boot.img (grub-pc-bin) in the MBR code area, as grub-bios-setup writes it.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let (ok, _, err) = sh(&format!(
+        "truncate -s 64M {0} && printf 'label: gpt\\n,1M,21686148-6449-6E6F-744E-656564454649\\n,32M,U\\n,,L\\n' | sfdisk -q {0} \
+         && dd if=/usr/lib/grub/i386-pc/boot.img of={0} bs=440 count=1 conv=notrunc status=none",
+        img.display()
+    ));
+    assert!(ok, "{err}");
+    let (ok, out, err) = sh(&format!("losetup -f --show {}", img.display()));
+    assert!(ok, "{err}");
+    let dev = out.trim().to_string();
+    let w = tempfile::tempdir().unwrap();
+    let file = w.path().join("l.json");
+    let o = lifeboat(w.path())
+        .args([
+            "layout",
+            "save",
+            "-o",
+            file.to_str().unwrap(),
+            "--disk",
+            &dev,
+        ])
+        .output()
+        .unwrap();
+    let _ = sh(&format!("losetup -d {dev}"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l = lifeboat_contract::Layout::from_json(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(l.bootloader.grub_bios_disks, vec![dev.clone()]);
+    assert_eq!(l.bootloader.bios_boot_partitions, vec![format!("{dev}p1")]);
+    assert_eq!(l.bootloader.esps, vec![format!("{dev}p2")]);
+}

@@ -370,6 +370,7 @@ pub fn capture(only: &[String]) -> Result<Layout> {
             _ => {}
         }
     }
+    let bootloader = bootloader(&disks);
     let hostname = read(Path::new("/proc/sys/kernel/hostname")).unwrap_or_default();
     Ok(Layout {
         schema_version: LAYOUT_SCHEMA_VERSION,
@@ -380,7 +381,41 @@ pub fn capture(only: &[String]) -> Result<Layout> {
         md,
         luks,
         lvm,
+        bootloader,
     })
+}
+
+const GPT_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+
+/// Does this MBR (first sector) carry GRUB's boot.img code?
+pub fn mbr_has_grub(sector: &[u8]) -> bool {
+    let code = &sector[..sector.len().min(440)];
+    code.windows(5).any(|w| w == b"GRUB ") && code.windows(4).any(|w| w == b"Geom")
+}
+
+fn bootloader(disks: &[Disk]) -> lifeboat_contract::Bootloader {
+    use std::io::Read;
+    let mut b = lifeboat_contract::Bootloader::default();
+    for d in disks {
+        let mut sector = [0u8; 512];
+        if std::fs::File::open(&d.path)
+            .and_then(|mut f| f.read_exact(&mut sector))
+            .is_ok()
+            && mbr_has_grub(&sector)
+        {
+            b.grub_bios_disks.push(d.path.clone());
+        }
+        for p in d.table.iter().flat_map(|t| &t.partitions) {
+            let t = p.type_id.to_ascii_uppercase();
+            if t == GPT_BIOS_BOOT {
+                b.bios_boot_partitions.push(p.node.clone());
+            } else if t == GPT_ESP || t == "EF" {
+                b.esps.push(p.node.clone());
+            }
+        }
+    }
+    b
 }
 
 /// Used bytes of the filesystem mounted at `target`.
@@ -618,6 +653,7 @@ mod tests {
             md: vec![],
             luks: vec![],
             lvm: Default::default(),
+            bootloader: Default::default(),
         };
         assert!(diff(&a, &a).is_empty());
         let mut b = a.clone();

@@ -386,6 +386,23 @@ pub struct Layout {
     pub luks: Vec<Luks>,
     #[serde(default)]
     pub lvm: Lvm,
+    #[serde(default)]
+    pub bootloader: Bootloader,
+}
+
+/// How the machine boots, as far as the disks show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Bootloader {
+    /// Disks whose MBR carries GRUB's BIOS boot code.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grub_bios_disks: Vec<String>,
+    /// GPT BIOS boot partitions (GRUB's core.img lives there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bios_boot_partitions: Vec<String>,
+    /// EFI system partitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub esps: Vec<String>,
 }
 
 /// An md RAID array (`mdadm --detail --export`).
