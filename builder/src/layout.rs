@@ -396,7 +396,15 @@ pub fn mbr_has_grub(sector: &[u8]) -> bool {
 
 fn bootloader(disks: &[Disk]) -> lifeboat_contract::Bootloader {
     use std::io::Read;
-    let mut b = lifeboat_contract::Bootloader::default();
+    let mut b = lifeboat_contract::Bootloader {
+        uefi: Path::new("/sys/firmware/efi").is_dir(),
+        ..Default::default()
+    };
+    if b.uefi {
+        if let Ok(Some(t)) = run("efibootmgr", &["-v"]) {
+            (b.efi_entries, b.efi_boot_order) = crate::layout_parse::efibootmgr(&t);
+        }
+    }
     for d in disks {
         let mut sector = [0u8; 512];
         if std::fs::File::open(&d.path)

@@ -5,7 +5,7 @@
 //! made by tests/fixtures/layout/record-vm.sh).
 
 use anyhow::{bail, Context, Result};
-use lifeboat_contract::{Luks, Lv, MdArray, Pv, Subvolume, Vg};
+use lifeboat_contract::{EfiEntry, Luks, Lv, MdArray, Pv, Subvolume, Vg};
 use std::collections::BTreeMap;
 
 fn kv_lines(text: &str, sep: char) -> BTreeMap<String, String> {
@@ -256,6 +256,43 @@ pub fn tune2fs(text: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// `efibootmgr -v`: (boot entries, boot order).
+pub fn efibootmgr(text: &str) -> (Vec<EfiEntry>, Vec<String>) {
+    let mut entries = Vec::new();
+    let mut order = Vec::new();
+    for line in text.lines() {
+        if let Some(o) = line.strip_prefix("BootOrder:") {
+            order = o
+                .trim()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("Boot") else {
+            continue;
+        };
+        if rest.len() < 5 || !rest[..4].chars().all(|c| c.is_ascii_hexdigit()) {
+            continue;
+        }
+        let num = rest[..4].to_string();
+        let active = rest[4..].starts_with('*');
+        let body = rest[4..].trim_start_matches('*').trim_start();
+        let (label, path) = match body.split_once('\t') {
+            Some((l, p)) => (l.trim().to_string(), p.trim().to_string()),
+            None => (body.trim().to_string(), String::new()),
+        };
+        entries.push(EfiEntry {
+            num,
+            label,
+            active,
+            path,
+        });
+    }
+    (entries, order)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +373,21 @@ mod tests {
         );
         assert_eq!(s[2].parent, 257);
         assert_eq!(btrfs_default(fixture!("btrfs-get-default.txt")), Some(256));
+    }
+
+    #[test]
+    fn efi_boot_entries() {
+        let (e, order) = efibootmgr(fixture!("efibootmgr-v.txt"));
+        assert_eq!(order, vec!["0001", "0000"]);
+        let deb = e.iter().find(|x| x.label == "debian").unwrap();
+        assert_eq!(deb.num, "0001");
+        assert!(deb.active);
+        assert!(
+            deb.path.starts_with("HD(1,GPT,")
+                && deb.path.ends_with(r"/File(\EFI\debian\shimx64.efi)"),
+            "{}",
+            deb.path
+        );
     }
 
     #[test]

@@ -403,6 +403,25 @@ pub struct Bootloader {
     /// EFI system partitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub esps: Vec<String>,
+    /// Booted with UEFI when captured.
+    #[serde(default)]
+    pub uefi: bool,
+    /// `efibootmgr -v` boot entries and order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub efi_entries: Vec<EfiEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub efi_boot_order: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EfiEntry {
+    /// `0001`.
+    pub num: String,
+    pub label: String,
+    pub active: bool,
+    /// Device path as efibootmgr prints it.
+    pub path: String,
 }
 
 /// An md RAID array (`mdadm --detail --export`).
