@@ -326,7 +326,9 @@ pub fn capture(only: &[String]) -> Result<Layout> {
     let mut luks = Vec::new();
     for fs in filesystems.iter().filter(|f| f.fstype == "crypto_LUKS") {
         if let Some(t) = run("cryptsetup", &["luksDump", &fs.device])? {
-            luks.push(crate::layout_parse::luks_dump(&fs.device, &t)?);
+            let mut l = crate::layout_parse::luks_dump(&fs.device, &t)?;
+            l.name = open_crypt_name(&fs.device);
+            luks.push(l);
         }
     }
     let mounts = match run(
@@ -424,6 +426,37 @@ fn bootloader(disks: &[Disk]) -> lifeboat_contract::Bootloader {
         }
     }
     b
+}
+
+/// The dm-crypt mapping opened on `device`, if any (from sysfs: a dm
+/// device whose slave is `device` and whose dm uuid starts with CRYPT-).
+fn open_crypt_name(device: &str) -> Option<String> {
+    let base = Path::new(device).file_name()?.to_string_lossy().to_string();
+    let real = std::fs::canonicalize(device).ok();
+    let real_base = real
+        .as_ref()
+        .and_then(|r| r.file_name())
+        .map(|f| f.to_string_lossy().to_string());
+    for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
+        let d = e.path();
+        let uuid = read(&d.join("dm/uuid")).unwrap_or_default();
+        if !uuid.starts_with("CRYPT-") {
+            continue;
+        }
+        let slaves: Vec<String> = std::fs::read_dir(d.join("slaves"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|s| s.file_name().to_string_lossy().to_string())
+            .collect();
+        if slaves
+            .iter()
+            .any(|s| *s == base || Some(s) == real_base.as_ref())
+        {
+            return read(&d.join("dm/name"));
+        }
+    }
+    None
 }
 
 /// Used bytes of the filesystem mounted at `target`.

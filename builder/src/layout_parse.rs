@@ -94,6 +94,7 @@ pub fn luks_dump(device: &str, text: &str) -> Result<Luks> {
     let version = version.context("luksDump output has no Version")?;
     Ok(Luks {
         device: device.to_string(),
+        name: None,
         version,
         uuid: uuid.context("luksDump output has no UUID")?,
         label,

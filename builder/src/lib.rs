@@ -14,6 +14,7 @@ pub mod layers;
 pub mod layout;
 pub mod layout_parse;
 pub mod netcapture;
+pub mod plan;
 pub mod programs;
 pub mod rescue;
 pub mod tree;

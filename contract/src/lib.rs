@@ -445,6 +445,9 @@ pub struct MdArray {
 #[serde(deny_unknown_fields)]
 pub struct Luks {
     pub device: String,
+    /// Name of the opened mapping (`/dev/mapper/<name>`) when captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub version: u32,
     pub uuid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

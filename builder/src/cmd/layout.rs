@@ -32,6 +32,12 @@ pub enum Command {
         #[arg(long = "disk", value_name = "DEV")]
         disks: Vec<String>,
     },
+    /// Print, in dependency order, the commands that recreate a saved
+    /// layout on blank disks with the same identities (nothing is run).
+    Plan {
+        #[arg(default_value = DEFAULT_LAYOUT)]
+        file: PathBuf,
+    },
     /// Compare the saved layout with the machine now: exit 0 unchanged,
     /// 1 changed (differences printed), 2 could not check.
     Check {
@@ -103,6 +109,13 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&l)?);
             } else {
                 print!("{}", crate::layout::summary(&l));
+            }
+            Ok(())
+        }
+        Command::Plan { file } => {
+            let l = load(&file)?;
+            for step in crate::plan::commands(&l)? {
+                println!("{}", step.render());
             }
             Ok(())
         }

@@ -1,0 +1,608 @@
+//! From a captured [`Layout`] to the ordered list of commands that
+//! recreates it on blank disks with the same identities: partition tables
+//! (same disk and partition GUIDs), md arrays (same UUID), LUKS (same UUID),
+//! LVM (same PV UUIDs, extent size, LV sizes, thin pools), filesystems (same
+//! UUIDs, labels and creation parameters), btrfs subvolumes.
+//!
+//! Dependency order: disks → partitions → md → LUKS → LVM → filesystems →
+//! subvolumes. Every step names the device it writes, so the recovery engine
+//! can refuse anything that is not mapped.
+
+use anyhow::{bail, Result};
+use lifeboat_contract::{Filesystem, Layout, PartitionTable};
+use std::collections::BTreeSet;
+
+/// One command of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// The device this step writes.
+    pub device: String,
+    pub argv: Vec<String>,
+    /// Text fed on standard input (sfdisk scripts, LUKS keys as a placeholder).
+    pub stdin: Option<String>,
+}
+
+impl Step {
+    fn new(device: &str, argv: &[&str]) -> Step {
+        Step {
+            device: device.to_string(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            stdin: None,
+        }
+    }
+
+    /// Shell-like rendering for `--dry-run` and golden tests.
+    pub fn render(&self) -> String {
+        let q = |a: &String| {
+            if a.is_empty()
+                || a.contains(|c: char| c.is_whitespace() || "'\"\\$`*?[]{}();&|<>".contains(c))
+            {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a.clone()
+            }
+        };
+        let cmd = self.argv.iter().map(q).collect::<Vec<_>>().join(" ");
+        match &self.stdin {
+            Some(s) => format!("{cmd} <<EOF\n{}EOF", s),
+            None => cmd,
+        }
+    }
+}
+
+/// The sfdisk script that recreates `t` with the same identifiers.
+pub fn sfdisk_script(t: &PartitionTable) -> String {
+    let mut s = format!("label: {}\nlabel-id: {}\nunit: sectors\n", t.kind, t.id);
+    if t.sector_size != 512 {
+        s.push_str(&format!("sector-size: {}\n", t.sector_size));
+    }
+    if let Some(f) = t.first_lba {
+        s.push_str(&format!("first-lba: {f}\n"));
+    }
+    for p in &t.partitions {
+        let mut fields = vec![
+            format!("start={}", p.start),
+            format!("size={}", p.size),
+            format!("type={}", p.type_id),
+        ];
+        if let Some(u) = &p.uuid {
+            if t.kind == "gpt" {
+                fields.push(format!("uuid={u}"));
+            }
+        }
+        if let Some(n) = &p.name {
+            fields.push(format!("name=\"{}\"", n.replace('"', "")));
+        }
+        if let Some(a) = &p.attrs {
+            fields.push(format!("attrs=\"{a}\""));
+        }
+        if p.bootable {
+            fields.push("bootable".into());
+        }
+        s.push_str(&format!("{} : {}\n", p.node, fields.join(", ")));
+    }
+    s
+}
+
+/// mkfs for one filesystem, reproducing UUID, label and parameters.
+fn mkfs(f: &Filesystem) -> Result<Option<Step>> {
+    let d = f.device.as_str();
+    let mut a: Vec<String> = Vec::new();
+    let uuid = f.uuid.clone();
+    match f.fstype.as_str() {
+        "ext2" | "ext3" | "ext4" => {
+            a.extend(["mke2fs".into(), "-F".into(), "-q".into(), "-t".into(), f.fstype.clone()]);
+            if let Some(u) = uuid {
+                a.extend(["-U".into(), u]);
+            }
+            if let Some(l) = &f.label {
+                a.extend(["-L".into(), l.clone()]);
+            }
+            if let Some(b) = f.params.get("block_size") {
+                a.extend(["-b".into(), b.clone()]);
+            }
+            if let Some(i) = f.params.get("inode_size") {
+                a.extend(["-I".into(), i.clone()]);
+            }
+            if let Some(feat) = f.params.get("features") {
+                // mke2fs takes the creation-time features; runtime state is not a feature to request.
+                let skip = ["needs_recovery", "orphan_present", "mmp"];
+                let list: Vec<&str> = feat.split_whitespace().filter(|x| !skip.contains(x)).collect();
+                a.extend(["-O".into(), list.join(",")]);
+            }
+        }
+        "xfs" => {
+            a.extend(["mkfs.xfs".into(), "-f".into(), "-q".into()]);
+            let mut m = Vec::new();
+            if let Some(u) = uuid {
+                m.push(format!("uuid={u}"));
+            }
+            for (k, opt) in [("meta-data.crc", "crc"), ("meta-data.finobt", "finobt"), ("meta-data.reflink", "reflink"), ("meta-data.bigtime", "bigtime")] {
+                if let Some(v) = f.params.get(k) {
+                    m.push(format!("{opt}={v}"));
+                }
+            }
+            if !m.is_empty() {
+                a.extend(["-m".into(), m.join(",")]);
+            }
+            if let Some(i) = f.params.get("meta-data.isize") {
+                a.extend(["-i".into(), format!("size={i}")]);
+            }
+            if let Some(b) = f.params.get("data.bsize") {
+                a.extend(["-b".into(), format!("size={b}")]);
+            }
+            if let Some(l) = &f.label {
+                a.extend(["-L".into(), l.clone()]);
+            }
+        }
+        "btrfs" => {
+            a.extend(["mkfs.btrfs".into(), "-f".into(), "-q".into()]);
+            if let Some(u) = uuid {
+                a.extend(["-U".into(), u]);
+            }
+            if let Some(l) = &f.label {
+                a.extend(["-L".into(), l.clone()]);
+            }
+        }
+        "vfat" => {
+            a.extend(["mkfs.vfat".into()]);
+            if let Some(u) = uuid {
+                a.extend(["-i".into(), u.replace('-', "")]);
+            }
+            if let Some(l) = &f.label {
+                a.extend(["-n".into(), l.clone()]);
+            }
+        }
+        "swap" => {
+            a.extend(["mkswap".into(), "-f".into()]);
+            if let Some(u) = uuid {
+                a.extend(["-U".into(), u]);
+            }
+            if let Some(l) = &f.label {
+                a.extend(["-L".into(), l.clone()]);
+            }
+        }
+        // Containers are recreated by their own steps.
+        "linux_raid_member" | "crypto_LUKS" | "LVM2_member" => return Ok(None),
+        other => bail!("{d}: cannot recreate a {other} filesystem (supported: ext2/3/4, xfs, btrfs, vfat, swap)"),
+    }
+    a.push(d.to_string());
+    Ok(Some(Step {
+        device: d.to_string(),
+        argv: a,
+        stdin: None,
+    }))
+}
+
+/// The whole ordered plan. LUKS keys are read from `$LIFEBOAT_KEYFILE` at
+/// run time (never stored in the plan).
+pub fn commands(l: &Layout) -> Result<Vec<Step>> {
+    let mut out = Vec::new();
+    // 1. Clear old signatures on every captured disk, then partition.
+    for d in &l.disks {
+        out.push(Step::new(&d.path, &["wipefs", "--all", "--force", &d.path]));
+        if let Some(t) = &l
+            .disks
+            .iter()
+            .find(|x| x.path == d.path)
+            .and_then(|x| x.table.clone())
+        {
+            let mut s = Step::new(
+                &d.path,
+                &["sfdisk", "--no-reread", "--no-tell-kernel", "-q", &d.path],
+            );
+            s.stdin = Some(sfdisk_script(t));
+            out.push(s);
+            out.push(Step::new(&d.path, &["partx", "--update", &d.path]));
+        }
+    }
+    // 2. md arrays.
+    for m in &l.md {
+        let mut a = vec![
+            "mdadm".to_string(),
+            "--create".into(),
+            m.device.clone(),
+            "--run".into(),
+            format!("--level={}", m.level),
+            format!("--metadata={}", m.metadata),
+            format!("--uuid={}", m.uuid),
+            format!("--raid-devices={}", m.members.len()),
+        ];
+        if let Some(n) = &m.name {
+            // "host:name": keep the name part; the homehost follows the machine.
+            let (host, name) = n.split_once(':').unwrap_or(("", n));
+            a.push(format!("--name={name}"));
+            if !host.is_empty() {
+                a.push(format!("--homehost={host}"));
+            }
+        }
+        a.extend(m.members.iter().cloned());
+        if !m.spares.is_empty() {
+            a.push(format!("--spare-devices={}", m.spares.len()));
+            a.extend(m.spares.iter().cloned());
+        }
+        out.push(Step {
+            device: m.device.clone(),
+            argv: a,
+            stdin: None,
+        });
+    }
+    // 3. LUKS containers, then open them under their old names.
+    for c in &l.luks {
+        let mut a = vec![
+            "cryptsetup".to_string(),
+            "luksFormat".into(),
+            "--batch-mode".into(),
+            format!("--type=luks{}", c.version),
+            format!("--uuid={}", c.uuid),
+            format!("--cipher={}", c.cipher),
+            format!("--key-size={}", c.key_bits),
+            "--key-file=$LIFEBOAT_KEYFILE".into(),
+        ];
+        if let Some(h) = &c.hash {
+            a.push(format!("--hash={h}"));
+        }
+        if let (Some(p), 2) = (&c.pbkdf, c.version) {
+            a.push(format!("--pbkdf={p}"));
+        }
+        if let (Some(s), 2) = (c.sector_size, c.version) {
+            a.push(format!("--sector-size={s}"));
+        }
+        if let (Some(lbl), 2) = (&c.label, c.version) {
+            a.push(format!("--label={lbl}"));
+        }
+        a.push(c.device.clone());
+        out.push(Step {
+            device: c.device.clone(),
+            argv: a,
+            stdin: None,
+        });
+        let name = c.name.clone().unwrap_or_else(|| format!("luks-{}", c.uuid));
+        out.push(Step::new(
+            &c.device,
+            &[
+                "cryptsetup",
+                "open",
+                "--key-file=$LIFEBOAT_KEYFILE",
+                &c.device,
+                &name,
+            ],
+        ));
+    }
+    // 4. LVM: PVs with their UUIDs, VGs with their extent size, LVs (thin pools before thin volumes).
+    for p in &l.lvm.pvs {
+        out.push(Step::new(
+            &p.device,
+            &[
+                "lvm",
+                "pvcreate",
+                "--yes",
+                "--force",
+                "--uuid",
+                &p.uuid,
+                "--norestorefile",
+                &p.device,
+            ],
+        ));
+    }
+    for v in &l.lvm.vgs {
+        let pvs: Vec<String> = l
+            .lvm
+            .pvs
+            .iter()
+            .filter(|p| p.vg == v.name)
+            .map(|p| p.device.clone())
+            .collect();
+        let mut a = vec![
+            "lvm".to_string(),
+            "vgcreate".into(),
+            "--yes".into(),
+            "-s".into(),
+            format!("{}b", v.extent_bytes),
+            v.name.clone(),
+        ];
+        a.extend(pvs.iter().cloned());
+        out.push(Step {
+            device: pvs.first().cloned().unwrap_or_default(),
+            argv: a,
+            stdin: None,
+        });
+    }
+    let mut lvs = l.lvm.lvs.clone();
+    let rank = |s: &str| match s {
+        "thin-pool" => 1,
+        "thin" => 2,
+        _ => 0,
+    };
+    lvs.sort_by(|a, b| (rank(&a.segtype), &a.vg, &a.name).cmp(&(rank(&b.segtype), &b.vg, &b.name)));
+    for lv in &lvs {
+        let dev = format!("/dev/{}/{}", lv.vg, lv.name);
+        let size = format!("{}b", lv.size_bytes);
+        let a: Vec<String> = match lv.segtype.as_str() {
+            "linear" => vec![
+                "lvm", "lvcreate", "--yes", "-L", &size, "-n", &lv.name, &lv.vg,
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            "striped" => vec![
+                "lvm".into(),
+                "lvcreate".into(),
+                "--yes".into(),
+                "-L".into(),
+                size.clone(),
+                "-i".into(),
+                lv.stripes.to_string(),
+                "-n".into(),
+                lv.name.clone(),
+                lv.vg.clone(),
+            ],
+            "raid1" | "mirror" => vec![
+                "lvm".into(),
+                "lvcreate".into(),
+                "--yes".into(),
+                "--type".into(),
+                lv.segtype.clone(),
+                "-m".into(),
+                "1".into(),
+                "-L".into(),
+                size.clone(),
+                "-n".into(),
+                lv.name.clone(),
+                lv.vg.clone(),
+            ],
+            "thin-pool" => vec![
+                "lvm".into(),
+                "lvcreate".into(),
+                "--yes".into(),
+                "-L".into(),
+                size.clone(),
+                "-T".into(),
+                format!("{}/{}", lv.vg, lv.name),
+            ],
+            "thin" => {
+                let Some(pool) = &lv.pool else {
+                    bail!("thin volume {dev} has no pool")
+                };
+                vec![
+                    "lvm".into(),
+                    "lvcreate".into(),
+                    "--yes".into(),
+                    "-V".into(),
+                    size.clone(),
+                    "-T".into(),
+                    format!("{}/{}", lv.vg, pool),
+                    "-n".into(),
+                    lv.name.clone(),
+                ]
+            }
+            other => bail!("{dev}: cannot recreate an LV of type {other}"),
+        };
+        out.push(Step {
+            device: dev,
+            argv: a,
+            stdin: None,
+        });
+    }
+    // 5. Filesystems and swap; 6. btrfs subvolumes, parents first.
+    let mut seen = BTreeSet::new();
+    for f in &l.filesystems {
+        if !seen.insert(f.device.clone()) {
+            continue;
+        }
+        if let Some(s) = mkfs(f)? {
+            out.push(s);
+        }
+        if !f.subvolumes.is_empty() {
+            let mnt = "/run/lifeboat/subvol";
+            out.push(Step::new(&f.device, &["mkdir", "-p", mnt]));
+            out.push(Step::new(
+                &f.device,
+                &["mount", "-o", "subvolid=5", &f.device, mnt],
+            ));
+            let mut subs = f.subvolumes.clone();
+            subs.sort_by_key(|s| s.id);
+            for s in &subs {
+                out.push(Step::new(
+                    &f.device,
+                    &["btrfs", "subvolume", "create", &format!("{mnt}/{}", s.path)],
+                ));
+            }
+            if let Some(def) = f
+                .default_subvolume
+                .and_then(|id| subs.iter().find(|s| s.id == id))
+            {
+                out.push(Step::new(
+                    &f.device,
+                    &[
+                        "btrfs",
+                        "subvolume",
+                        "set-default",
+                        &format!("{mnt}/{}", def.path),
+                    ],
+                ));
+            }
+            out.push(Step::new(&f.device, &["umount", mnt]));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout_parse as lp;
+    use lifeboat_contract::{Disk, Lvm};
+
+    macro_rules! fx {
+        ($n:literal) => {
+            include_str!(concat!("../../tests/fixtures/layout/", $n))
+        };
+    }
+
+    fn disk(name: &str, table: Option<PartitionTable>) -> Disk {
+        Disk {
+            name: name.into(),
+            path: format!("/dev/{name}"),
+            size_bytes: 700 << 20,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            model: None,
+            serial: None,
+            wwn: None,
+            by_id: vec![],
+            removable: false,
+            rotational: false,
+            table,
+        }
+    }
+
+    /// The layout recorded in the VM: md RAID1 on vda+vdb, LUKS2 on it, LVM
+    /// (linear + thin) inside, xfs and ext4 on LVs, btrfs with subvolumes on vdc;
+    /// plus a GPT disk (sfdisk fixture) with ext4 and swap.
+    fn recorded() -> Layout {
+        let blkid = fx!("vm/blkid.txt");
+        let mut fss = Vec::new();
+        for block in blkid.split("== ").filter(|b| !b.trim().is_empty()) {
+            let (dev, rest) = block.split_once('\n').unwrap();
+            if let Some(mut f) = crate::layout::parse_blkid(dev.trim(), rest) {
+                match f.fstype.as_str() {
+                    "xfs" => f.params = lp::xfs_info(fx!("vm/xfs-info.txt")),
+                    "ext4" => f.params = lp::tune2fs(fx!("vm/tune2fs-l.txt")),
+                    "btrfs" => {
+                        f.subvolumes =
+                            lp::btrfs_subvolumes(fx!("vm/btrfs-subvolume-list.txt")).unwrap();
+                        f.default_subvolume = lp::btrfs_default(fx!("vm/btrfs-get-default.txt"));
+                    }
+                    _ => {}
+                }
+                fss.push(f);
+            }
+        }
+        let gpt = crate::layout::parse_sfdisk(fx!("sfdisk-gpt.json")).unwrap();
+        let mut swap = crate::layout::parse_blkid(
+            "/dev/loop0p2",
+            "TYPE=swap\nUUID=6b1f7a52-7c5e-4a71-a5b3-0c7a1d6e9f00\nLABEL=swap0\n",
+        )
+        .unwrap();
+        swap.used_bytes = None;
+        fss.push(swap);
+        let mut luks = lp::luks_dump("/dev/md0", fx!("vm/cryptsetup-luksdump.txt")).unwrap();
+        luks.name = Some("cr".into());
+        Layout {
+            schema_version: 1,
+            hostname: "lbhost".into(),
+            disks: vec![
+                disk("loop0", Some(gpt)),
+                disk("vda", None),
+                disk("vdb", None),
+                disk("vdc", None),
+            ],
+            filesystems: fss,
+            mounts: vec![],
+            md: vec![lp::mdadm_export("/dev/md0", fx!("vm/mdadm-detail-export.txt")).unwrap()],
+            luks: vec![luks],
+            lvm: Lvm {
+                pvs: lp::lvm_pvs(fx!("vm/lvm-pvs.json")).unwrap(),
+                vgs: lp::lvm_vgs(fx!("vm/lvm-vgs.json")).unwrap(),
+                lvs: lp::lvm_lvs(fx!("vm/lvm-lvs.json")).unwrap(),
+            },
+            bootloader: Default::default(),
+        }
+    }
+
+    #[test]
+    fn recorded_layout_gives_the_golden_command_list() {
+        let text: String = commands(&recorded())
+            .unwrap()
+            .iter()
+            .map(|s| s.render() + "\n")
+            .collect();
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/layout/plan-golden.txt");
+        if std::env::var_os("LIFEBOAT_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, &text).unwrap();
+        }
+        let want = std::fs::read_to_string(&golden)
+            .expect("golden file missing: run with LIFEBOAT_UPDATE_GOLDEN=1");
+        assert_eq!(text, want, "plan differs from {}", golden.display());
+    }
+
+    #[test]
+    fn order_respects_dependencies() {
+        let steps = commands(&recorded()).unwrap();
+        let pos = |needle: &str| {
+            steps
+                .iter()
+                .position(|s| s.render().contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing"))
+        };
+        assert!(pos("sfdisk") < pos("mdadm --create"));
+        assert!(pos("mdadm --create") < pos("luksFormat"));
+        assert!(pos("luksFormat") < pos("cryptsetup open"));
+        assert!(pos("cryptsetup open") < pos("pvcreate"));
+        assert!(pos("pvcreate") < pos("vgcreate"));
+        assert!(pos("-T vg0/pool") < pos("-n thin1"));
+        assert!(pos("lvcreate") < pos("mkfs.xfs"));
+        assert!(pos("mkfs.btrfs") < pos("subvolume create /run/lifeboat/subvol/@home/snaps"));
+        let exact = |line: &str| {
+            steps
+                .iter()
+                .position(|s| s.render() == line)
+                .unwrap_or_else(|| panic!("{line} missing"))
+        };
+        assert!(
+            exact("btrfs subvolume create /run/lifeboat/subvol/@home")
+                < exact("btrfs subvolume create /run/lifeboat/subvol/@home/snaps")
+        );
+        // Identities are carried over.
+        let all: String = steps.iter().map(|s| s.render() + "\n").collect();
+        assert!(all.contains("--uuid=830bc2d4:41cf2de9:8d11f80c:54269954"));
+        assert!(all.contains("--uuid=f79f4ffa-096a-4c97-8cdc-6ddae2ce3879"));
+        assert!(all.contains("-U 452dde20-4008-466c-986d-a097d791cfd8"));
+        assert!(all.contains("uuid=5f87f980-81af-4a31-97d0-3884d3103ca3"));
+        let gpt = crate::layout::parse_sfdisk(fx!("sfdisk-gpt.json")).unwrap();
+        assert!(all.contains(&format!("label-id: {}", gpt.id)));
+        // No key material in the plan.
+        assert!(!all.contains("lifeboat-test-key"));
+    }
+
+    #[test]
+    fn sfdisk_script_roundtrips_through_sfdisk() {
+        // The script recreates the recorded table: sfdisk is the oracle.
+        let t = crate::layout::parse_sfdisk(fx!("sfdisk-gpt.json")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::write(&img, vec![0u8; 64 << 20]).unwrap();
+        let script = sfdisk_script(&t).replace(
+            &t.partitions[0].node[..t.partitions[0].node.len() - 2],
+            &img.display().to_string(),
+        );
+        let mut c = std::process::Command::new("sfdisk")
+            .args(["-q", "--no-reread", "--no-tell-kernel"])
+            .arg(&img)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(c.wait().unwrap().success(), "sfdisk rejected:\n{script}");
+        let out = std::process::Command::new("sfdisk")
+            .arg("--json")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let back = crate::layout::parse_sfdisk(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert_eq!(back.id, t.id);
+        for (a, b) in back.partitions.iter().zip(&t.partitions) {
+            assert_eq!(
+                (a.start, a.size, &a.type_id, &a.uuid, &a.name),
+                (b.start, b.size, &b.type_id, &b.uuid, &b.name)
+            );
+        }
+    }
+}
