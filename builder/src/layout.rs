@@ -517,6 +517,107 @@ pub fn summary(l: &Layout) -> String {
             }
         }
     }
+    for m in &l.md {
+        out.push_str(&format!(
+            "md {} {} ({} metadata) uuid {} on {}\n",
+            m.device,
+            m.level,
+            m.metadata,
+            m.uuid,
+            m.members.join(" ")
+        ));
+    }
+    for c in &l.luks {
+        out.push_str(&format!(
+            "luks{} {} uuid {} {} {} bits{}\n",
+            c.version,
+            c.device,
+            c.uuid,
+            c.cipher,
+            c.key_bits,
+            c.name
+                .as_ref()
+                .map(|n| format!(" (open as {n})"))
+                .unwrap_or_default()
+        ));
+    }
+    for v in &l.lvm.vgs {
+        let pvs: Vec<&str> = l
+            .lvm
+            .pvs
+            .iter()
+            .filter(|p| p.vg == v.name)
+            .map(|p| p.device.as_str())
+            .collect();
+        out.push_str(&format!(
+            "vg {} {:.2} GiB on {}\n",
+            v.name,
+            gib(v.size_bytes),
+            pvs.join(" ")
+        ));
+        for lv in l.lvm.lvs.iter().filter(|x| x.vg == v.name) {
+            out.push_str(&format!(
+                "  lv {} {:.2} GiB {}{}\n",
+                lv.name,
+                gib(lv.size_bytes),
+                lv.segtype,
+                lv.pool
+                    .as_ref()
+                    .map(|p| format!(" in {p}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    for f in &l.filesystems {
+        if matches!(
+            f.fstype.as_str(),
+            "linux_raid_member" | "crypto_LUKS" | "LVM2_member"
+        ) {
+            continue;
+        }
+        out.push_str(&format!(
+            "fs {} {} uuid {}{}{}\n",
+            f.device,
+            f.fstype,
+            f.uuid.clone().unwrap_or_default(),
+            f.label
+                .as_ref()
+                .map(|x| format!(" label {x}"))
+                .unwrap_or_default(),
+            if f.subvolumes.is_empty() {
+                String::new()
+            } else {
+                format!(" subvolumes {}", f.subvolumes.len())
+            }
+        ));
+    }
+    let b = &l.bootloader;
+    out.push_str(&format!(
+        "boot: {}{}{}{}\n",
+        if b.uefi { "UEFI" } else { "BIOS" },
+        if b.grub_bios_disks.is_empty() {
+            String::new()
+        } else {
+            format!(", GRUB in MBR of {}", b.grub_bios_disks.join(" "))
+        },
+        if b.esps.is_empty() {
+            String::new()
+        } else {
+            format!(", ESP {}", b.esps.join(" "))
+        },
+        if b.efi_entries.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", EFI entries {}",
+                b.efi_entries
+                    .iter()
+                    .map(|e| e.label.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    ));
     for m in &l.mounts {
         out.push_str(&format!(
             "mount {} on {} ({})\n",

@@ -568,6 +568,21 @@ mod tests {
     }
 
     #[test]
+    fn summary_names_every_layer_of_the_stack() {
+        let text = crate::layout::summary(&recorded());
+        for want in [
+            "md /dev/md0 raid1 (1.2 metadata) uuid 830bc2d4:41cf2de9:8d11f80c:54269954 on /dev/vda /dev/vdb",
+            "luks2 /dev/md0 uuid f79f4ffa-096a-4c97-8cdc-6ddae2ce3879 aes-xts-plain64 512 bits (open as cr)",
+            "vg vg0 ",
+            "  lv thin1 0.04 GiB thin in pool",
+            "fs /dev/vdc btrfs uuid 52df621a-be0c-4983-8b93-da66c98febf1 label bt subvolumes 3",
+            "boot: BIOS",
+        ] {
+            assert!(text.contains(want), "summary lacks {want:?}:\n{text}");
+        }
+    }
+
+    #[test]
     fn sfdisk_script_roundtrips_through_sfdisk() {
         // The script recreates the recorded table: sfdisk is the oracle.
         let t = crate::layout::parse_sfdisk(fx!("sfdisk-gpt.json")).unwrap();
