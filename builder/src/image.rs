@@ -203,10 +203,11 @@ fn remove_existing(p: &Path) -> Result<()> {
     }
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
+/// sha256 of a file, lower-case hex.
+pub fn sha256_file(p: &Path) -> Result<String> {
     let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
+    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", p.display()))?;
     Ok(hex::encode(h.finalize()))
 }
 

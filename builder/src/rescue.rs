@@ -840,13 +840,6 @@ fn cache_dir(cfg: &Config, inp: &BuildInputs) -> Option<PathBuf> {
     )
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", p.display()))?;
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Build the image described by `cfg` into `inp.output_dir`.
 pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildReport> {
     let t0 = Instant::now();
@@ -949,7 +942,7 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
     let kdst = staging.path().join(&kfile);
     std::fs::copy(&plan.kernel, &kdst)
         .with_context(|| format!("cannot copy {}", plan.kernel.display()))?;
-    let kernel_sha256 = sha256_file(&kdst)?;
+    let kernel_sha256 = crate::image::sha256_file(&kdst)?;
     // The concatenated initrd, cached by the layer hashes it is made of.
     let mut h = Sha256::new();
     for i in &infos {
@@ -979,7 +972,9 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
             );
             let mut hh = Sha256::new();
             for i in &infos {
-                let data = std::fs::read(staging.path().join(&i.file))?;
+                let layer = staging.path().join(&i.file);
+                let data = std::fs::read(&layer)
+                    .with_context(|| format!("cannot read {}", layer.display()))?;
                 hh.update(&data);
                 out.write_all(&data)
                     .with_context(|| format!("cannot write {}", initrd.display()))?;
