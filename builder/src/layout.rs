@@ -698,6 +698,25 @@ fn diff_value(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// A disk with only the fields tests care about.
+#[cfg(test)]
+pub(crate) fn test_disk(name: &str, size_bytes: u64, table: Option<PartitionTable>) -> Disk {
+    Disk {
+        name: name.into(),
+        path: format!("/dev/{name}"),
+        size_bytes,
+        logical_sector_size: 512,
+        physical_sector_size: 512,
+        model: None,
+        serial: None,
+        wwn: None,
+        by_id: vec![],
+        removable: false,
+        rotational: false,
+        table,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,20 +791,7 @@ mod tests {
     #[test]
     fn diff_names_what_changed() {
         let t = parse_sfdisk(SFDISK_GPT).unwrap();
-        let disk = Disk {
-            name: "vdb".into(),
-            path: "/dev/vdb".into(),
-            size_bytes: 1 << 26,
-            logical_sector_size: 512,
-            physical_sector_size: 512,
-            model: None,
-            serial: None,
-            wwn: None,
-            by_id: vec![],
-            removable: false,
-            rotational: false,
-            table: Some(t),
-        };
+        let disk = test_disk("vdb", 1 << 26, Some(t));
         let a = Layout {
             schema_version: 1,
             hostname: "h".into(),

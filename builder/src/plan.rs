@@ -181,12 +181,7 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
     // 1. Clear old signatures on every captured disk, then partition.
     for d in &l.disks {
         out.push(Step::new(&d.path, &["wipefs", "--all", "--force", &d.path]));
-        if let Some(t) = &l
-            .disks
-            .iter()
-            .find(|x| x.path == d.path)
-            .and_then(|x| x.table.clone())
-        {
+        if let Some(t) = &d.table {
             let mut s = Step::new(
                 &d.path,
                 &["sfdisk", "--no-reread", "--no-tell-kernel", "-q", &d.path],
@@ -318,43 +313,30 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
     for lv in &lvs {
         let dev = format!("/dev/{}/{}", lv.vg, lv.name);
         let size = format!("{}b", lv.size_bytes);
-        let a: Vec<String> = match lv.segtype.as_str() {
-            "linear" => vec![
-                "lvm", "lvcreate", "--yes", "-L", &size, "-n", &lv.name, &lv.vg,
+        // lvcreate's arguments after the common prefix, by segment type.
+        let named = || {
+            vec![
+                "-L".to_string(),
+                size.clone(),
+                "-n".into(),
+                lv.name.clone(),
+                lv.vg.clone(),
             ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-            "striped" => vec![
-                "lvm".into(),
-                "lvcreate".into(),
-                "--yes".into(),
-                "-L".into(),
-                size.clone(),
-                "-i".into(),
-                lv.stripes.to_string(),
-                "-n".into(),
-                lv.name.clone(),
-                lv.vg.clone(),
-            ],
-            "raid1" | "mirror" => vec![
-                "lvm".into(),
-                "lvcreate".into(),
-                "--yes".into(),
-                "--type".into(),
-                lv.segtype.clone(),
-                "-m".into(),
-                "1".into(),
-                "-L".into(),
-                size.clone(),
-                "-n".into(),
-                lv.name.clone(),
-                lv.vg.clone(),
-            ],
+        };
+        let tail: Vec<String> = match lv.segtype.as_str() {
+            "linear" => named(),
+            "striped" => [vec!["-i".to_string(), lv.stripes.to_string()], named()].concat(),
+            "raid1" | "mirror" => [
+                vec![
+                    "--type".to_string(),
+                    lv.segtype.clone(),
+                    "-m".into(),
+                    "1".into(),
+                ],
+                named(),
+            ]
+            .concat(),
             "thin-pool" => vec![
-                "lvm".into(),
-                "lvcreate".into(),
-                "--yes".into(),
                 "-L".into(),
                 size.clone(),
                 "-T".into(),
@@ -365,9 +347,6 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
                     bail!("thin volume {dev} has no pool")
                 };
                 vec![
-                    "lvm".into(),
-                    "lvcreate".into(),
-                    "--yes".into(),
                     "-V".into(),
                     size.clone(),
                     "-T".into(),
@@ -378,6 +357,11 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
             }
             other => bail!("{dev}: cannot recreate an LV of type {other}"),
         };
+        let a = [
+            vec!["lvm".to_string(), "lvcreate".into(), "--yes".into()],
+            tail,
+        ]
+        .concat();
         out.push(Step {
             device: dev,
             argv: a,
@@ -432,7 +416,7 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
 mod tests {
     use super::*;
     use crate::layout_parse as lp;
-    use lifeboat_contract::{Disk, Lvm};
+    use lifeboat_contract::Lvm;
 
     macro_rules! fx {
         ($n:literal) => {
@@ -440,21 +424,8 @@ mod tests {
         };
     }
 
-    fn disk(name: &str, table: Option<PartitionTable>) -> Disk {
-        Disk {
-            name: name.into(),
-            path: format!("/dev/{name}"),
-            size_bytes: 700 << 20,
-            logical_sector_size: 512,
-            physical_sector_size: 512,
-            model: None,
-            serial: None,
-            wwn: None,
-            by_id: vec![],
-            removable: false,
-            rotational: false,
-            table,
-        }
+    fn disk(name: &str, table: Option<PartitionTable>) -> lifeboat_contract::Disk {
+        crate::layout::test_disk(name, 700 << 20, table)
     }
 
     /// The layout recorded in the VM: md RAID1 on vda+vdb, LUKS2 on it, LVM
