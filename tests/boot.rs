@@ -33,43 +33,10 @@ fn spec(img: &Path, m: &lifeboat_contract::Manifest, work: &Path, append: &str) 
     s
 }
 
-/// Remove terminal escape sequences (bash's bracketed-paste toggles).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars().peekable();
-    while let Some(c) = it.next() {
-        if c == '\x1b' && it.peek() == Some(&'[') {
-            it.next();
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Type a command and wait for its output marker.
+/// Type a command and return (console offset after it, what it printed).
 fn run(vm: &mut Vm, from: usize, cmd: &str) -> (usize, String) {
-    let tag = format!("DONE{}", from);
-    vm.send_line(&format!("{cmd}; echo {tag}-$?")).unwrap();
-    // The echo of the typed line holds the tag followed by `-$?`; the answer has digits.
-    let mut pos = from;
-    loop {
-        let end = vm.wait_for_from(&format!("{tag}-"), pos, STEP).unwrap();
-        let text = vm.console();
-        if text[end..].starts_with(|c: char| c.is_ascii_digit()) {
-            let start = text[..end]
-                .rfind(&format!("{cmd}; echo {tag}"))
-                .map(|i| i + cmd.len())
-                .unwrap_or(from);
-            return (end, strip_ansi(&text[start..end]));
-        }
-        pos = end;
-    }
+    let ran = vm.run_command(from, cmd, STEP).unwrap();
+    (ran.end, ran.output)
 }
 
 #[test]
@@ -100,12 +67,17 @@ fn boots_with_dhcp_and_a_usable_shell() {
     let (at, out) = run(&mut vm, at, "sleep 30 & jobs; kill %1");
     assert!(out.contains("[1]"), "no job control: {out}");
     // modprobe works from the shell: the image's indexes match its modules.
-    let (_, out) = run(
+    let (at, out) = run(
         &mut vm,
         at,
         "modprobe dm_mod && grep -c '^dm_mod ' /proc/modules",
     );
     assert!(out.contains('1'), "{out}");
+    // The harness reports exit statuses (lifeboat-qemu --run relies on it).
+    let ran = vm.run_command(at, "(exit 3)", STEP).unwrap();
+    assert_eq!(ran.status, 3);
+    let ran = vm.run_command(ran.end, "true", STEP).unwrap();
+    assert_eq!(ran.status, 0);
 }
 
 #[test]

@@ -138,8 +138,38 @@ pub fn ovmf_vars_copy() -> std::io::Result<PathBuf> {
     Ok(p)
 }
 
+/// What [`Vm::run_command`] saw.
+#[derive(Debug, Clone)]
+pub struct Ran {
+    /// Console offset just past the exit status.
+    pub end: usize,
+    pub status: i32,
+    /// What the command printed (terminal escape sequences removed).
+    pub output: String,
+}
+
+/// Remove terminal escape sequences (bash's bracketed-paste toggles).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\x1b' && it.peek() == Some(&'[') {
+            it.next();
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub struct Vm {
     child: Child,
+    commands: u32,
     vars: Option<PathBuf>,
     stdin: Option<ChildStdin>,
     console: Arc<Mutex<Vec<u8>>>,
@@ -201,6 +231,7 @@ impl Vm {
         let stdin = child.stdin.take();
         Ok(Vm {
             child,
+            commands: 0,
             vars: spec.uefi_vars.clone(),
             stdin,
             console,
@@ -245,6 +276,54 @@ impl Vm {
 
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<usize, String> {
         self.wait_for_from(marker, 0, timeout)
+    }
+
+    /// Type `cmd` at the shell prompt and wait until it finished. The
+    /// command line is followed by `echo <marker>-$?`; the shell's echo of
+    /// the typed line also shows the marker, followed by `-$?`, so the answer
+    /// is the occurrence followed by digits and a line end.
+    pub fn run_command(
+        &mut self,
+        from: usize,
+        cmd: &str,
+        timeout: Duration,
+    ) -> Result<Ran, String> {
+        self.commands += 1;
+        let tag = format!("LIFEBOAT-QEMU-DONE-{}", self.commands);
+        self.send_line(&format!("{cmd}; echo {tag}-$?"))
+            .map_err(|e| format!("cannot type on the console: {e}"))?;
+        let t0 = Instant::now();
+        let mut pos = from;
+        loop {
+            let left = timeout.saturating_sub(t0.elapsed());
+            let n = self.wait_for_from(&format!("{tag}-"), pos, left)?;
+            pos = n;
+            loop {
+                let text = self.console();
+                let digits: String = text[n..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect();
+                if digits.is_empty() {
+                    break;
+                }
+                if text[n + digits.len()..].starts_with('\n') {
+                    let start = text[..n]
+                        .rfind(&format!("{cmd}; echo {tag}"))
+                        .map(|i| i + cmd.len())
+                        .unwrap_or(from);
+                    return Ok(Ran {
+                        end: n + digits.len(),
+                        status: digits.parse().unwrap_or(-1),
+                        output: strip_ansi(&text[start..n]),
+                    });
+                }
+                if t0.elapsed() > timeout {
+                    return Err(format!("{cmd:?} did not finish within {timeout:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// Type a line on the serial console.

@@ -133,32 +133,18 @@ fn main() {
         t0.elapsed().as_secs_f64(),
         lifeboat_qemu::accel()
     );
-    for (i, cmd) in runs.iter().enumerate() {
-        let done = format!("LIFEBOAT-QEMU-DONE-{i}");
+    for cmd in &runs {
         let _ = vm.wait_for_from("# ", at, Duration::from_secs(30));
-        vm.send_line(&format!("{cmd}; echo {done}-$?"))
-            .unwrap_or_else(|e| fail(&format!("cannot type: {e}")));
-        // The echoed command line also contains the marker (followed by `$?`):
-        // the answer is the occurrence followed by digits.
-        let mut pos = at;
-        let status = loop {
-            let n = vm
-                .wait_for_from(&format!("{done}-"), pos, Duration::from_secs(timeout))
-                .unwrap_or_else(|e| fail(&e));
-            std::thread::sleep(Duration::from_millis(100));
-            let digits: String = vm.console()[n..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect();
-            pos = n;
-            if !digits.is_empty() {
-                break digits;
-            }
-        };
-        at = pos;
-        if status != "0" {
+        let ran = vm
+            .run_command(at, cmd, Duration::from_secs(timeout))
+            .unwrap_or_else(|e| fail(&e));
+        at = ran.end;
+        if ran.status != 0 {
             print!("{}", vm.console());
-            fail(&format!("command {cmd:?} failed with status {status}"));
+            fail(&format!(
+                "command {cmd:?} failed with status {}",
+                ran.status
+            ));
         }
     }
     std::thread::sleep(Duration::from_millis(300));
