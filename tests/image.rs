@@ -374,12 +374,7 @@ fn unmkinitramfs_sees_the_same_tree_as_image_unpack() {
         "unmkinitramfs found more archives than layers"
     );
     let ours = work.path().join("ours");
-    run_ok(
-        lifeboat(work.path())
-            .args(["image", "unpack"])
-            .arg(&img)
-            .arg(&ours),
-    );
+    unpack(&img, &ours);
     // diff compares contents; device nodes (which diff cannot compare) are
     // covered by the listing of types, modes and sizes below.
     let (ok, out, err) = sh(&format!(
@@ -462,12 +457,7 @@ fn modprobe_works_inside_the_image() {
     // modprobe resolves dependencies there.
     let img = image();
     let root = tempfile::tempdir().unwrap();
-    run_ok(
-        lifeboat(root.path())
-            .args(["image", "unpack"])
-            .arg(img)
-            .arg(root.path().join("r")),
-    );
+    unpack(img, &root.path().join("r"));
     let r = root.path().join("r");
     let kver = &fixture().kver;
     let (ok, out, err) = sh(&format!(
@@ -569,12 +559,7 @@ fn overlays_become_their_own_layer_and_win() {
     let m = manifest(&img);
     assert_eq!(m.layers.last().unwrap().name, "overlay-site");
     let r = work.path().join("r");
-    run_ok(
-        lifeboat(work.path())
-            .args(["image", "unpack"])
-            .arg(&img)
-            .arg(&r),
-    );
+    unpack(&img, &r);
     assert_eq!(
         std::fs::read_to_string(r.join("etc/motd")).unwrap(),
         "site motd\n"
@@ -628,12 +613,7 @@ fn module_index_matches_the_modules_layer() {
     let img = image();
     let work = tempfile::tempdir().unwrap();
     let r = work.path().join("r");
-    run_ok(
-        lifeboat(work.path())
-            .args(["image", "unpack"])
-            .arg(img)
-            .arg(&r),
-    );
+    unpack(img, &r);
     let idx = lifeboat_contract::ModuleIndex::from_json(
         &std::fs::read_to_string(r.join("lib/lifeboat/modules.json")).unwrap(),
     )

@@ -207,12 +207,7 @@ fn compressed_modules_are_decompressed_into_the_image() {
         &["--no-cache", "--modules-dir", mdir.to_str().unwrap()],
     );
     let r = work.path().join("r");
-    run_ok(
-        lifeboat(work.path())
-            .args(["image", "unpack"])
-            .arg(&img)
-            .arg(&r),
-    );
+    unpack(&img, &r);
     let ko = r
         .join("lib/modules")
         .join(&f.kver)

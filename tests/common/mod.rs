@@ -192,3 +192,13 @@ pub fn layer_stream(img: &Path, l: &lifeboat_contract::LayerInfo, off: u64, size
         decompress_tool(l.compression)
     )
 }
+
+/// `lifeboat image unpack IMG DEST` (the whole image); panics on failure.
+pub fn unpack(img: &Path, dest: &Path) {
+    run_ok(
+        lifeboat(Path::new("/nonexistent"))
+            .args(["image", "unpack"])
+            .arg(img)
+            .arg(dest),
+    );
+}
