@@ -24,6 +24,19 @@ pub struct Config {
     /// Where `mkrescue` writes its output. Supported now: `file:///path`.
     #[serde(alias = "OUTPUT_URL")]
     pub output_url: String,
+    /// Backup method of `mkbackup`. Supported now: `tar` (GNU tar + zstd,
+    /// one archive per local filesystem); ReaR's `NETFS` means the same.
+    #[serde(alias = "BACKUP")]
+    pub backup: String,
+    /// Where `mkbackup` writes the archives: `file:///path` (the archives
+    /// go to `<path>/<hostname>/`). Unset by default: mkbackup refuses.
+    #[serde(alias = "BACKUP_URL")]
+    pub backup_url: Option<String>,
+    /// Extra paths (absolute, in the running system) left out of the
+    /// backup, as GNU tar `--exclude` patterns. The backup target itself is
+    /// always left out.
+    #[serde(alias = "BACKUP_PROG_EXCLUDE")]
+    pub backup_exclude: Vec<String>,
     /// Settings of the rescue image.
     pub rescue: Rescue,
     /// The network setup the rescue OS brings up.
@@ -32,6 +45,37 @@ pub struct Config {
     pub ssh: Ssh,
     /// Behaviour of the rescue OS at boot.
     pub boot: Boot,
+    /// Behaviour of `lifeboat recover`.
+    pub recover: Recover,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recover {
+    /// Disk mapping file: lines `/dev/SOURCE /dev/TARGET` (`#` comments).
+    /// Also read: `/etc/lifeboat/disk-mapping` in the rescue OS and the
+    /// `lifeboat.map=SRC:DST,...` boot option.
+    pub mapping: Option<PathBuf>,
+    /// On a bigger target disk: `last` (grow the last partition) or
+    /// `proportional` (grow every large partition). Smaller disks are
+    /// always shrunk proportionally, when the used data fits.
+    pub grow: String,
+    /// Key file for LUKS containers (needed when unattended).
+    pub keyfile: Option<PathBuf>,
+    /// Rebuild the target's initramfs: `auto` (when disk names changed),
+    /// `always` or `never`.
+    pub rebuild_initramfs: String,
+}
+
+impl Default for Recover {
+    fn default() -> Self {
+        Recover {
+            mapping: None,
+            grow: "last".into(),
+            keyfile: None,
+            rebuild_initramfs: "auto".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -155,6 +199,10 @@ impl Default for Config {
         Config {
             output: "initrd".into(),
             output_url: "file:///var/lib/lifeboat/output".into(),
+            backup: "tar".into(),
+            backup_url: None,
+            backup_exclude: vec![],
+            recover: Recover::default(),
             rescue: Rescue::default(),
             network: Network::default(),
             ssh: Ssh::default(),
@@ -191,7 +239,13 @@ impl Default for Rescue {
 }
 
 /// Upper-case ReaR spellings accepted for top-level keys.
-const ALIASES: &[(&str, &str)] = &[("OUTPUT", "output"), ("OUTPUT_URL", "output_url")];
+const ALIASES: &[(&str, &str)] = &[
+    ("OUTPUT", "output"),
+    ("OUTPUT_URL", "output_url"),
+    ("BACKUP", "backup"),
+    ("BACKUP_URL", "backup_url"),
+    ("BACKUP_PROG_EXCLUDE", "backup_exclude"),
+];
 
 /// The merged configuration and where each value came from.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// Kernel block devices that are never disks to recover.
-fn ignored(name: &str) -> bool {
+pub(crate) fn ignored(name: &str) -> bool {
     ["loop", "ram", "zram", "sr", "fd", "nbd", "md", "dm-"]
         .iter()
         .any(|p| name.starts_with(p))
@@ -175,7 +175,7 @@ fn which(cmd: &str) -> bool {
     crate::elf::find_in_path(Path::new("/"), cmd).is_some()
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<Option<String>> {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> Result<Option<String>> {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -186,7 +186,7 @@ fn run(cmd: &str, args: &[&str]) -> Result<Option<String>> {
         .then(|| String::from_utf8_lossy(&out.stdout).to_string()))
 }
 
-fn disk_from_sysfs(name: &str) -> Result<Disk> {
+pub(crate) fn disk_from_sysfs(name: &str) -> Result<Disk> {
     let d = Path::new("/sys/block").join(name);
     if !d.exists() {
         anyhow::bail!(

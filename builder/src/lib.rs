@@ -3,6 +3,7 @@
 //! The library behind the `lifeboat` command. Modules are grouped by domain;
 //! each CLI subcommand lives in [`cmd`] with a `run(args) -> Result<()>`.
 
+pub mod backup;
 pub mod cmd;
 pub mod compress;
 pub mod config;
@@ -13,9 +14,11 @@ pub mod kmod;
 pub mod layers;
 pub mod layout;
 pub mod layout_parse;
+pub mod migrate;
 pub mod netcapture;
 pub mod plan;
 pub mod programs;
+pub mod recover;
 pub mod rescue;
 pub mod tree;
 

@@ -174,22 +174,147 @@ fn mkfs(f: &Filesystem) -> Result<Option<Step>> {
     }))
 }
 
-/// The whole ordered plan. LUKS keys are read from `$LIFEBOAT_KEYFILE` at
-/// run time (never stored in the plan).
+/// A condition that means a group of steps has already been carried out
+/// (by an earlier, interrupted run): the recovery engine checks it before
+/// running the group and skips the group when it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    /// The disk carries this table: same kind, id and partitions.
+    Table {
+        disk: String,
+        kind: String,
+        id: String,
+        /// (number, start, size) in sectors.
+        partitions: Vec<(u32, u64, u64)>,
+    },
+    /// The device carries a signature with this UUID (whole-disk use).
+    Signature {
+        device: String,
+        uuid: String,
+    },
+    /// An md array with this UUID is assembled at `device` (or can be).
+    Md {
+        device: String,
+        uuid: String,
+        members: Vec<String>,
+    },
+    /// A LUKS header with this UUID.
+    Luks {
+        device: String,
+        uuid: String,
+    },
+    /// `/dev/mapper/<name>` exists.
+    Open {
+        name: String,
+    },
+    Pv {
+        device: String,
+        uuid: String,
+    },
+    Vg {
+        name: String,
+    },
+    Lv {
+        vg: String,
+        name: String,
+    },
+    /// A filesystem of this type and UUID; `marked`: it must also carry
+    /// the recovery's marker file (proof that this recovery made it and
+    /// not an old installation).
+    Fs {
+        device: String,
+        fstype: String,
+        uuid: Option<String>,
+        marked: bool,
+    },
+}
+
+/// Steps that belong together (e.g. wipe + partition + re-read), with the
+/// condition under which they are already done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// What the group makes, for the log (`partition table on /dev/sda`).
+    pub what: String,
+    pub done: Option<Done>,
+    pub steps: Vec<Step>,
+}
+
+impl Group {
+    fn new(what: String, done: Option<Done>) -> Group {
+        Group {
+            what,
+            done,
+            steps: Vec::new(),
+        }
+    }
+}
+
+/// The whole ordered plan as a flat command list. LUKS keys are read from
+/// `$LIFEBOAT_KEYFILE` at run time (never stored in the plan).
 pub fn commands(l: &Layout) -> Result<Vec<Step>> {
+    Ok(groups(l)?.into_iter().flat_map(|g| g.steps).collect())
+}
+
+/// Partition types that are containers, not data (MBR extended).
+pub(crate) fn is_extended(type_id: &str) -> bool {
+    matches!(
+        type_id
+            .trim_start_matches("0x")
+            .to_ascii_lowercase()
+            .as_str(),
+        "5" | "f" | "85"
+    )
+}
+
+/// The ordered plan in checkable groups.
+pub fn groups(l: &Layout) -> Result<Vec<Group>> {
     let mut out = Vec::new();
-    // 1. Clear old signatures on every captured disk, then partition.
+    // 1. Clear old signatures on every captured disk, then partition, then
+    //    clear old signatures inside the new partitions.
     for d in &l.disks {
-        out.push(Step::new(&d.path, &["wipefs", "--all", "--force", &d.path]));
+        let done = match &d.table {
+            Some(t) => Some(Done::Table {
+                disk: d.path.clone(),
+                kind: t.kind.clone(),
+                id: t.id.clone(),
+                partitions: t
+                    .partitions
+                    .iter()
+                    .map(|p| (p.number, p.start, p.size))
+                    .collect(),
+            }),
+            None => l
+                .filesystems
+                .iter()
+                .find(|f| f.device == d.path)
+                .and_then(|f| f.uuid.clone())
+                .map(|uuid| Done::Signature {
+                    device: d.path.clone(),
+                    uuid,
+                }),
+        };
+        let what = match &d.table {
+            Some(t) => format!("{} partition table on {}", t.kind, d.path),
+            None => format!("blank {}", d.path),
+        };
+        let mut g = Group::new(what, done);
+        g.steps
+            .push(Step::new(&d.path, &["wipefs", "--all", "--force", &d.path]));
         if let Some(t) = &d.table {
             let mut s = Step::new(
                 &d.path,
                 &["sfdisk", "--no-reread", "--no-tell-kernel", "-q", &d.path],
             );
             s.stdin = Some(sfdisk_script(t));
-            out.push(s);
-            out.push(Step::new(&d.path, &["partx", "--update", &d.path]));
+            g.steps.push(s);
+            g.steps
+                .push(Step::new(&d.path, &["partx", "--update", &d.path]));
+            for p in t.partitions.iter().filter(|p| !is_extended(&p.type_id)) {
+                g.steps
+                    .push(Step::new(&p.node, &["wipefs", "--all", "--force", &p.node]));
+            }
         }
+        out.push(g);
     }
     // 2. md arrays.
     for m in &l.md {
@@ -216,11 +341,20 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
             a.push(format!("--spare-devices={}", m.spares.len()));
             a.extend(m.spares.iter().cloned());
         }
-        out.push(Step {
+        let mut g = Group::new(
+            format!("md array {} ({})", m.device, m.level),
+            Some(Done::Md {
+                device: m.device.clone(),
+                uuid: m.uuid.clone(),
+                members: m.members.clone(),
+            }),
+        );
+        g.steps.push(Step {
             device: m.device.clone(),
             argv: a,
             stdin: None,
         });
+        out.push(g);
     }
     // 3. LUKS containers, then open them under their old names.
     for c in &l.luks {
@@ -247,13 +381,25 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
             a.push(format!("--label={lbl}"));
         }
         a.push(c.device.clone());
-        out.push(Step {
+        let mut g = Group::new(
+            format!("LUKS{} container on {}", c.version, c.device),
+            Some(Done::Luks {
+                device: c.device.clone(),
+                uuid: c.uuid.clone(),
+            }),
+        );
+        g.steps.push(Step {
             device: c.device.clone(),
             argv: a,
             stdin: None,
         });
+        out.push(g);
         let name = c.name.clone().unwrap_or_else(|| format!("luks-{}", c.uuid));
-        out.push(Step::new(
+        let mut g = Group::new(
+            format!("/dev/mapper/{name}"),
+            Some(Done::Open { name: name.clone() }),
+        );
+        g.steps.push(Step::new(
             &c.device,
             &[
                 "cryptsetup",
@@ -263,10 +409,18 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
                 &name,
             ],
         ));
+        out.push(g);
     }
     // 4. LVM: PVs with their UUIDs, VGs with their extent size, LVs (thin pools before thin volumes).
     for p in &l.lvm.pvs {
-        out.push(Step::new(
+        let mut g = Group::new(
+            format!("LVM physical volume {}", p.device),
+            Some(Done::Pv {
+                device: p.device.clone(),
+                uuid: p.uuid.clone(),
+            }),
+        );
+        g.steps.push(Step::new(
             &p.device,
             &[
                 "lvm",
@@ -279,6 +433,7 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
                 &p.device,
             ],
         ));
+        out.push(g);
     }
     for v in &l.lvm.vgs {
         let pvs: Vec<String> = l
@@ -297,11 +452,18 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
             v.name.clone(),
         ];
         a.extend(pvs.iter().cloned());
-        out.push(Step {
+        let mut g = Group::new(
+            format!("LVM volume group {}", v.name),
+            Some(Done::Vg {
+                name: v.name.clone(),
+            }),
+        );
+        g.steps.push(Step {
             device: pvs.first().cloned().unwrap_or_default(),
             argv: a,
             stdin: None,
         });
+        out.push(g);
     }
     let mut lvs = l.lvm.lvs.clone();
     let rank = |s: &str| match s {
@@ -362,11 +524,19 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
             tail,
         ]
         .concat();
-        out.push(Step {
+        let mut g = Group::new(
+            format!("LVM logical volume {dev} ({})", lv.segtype),
+            Some(Done::Lv {
+                vg: lv.vg.clone(),
+                name: lv.name.clone(),
+            }),
+        );
+        g.steps.push(Step {
             device: dev,
             argv: a,
             stdin: None,
         });
+        out.push(g);
     }
     // 5. Filesystems and swap; 6. btrfs subvolumes, parents first.
     let mut seen = BTreeSet::new();
@@ -374,20 +544,28 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
         if !seen.insert(f.device.clone()) {
             continue;
         }
-        if let Some(s) = mkfs(f)? {
-            out.push(s);
-        }
+        let Some(mk) = mkfs(f)? else { continue };
+        let mut g = Group::new(
+            format!("{} on {}", f.fstype, f.device),
+            Some(Done::Fs {
+                device: f.device.clone(),
+                fstype: f.fstype.clone(),
+                uuid: f.uuid.clone(),
+                marked: f.fstype != "swap",
+            }),
+        );
+        g.steps.push(mk);
         if !f.subvolumes.is_empty() {
             let mnt = "/run/lifeboat/subvol";
-            out.push(Step::new(&f.device, &["mkdir", "-p", mnt]));
-            out.push(Step::new(
+            g.steps.push(Step::new(&f.device, &["mkdir", "-p", mnt]));
+            g.steps.push(Step::new(
                 &f.device,
                 &["mount", "-o", "subvolid=5", &f.device, mnt],
             ));
             let mut subs = f.subvolumes.clone();
             subs.sort_by_key(|s| s.id);
             for s in &subs {
-                out.push(Step::new(
+                g.steps.push(Step::new(
                     &f.device,
                     &["btrfs", "subvolume", "create", &format!("{mnt}/{}", s.path)],
                 ));
@@ -396,7 +574,7 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
                 .default_subvolume
                 .and_then(|id| subs.iter().find(|s| s.id == id))
             {
-                out.push(Step::new(
+                g.steps.push(Step::new(
                     &f.device,
                     &[
                         "btrfs",
@@ -406,8 +584,9 @@ pub fn commands(l: &Layout) -> Result<Vec<Step>> {
                     ],
                 ));
             }
-            out.push(Step::new(&f.device, &["umount", mnt]));
+            g.steps.push(Step::new(&f.device, &["umount", mnt]));
         }
+        out.push(g);
     }
     Ok(out)
 }

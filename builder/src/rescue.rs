@@ -46,6 +46,9 @@ pub struct BuildInputs {
     pub use_cache: bool,
     /// Host root the programs are taken from (normally `/`).
     pub root: PathBuf,
+    /// Files put into the plan layer as they are (image path, contents):
+    /// the layout and backup manifest written by `mkbackup`.
+    pub plan_files: Vec<(String, Vec<u8>)>,
 }
 
 /// What a build did, for the report and the tests.
@@ -798,6 +801,9 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
         layers.push(("firmware".to_string(), fw, comp));
     }
     let mut plan_tree = plan_layer(cfg, cfg_text, &kver, &mut warnings)?;
+    for (path, data) in &inp.plan_files {
+        plan_tree.add_bytes(path, data.clone(), 0o600);
+    }
     plan_tree.rebase_merged_usr(&inp.root);
     layers.push(("plan".to_string(), plan_tree, comp));
     let mut names = BTreeSet::new();

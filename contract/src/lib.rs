@@ -20,6 +20,10 @@ pub const MODULE_INDEX_SCHEMA_VERSION: u32 = 1;
 pub const INIT_CONFIG_PATH: &str = "etc/lifeboat/init.json";
 /// Path of the precomputed module index inside the rescue root.
 pub const MODULE_INDEX_PATH: &str = "lib/lifeboat/modules.json";
+/// Path of the captured disk layout inside the rescue root (written by `mkbackup`).
+pub const RESCUE_LAYOUT_PATH: &str = "etc/lifeboat/layout.json";
+/// Path of the backup manifest inside the rescue root (written by `mkbackup`).
+pub const RESCUE_BACKUP_PATH: &str = "etc/lifeboat/backup.json";
 /// Path of the image manifest copy inside the rescue root.
 pub const MANIFEST_NAME: &str = "manifest.json";
 
@@ -513,6 +517,77 @@ pub struct Subvolume {
     pub id: u64,
     pub parent: u64,
     pub path: String,
+}
+
+/// Schema version of the backup manifest (`backup.json`).
+pub const BACKUP_SCHEMA_VERSION: u32 = 1;
+
+/// `backup.json`: what `mkbackup` wrote, where, and the checksum of every
+/// archive. A copy travels inside the rescue image, so the recovery checks
+/// the archives against what was recorded when they were made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupManifest {
+    pub schema_version: u32,
+    /// Unique name of this backup run (host and UTC time).
+    pub id: String,
+    pub hostname: String,
+    /// Seconds since the epoch when the backup started.
+    pub created_unix: u64,
+    /// `tar`.
+    pub method: String,
+    /// `zstd`.
+    pub compression: String,
+    /// BACKUP_URL as configured (`file:///path`).
+    pub url: String,
+    /// Directory holding the archives and this manifest.
+    pub dir: String,
+    /// The filesystem that holds `dir`, so the rescue OS can mount it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<BackupLocation>,
+    pub archives: Vec<BackupArchive>,
+}
+
+/// The filesystem a `file://` backup lives on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupLocation {
+    /// Mount point of that filesystem on the source machine.
+    pub mountpoint: String,
+    pub fstype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Device it was mounted from (informational: names change).
+    pub device: String,
+}
+
+/// One archive: one filesystem's contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupArchive {
+    /// Where the filesystem was mounted (`/`, `/boot`, `/home`).
+    pub mountpoint: String,
+    /// The filesystem's UUID, tying the archive to the layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_uuid: Option<String>,
+    pub fstype: String,
+    /// File name inside `dir`.
+    pub file: String,
+    pub sha256: String,
+    /// Compressed size.
+    pub bytes: u64,
+    /// Uncompressed tar stream size.
+    pub tar_bytes: u64,
+}
+
+impl BackupManifest {
+    pub fn from_json(text: &str) -> Result<BackupManifest, ContractError> {
+        let m: BackupManifest = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        check_version("backup manifest", m.schema_version, BACKUP_SCHEMA_VERSION)?;
+        Ok(m)
+    }
 }
 
 impl Layout {

@@ -110,6 +110,11 @@ pub(crate) fn fork_session(what: &str) -> Option<libc::pid_t> {
 /// Start a login shell on `tty` in its own session with the terminal as its
 /// controlling TTY, so job control and Ctrl-C work.
 fn spawn_shell(shell: &str, tty: &str) -> Option<libc::pid_t> {
+    spawn_on_tty(shell, tty, None)
+}
+
+/// Run `argv` (or a login shell when `None`) on `tty` as its controlling terminal.
+fn spawn_on_tty(shell: &str, tty: &str, argv: Option<&[&str]>) -> Option<libc::pid_t> {
     match fork_session("a shell")? {
         0 => {}
         pid => return Some(pid),
@@ -141,6 +146,13 @@ fn spawn_shell(shell: &str, tty: &str) -> Option<libc::pid_t> {
     .collect();
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
+    if let Some(args) = argv {
+        let c: Vec<CString> = args.iter().map(|a| CString::new(*a).unwrap()).collect();
+        let mut v: Vec<*const libc::c_char> = c.iter().map(|a| a.as_ptr()).collect();
+        v.push(std::ptr::null());
+        unsafe { libc::execve(c[0].as_ptr(), v.as_ptr(), envp.as_ptr()) };
+        unsafe { libc::_exit(127) }
+    }
     for sh in [shell, "/bin/sh"] {
         let path = CString::new(sh).unwrap();
         let arg0 = CString::new(format!("-{}", sh.rsplit('/').next().unwrap_or("sh"))).unwrap();
@@ -424,8 +436,30 @@ fn main() {
         let _ = std::fs::write("/proc/sys/kernel/printk", "4");
     }
     let consoles = shell_consoles(&cmd);
+    let has_plan = std::path::Path::new("/")
+        .join(lifeboat_contract::RESCUE_BACKUP_PATH)
+        .is_file();
+    // Unattended recovery runs on the first console instead of its shell.
+    let mut recovery: Option<(libc::pid_t, String)> = None;
+    if cmd.recover == Recover::Auto && has_plan && !failed {
+        if let Some(c) = consoles.first() {
+            log(&format!(
+                "lifeboat.recover=auto: starting `lifeboat recover --auto` on {c}"
+            ));
+            if let Some(pid) = spawn_on_tty(
+                &cfg.shell,
+                c,
+                Some(&["/usr/bin/lifeboat", "recover", "--auto"]),
+            ) {
+                recovery = Some((pid, c.clone()));
+            }
+        }
+    }
     let mut shells: HashMap<libc::pid_t, String> = HashMap::new();
     for c in &consoles {
+        if recovery.as_ref().is_some_and(|(_, t)| t == c) {
+            continue;
+        }
         if let Some(pid) = spawn_shell(&cfg.shell, c) {
             shells.insert(pid, c.clone());
         }
@@ -443,8 +477,10 @@ fn main() {
             consoles.join(", ")
         ));
     }
-    if matches!(cmd.recover, Recover::Auto | Recover::Ask) && !failed {
-        log("lifeboat.recover: this image carries no recovery plan yet; nothing to recover");
+    if matches!(cmd.recover, Recover::Auto | Recover::Ask) && !failed && !has_plan {
+        log("lifeboat.recover: this image carries no recovery plan (it was made by mkrescue, not mkbackup); nothing to recover");
+    } else if has_plan && recovery.is_none() && !failed {
+        log("this image carries a backup and its disk layout: type `lifeboat recover` to restore (or boot with lifeboat.recover=auto)");
     }
 
     let mut restarts: HashMap<String, (std::time::Instant, Duration)> = HashMap::new();
@@ -466,7 +502,34 @@ fn main() {
             if pid <= 0 {
                 break;
             }
-            if let Some(tty) = shells.remove(&pid) {
+            if let Some((_, tty)) = recovery.as_ref().filter(|(p, _)| *p == pid).cloned() {
+                recovery = None;
+                let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+                if ok {
+                    log(&format!(
+                        "recovery finished (uptime {:.2} s); rebooting into the recovered system",
+                        log::uptime()
+                    ));
+                    unsafe { libc::sync() };
+                    std::thread::sleep(Duration::from_secs(2));
+                    shutdown(Shutdown::Reboot);
+                }
+                let code = if libc::WIFEXITED(status) {
+                    format!("exit status {}", libc::WEXITSTATUS(status))
+                } else {
+                    format!("signal {}", libc::WTERMSIG(status))
+                };
+                fatal(
+                    &format!("recovery failed ({code})"),
+                    "read the messages above (and /var/log/lifeboat/recover.log); fix the cause and run `lifeboat recover` again \
+                     from this shell: it continues where it stopped",
+                    &cfg,
+                    &cmd,
+                );
+                if let Some(p) = spawn_shell(&cfg.shell, &tty) {
+                    shells.insert(p, tty);
+                }
+            } else if let Some(tty) = shells.remove(&pid) {
                 // A shell that dies at once (no terminal input) is restarted
                 // ever more slowly, up to every 10 s, instead of spinning.
                 let (last, backoff) = restarts

@@ -63,7 +63,7 @@ fn load(file: &Path) -> Result<lifeboat_contract::Layout> {
 }
 
 /// Write atomically: a temporary file beside the target, then rename.
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

@@ -42,6 +42,11 @@ pub fn file_url_path(url: &str, key: &str) -> Result<PathBuf> {
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
+    run_with(g, a, Vec::new())
+}
+
+/// Build the image, with extra files in its plan layer (used by `mkbackup`).
+pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Result<()> {
     let loaded = g.load_config()?;
     let mut cfg = loaded.config.clone();
     if let Some(o) = a.output {
@@ -70,6 +75,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         output_dir: output_dir.clone(),
         use_cache: !a.no_cache,
         root: PathBuf::from("/"),
+        plan_files,
     };
     let cfg_text = toml::to_string(&cfg)?;
     let report = rescue::build(&cfg, &cfg_text, &inp)?;

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 pub mod dump;
 pub mod image;
 pub mod layout;
+pub mod mkbackup;
 pub mod mkrescue;
+pub mod recover;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +37,12 @@ pub struct Cli {
 pub enum Command {
     /// Build the rescue image (kernel, initramfs layers, manifest).
     Mkrescue(mkrescue::Args),
+    /// Capture the layout, back up every local filesystem to BACKUP_URL,
+    /// and build the rescue image carrying both.
+    Mkbackup(mkbackup::Args),
+    /// In the rescue OS: recreate the disks, restore the backup, make the
+    /// system bootable (`--dry-run` prints the commands only).
+    Recover(recover::Args),
     /// Print the effective configuration and where each value came from.
     Dump(dump::Args),
     /// Inspect a built image: ls, unpack, verify.
@@ -65,6 +73,8 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Mkrescue(a) => mkrescue::run(&g, a),
+        Command::Mkbackup(a) => mkbackup::run(&g, a),
+        Command::Recover(a) => recover::run(&g, a),
         Command::Dump(a) => dump::run(&g, a),
         Command::Image(c) => image::run(&g, c),
         Command::Layout(c) => layout::run(&g, c),

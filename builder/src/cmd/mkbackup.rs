@@ -1,0 +1,124 @@
+//! `lifeboat mkbackup`: capture the layout, archive every local filesystem
+//! to BACKUP_URL, and build the rescue image with both inside.
+
+use super::mkrescue;
+use crate::Global;
+use anyhow::{bail, Context, Result};
+use lifeboat_contract::{Layout, RESCUE_BACKUP_PATH, RESCUE_LAYOUT_PATH};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where the archives go (overrides BACKUP_URL), `file:///path`.
+    #[arg(long, value_name = "URL")]
+    pub backup_url: Option<String>,
+    /// Only write the backup; do not build the rescue image.
+    #[arg(long)]
+    pub no_rescue: bool,
+    #[command(flatten)]
+    pub rescue: mkrescue::Args,
+}
+
+/// The whole disk (kernel name) holding block device `dev`.
+fn disk_of(dev: &str) -> Option<String> {
+    let name = dev.trim_start_matches("/dev/");
+    let real = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
+    let d = if real.join("partition").exists() {
+        real.parent()?
+    } else {
+        real.as_path()
+    };
+    d.file_name().map(|f| f.to_string_lossy().to_string())
+}
+
+/// Leave the disk holding the backup out of the layout: it is not part of
+/// the system to recover, and recovery must never write it.
+pub fn without_disk(l: &mut Layout, disk: &str) {
+    let Some(d) = l.disks.iter().find(|d| d.name == disk).cloned() else {
+        return;
+    };
+    let mut gone: BTreeSet<String> = BTreeSet::from([d.path.clone()]);
+    gone.extend(
+        d.table
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| p.node.clone())),
+    );
+    l.disks.retain(|x| x.name != disk);
+    l.filesystems.retain(|f| !gone.contains(&f.device));
+    l.mounts.retain(|m| !gone.contains(&m.source));
+    l.bootloader.grub_bios_disks.retain(|x| !gone.contains(x));
+    l.bootloader
+        .bios_boot_partitions
+        .retain(|x| !gone.contains(x));
+    l.bootloader.esps.retain(|x| !gone.contains(x));
+}
+
+pub fn run(g: &Global, a: Args) -> Result<()> {
+    let cfg = g.load_config()?.config;
+    if !matches!(cfg.backup.to_ascii_lowercase().as_str(), "tar" | "netfs") {
+        bail!(
+            "BACKUP = {:?} is not supported by this version; supported: tar (ReaR's NETFS is accepted as the same)",
+            cfg.backup
+        );
+    }
+    let Some(url) = a.backup_url.clone().or(cfg.backup_url.clone()) else {
+        bail!("BACKUP_URL is not set: add `BACKUP_URL = \"file:///path/to/backups\"` to /etc/lifeboat/lifeboat.toml or give --backup-url");
+    };
+    let base = mkrescue::file_url_path(&url, "BACKUP_URL")?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let dir = base.join(&host);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let loc = crate::backup::locate(&dir)?;
+    let mut layout = crate::layout::capture(&[])?;
+    if let Some(disk) = disk_of(&loc.device) {
+        if layout
+            .mounts
+            .iter()
+            .any(|m| m.target == "/" && disk_of(&m.source).as_deref() == Some(disk.as_str()))
+        {
+            bail!(
+                "BACKUP_URL {url} lies on {}, the disk of the root filesystem: a backup must live on another disk \
+                 (or, with later versions, another machine)",
+                loc.device
+            );
+        }
+        without_disk(&mut layout, &disk);
+    }
+    let layout_json = serde_json::to_vec_pretty(&layout)?;
+    let saved = Path::new(super::layout::DEFAULT_LAYOUT);
+    super::layout::write_atomic(saved, &layout_json)?;
+    if !g.quiet {
+        println!("layout saved to {}", saved.display());
+    }
+    let mut excludes = cfg.backup_exclude.clone();
+    if let Ok(out) = mkrescue::file_url_path(&cfg.output_url, "OUTPUT_URL") {
+        excludes.push(out.to_string_lossy().to_string());
+    }
+    if let Some(o) = &a.rescue.output_dir {
+        excludes.push(std::path::absolute(o)?.to_string_lossy().to_string());
+    }
+    excludes.push("/var/cache/lifeboat".into());
+    let quiet = g.quiet;
+    let manifest = crate::backup::create(&layout, &url, &dir, &excludes, &mut |l| {
+        if !quiet {
+            println!("{l}");
+        }
+    })?;
+    if !g.quiet {
+        println!("backup {} written to {}", manifest.id, dir.display());
+    }
+    if a.no_rescue {
+        return Ok(());
+    }
+    let files = vec![
+        (RESCUE_LAYOUT_PATH.to_string(), layout_json),
+        (
+            RESCUE_BACKUP_PATH.to_string(),
+            serde_json::to_vec_pretty(&manifest)?,
+        ),
+    ];
+    mkrescue::run_with(g, a.rescue, files)
+}

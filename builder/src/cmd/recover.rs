@@ -1,0 +1,99 @@
+//! `lifeboat recover`: recreate the disks, restore the backup and make the
+//! system bootable (in the rescue OS).
+
+use crate::migrate;
+use crate::recover::{self, Options};
+use crate::Global;
+use anyhow::{Context, Result};
+use lifeboat_contract::{BackupManifest, Layout, RESCUE_BACKUP_PATH, RESCUE_LAYOUT_PATH};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The layout to recreate (default: the one in the rescue image).
+    #[arg(long, value_name = "FILE")]
+    pub layout: Option<PathBuf>,
+    /// The backup manifest (default: the one in the rescue image).
+    #[arg(long, value_name = "FILE")]
+    pub backup: Option<PathBuf>,
+    /// Unattended: never ask; anything unclear stops the recovery before a disk is written.
+    #[arg(long)]
+    pub auto: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Print every command in order; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Disk mapping file (`/dev/SOURCE /dev/TARGET` lines).
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
+    /// Where the recovered system is mounted.
+    #[arg(long, default_value = "/mnt/local")]
+    pub root: PathBuf,
+    /// Key file for new LUKS containers.
+    #[arg(long, value_name = "FILE")]
+    pub keyfile: Option<PathBuf>,
+    /// On bigger disks: grow the `last` partition or all `proportional`ly.
+    #[arg(long)]
+    pub grow: Option<String>,
+}
+
+fn read(p: &Path, what: &str) -> Result<String> {
+    std::fs::read_to_string(p).with_context(|| {
+        format!(
+            "cannot read the {what} {} (this rescue image was made by `mkrescue`, not `mkbackup`, or give --{what} FILE)",
+            p.display()
+        )
+    })
+}
+
+pub fn run(g: &Global, a: Args) -> Result<()> {
+    let cfg = g.load_config()?.config;
+    let lp = a
+        .layout
+        .unwrap_or_else(|| Path::new("/").join(RESCUE_LAYOUT_PATH));
+    let bp = a
+        .backup
+        .unwrap_or_else(|| Path::new("/").join(RESCUE_BACKUP_PATH));
+    let layout = Layout::from_json(&read(&lp, "layout")?)
+        .with_context(|| format!("{} is not a valid layout.json", lp.display()))?;
+    let backup = BackupManifest::from_json(&read(&bp, "backup")?)
+        .with_context(|| format!("{} is not a valid backup.json", bp.display()))?;
+    let mut mapping = Vec::new();
+    let mut keep = vec![lp.clone(), bp.clone()];
+    let default_map = PathBuf::from("/etc/lifeboat/disk-mapping");
+    let file = a
+        .map
+        .clone()
+        .or(cfg.recover.mapping.clone())
+        .or_else(|| default_map.is_file().then_some(default_map));
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(&f)
+            .with_context(|| format!("cannot read the disk mapping file {}", f.display()))?;
+        mapping = migrate::parse_mapping(&text).with_context(|| f.display().to_string())?;
+        keep.push(f);
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for (s, d) in migrate::mapping_from_cmdline(&cmdline)? {
+        mapping.retain(|(x, _)| *x != s);
+        mapping.push((s, d));
+    }
+    let grow = migrate::Grow::parse(a.grow.as_deref().unwrap_or(&cfg.recover.grow))?;
+    recover::run(Options {
+        layout,
+        backup,
+        root: a.root,
+        dry_run: a.dry_run,
+        auto: a.auto,
+        yes: a.yes,
+        mapping,
+        grow,
+        keyfile: a
+            .keyfile
+            .or(cfg.recover.keyfile.clone())
+            .or_else(|| std::env::var_os("LIFEBOAT_KEYFILE").map(PathBuf::from)),
+        rebuild_initramfs: cfg.recover.rebuild_initramfs.clone(),
+        keep_files: keep,
+    })
+}

@@ -1,0 +1,1064 @@
+//! The recovery engine: `lifeboat recover` in the rescue OS.
+//!
+//! Pre-flight first, before any byte is written: the backup is located and
+//! every archive checked against its sha256, the disks are mapped, the
+//! sizes checked, the key found, every command checked to write only mapped
+//! disks. Then the plan runs group by group; each group first checks
+//! whether its result already exists (from an interrupted run) and is
+//! skipped if so. Filesystems made by a recovery carry a marker file until
+//! the end, so an old installation with the same UUIDs is never mistaken
+//! for a half-finished recovery. Then: mount, restore, finalize (bootloader,
+//! config patches, initramfs, logs), unmount.
+
+use crate::migrate::{self, Grow, Pair};
+use crate::plan::{self, Done, Step};
+use anyhow::{bail, Context, Result};
+use lifeboat_contract::{BackupManifest, Disk, Layout};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Marker file at the root of every filesystem this recovery made.
+const MARK: &str = ".lifeboat-recovery";
+/// Per-archive record that its restore completed.
+const RESTORED: &str = ".lifeboat-restored-";
+/// Where the backup filesystem is mounted in the rescue OS.
+const BACKUP_MNT: &str = "/run/lifeboat/backup";
+/// Scratch mount point for marker checks.
+const CHECK_MNT: &str = "/run/lifeboat/check";
+
+pub struct Options {
+    pub layout: Layout,
+    pub backup: BackupManifest,
+    pub root: PathBuf,
+    pub dry_run: bool,
+    /// Unattended: never ask; anything unclear is a refusal.
+    pub auto: bool,
+    /// Skip the confirmation prompt.
+    pub yes: bool,
+    pub mapping: Vec<(String, String)>,
+    pub grow: Grow,
+    pub keyfile: Option<PathBuf>,
+    /// `auto`, `always`, `never`.
+    pub rebuild_initramfs: String,
+    /// Extra files to copy into the target's log directory.
+    pub keep_files: Vec<PathBuf>,
+}
+
+/// Runs commands (or only prints them under --dry-run) and logs all of it.
+struct Runner {
+    dry_run: bool,
+    log: Option<std::fs::File>,
+    keyfile: Option<PathBuf>,
+}
+
+impl Runner {
+    fn say(&mut self, line: &str) {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        if let Some(f) = &mut self.log {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    /// Run a step that writes; its output is logged. Under --dry-run it is
+    /// only printed.
+    fn run(&mut self, s: &Step) -> Result<()> {
+        self.say(&format!("+ {}", s.render()));
+        if self.dry_run {
+            return Ok(());
+        }
+        let key = self
+            .keyfile
+            .as_ref()
+            .map(|k| k.to_string_lossy().to_string());
+        let argv: Vec<String> = s
+            .argv
+            .iter()
+            .map(|a| match &key {
+                Some(k) => a.replace("$LIFEBOAT_KEYFILE", k),
+                None => a.clone(),
+            })
+            .collect();
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(if s.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {} (is it in the rescue image?)", argv[0]))?;
+        if let Some(text) = &s.stdin {
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for l in text.lines() {
+            self.say(&format!("  | {l}"));
+        }
+        if !out.status.success() {
+            bail!(
+                "`{}` failed ({}) writing {}; see the output above and /var/log/lifeboat/recover.log",
+                s.render().lines().next().unwrap_or(""),
+                out.status,
+                s.device
+            );
+        }
+        Ok(())
+    }
+
+    fn cmd(&mut self, device: &str, argv: &[&str]) -> Result<()> {
+        self.run(&Step {
+            device: device.into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            stdin: None,
+        })
+    }
+}
+
+/// Output of a read-only query, when it succeeds.
+fn query(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn norm_uuid(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+fn blkid(dev: &str) -> BTreeMap<String, String> {
+    query("blkid", &["-p", "-o", "export", dev])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Mount points currently mounted (from /proc/self/mountinfo).
+fn mounted() -> BTreeSet<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.replace("\\040", " "))
+        .collect()
+}
+
+/// Block devices that have something mounted (whole disks, by kernel name).
+fn disks_with_mounts() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for l in std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+    {
+        let src = l.split(' ').next().unwrap_or("");
+        if let Some(n) = src.strip_prefix("/dev/") {
+            if let Some(d) = parent_disk(n) {
+                out.insert(d);
+            }
+        }
+    }
+    out
+}
+
+/// The whole disk a block device belongs to (`sda3` → `sda`).
+fn parent_disk(name: &str) -> Option<String> {
+    let real = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
+    if real.join("partition").exists() {
+        real.parent()?
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+    } else {
+        real.file_name().map(|f| f.to_string_lossy().to_string())
+    }
+}
+
+/// Mount a filesystem somewhere private, run `f` on the mount point, unmount.
+fn with_mounted<T>(dev: &str, fstype: &str, ro: bool, f: impl FnOnce(&Path) -> T) -> Option<T> {
+    let mnt = Path::new(CHECK_MNT);
+    std::fs::create_dir_all(mnt).ok()?;
+    let opts = if ro { "ro" } else { "rw" };
+    let ok = Command::new("mount")
+        .args(["-t", fstype, "-o", opts, dev])
+        .arg(mnt)
+        .stderr(Stdio::null())
+        .status()
+        .ok()?
+        .success();
+    if !ok {
+        return None;
+    }
+    let r = f(mnt);
+    let _ = Command::new("umount").arg(mnt).status();
+    Some(r)
+}
+
+/// Does the result of a group already exist?
+fn is_done(d: &Done, backup_id: &str, r: &mut Runner) -> bool {
+    match d {
+        Done::Table {
+            disk,
+            kind,
+            id,
+            partitions,
+        } => {
+            let Some(text) = query("sfdisk", &["--json", disk]) else {
+                return false;
+            };
+            let Ok(t) = crate::layout::parse_sfdisk(&text) else {
+                return false;
+            };
+            let have: Vec<(u32, u64, u64)> = t
+                .partitions
+                .iter()
+                .map(|p| (p.number, p.start, p.size))
+                .collect();
+            t.kind == *kind && norm_uuid(&t.id) == norm_uuid(id) && have == *partitions
+        }
+        Done::Signature { device, uuid } => blkid(device)
+            .get("UUID")
+            .is_some_and(|u| norm_uuid(u) == norm_uuid(uuid)),
+        Done::Md {
+            device,
+            uuid,
+            members,
+        } => {
+            let same = |text: &str| {
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("MD_UUID="))
+                    .any(|u| norm_uuid(u) == norm_uuid(uuid))
+            };
+            if query("mdadm", &["--detail", "--export", device]).is_some_and(|t| same(&t)) {
+                return true;
+            }
+            // Members from an interrupted run: assemble them instead.
+            let mut a = vec!["--assemble", device.as_str(), "--run"];
+            let u = format!("--uuid={uuid}");
+            a.push(&u);
+            a.extend(members.iter().map(|m| m.as_str()));
+            if query("mdadm", &a).is_some() {
+                r.say(&format!("  assembled {device} from an earlier run"));
+                return true;
+            }
+            false
+        }
+        Done::Luks { device, uuid } => query("cryptsetup", &["luksUUID", device])
+            .is_some_and(|u| norm_uuid(&u) == norm_uuid(uuid)),
+        Done::Open { name } => Path::new("/dev/mapper").join(name).exists(),
+        Done::Pv { uuid, .. } => query("lvm", &["pvs", "--noheadings", "-o", "pv_uuid"])
+            .is_some_and(|t| t.lines().any(|l| norm_uuid(l) == norm_uuid(uuid))),
+        Done::Vg { name } => query("lvm", &["vgs", "--noheadings", "-o", "vg_name"])
+            .is_some_and(|t| t.lines().any(|l| l.trim() == name)),
+        Done::Lv { vg, name } => query(
+            "lvm",
+            &[
+                "lvs",
+                "--noheadings",
+                "--separator",
+                "/",
+                "-o",
+                "vg_name,lv_name",
+            ],
+        )
+        .is_some_and(|t| t.lines().any(|l| l.trim() == format!("{vg}/{name}"))),
+        Done::Fs {
+            device,
+            fstype,
+            uuid,
+            marked,
+        } => {
+            let b = blkid(device);
+            let same_type = b.get("TYPE").is_some_and(|t| t == fstype);
+            let same_uuid = match uuid {
+                Some(u) => b.get("UUID").is_some_and(|x| norm_uuid(x) == norm_uuid(u)),
+                None => true,
+            };
+            if !(same_type && same_uuid) {
+                return false;
+            }
+            if !marked {
+                return true;
+            }
+            with_mounted(device, fstype, true, |m| {
+                std::fs::read_to_string(m.join(MARK)).is_ok_and(|s| s.trim() == backup_id)
+            })
+            .unwrap_or(false)
+        }
+    }
+}
+
+/// Devices a command may write: the mapped disks, their partitions, and the
+/// virtual devices the plan itself creates.
+fn writable(l: &Layout) -> BTreeSet<String> {
+    let mut w = BTreeSet::new();
+    for d in &l.disks {
+        w.insert(d.path.clone());
+        for p in d.table.iter().flat_map(|t| &t.partitions) {
+            w.insert(p.node.clone());
+        }
+    }
+    for m in &l.md {
+        w.insert(m.device.clone());
+    }
+    for c in &l.luks {
+        let name = c.name.clone().unwrap_or_else(|| format!("luks-{}", c.uuid));
+        w.insert(format!("/dev/mapper/{name}"));
+    }
+    for lv in &l.lvm.lvs {
+        w.insert(format!("/dev/{}/{}", lv.vg, lv.name));
+    }
+    w
+}
+
+/// Refuse a plan whose commands name a device outside `allowed`.
+fn check_writes(groups: &[plan::Group], allowed: &BTreeSet<String>) -> Result<()> {
+    for s in groups.iter().flat_map(|g| &g.steps) {
+        let named = std::iter::once(s.device.as_str()).chain(
+            s.argv
+                .iter()
+                .map(|a| a.as_str())
+                .filter(|a| a.starts_with("/dev/")),
+        );
+        for d in named {
+            if !allowed.contains(d) {
+                bail!(
+                    "refusing to run `{}`: it writes {d}, which is not a mapped target disk or a device made on one",
+                    s.render().lines().next().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Disks of this machine that may receive the recovery.
+pub fn candidate_disks(exclude: &BTreeSet<String>) -> Result<Vec<Disk>> {
+    let mut v = Vec::new();
+    let busy = disks_with_mounts();
+    let mut names: Vec<String> = std::fs::read_dir("/sys/block")
+        .context("cannot read /sys/block")?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !crate::layout::ignored(n))
+        .collect();
+    names.sort();
+    for n in names {
+        if busy.contains(&n) || exclude.contains(&n) {
+            continue;
+        }
+        if std::fs::read_to_string(format!("/sys/block/{n}/ro")).is_ok_and(|s| s.trim() == "1") {
+            continue;
+        }
+        let d = crate::layout::disk_from_sysfs(&n)?;
+        if d.size_bytes > 0 {
+            v.push(d);
+        }
+    }
+    Ok(v)
+}
+
+/// Find and mount (read-only) the filesystem holding the backup; returns
+/// the backup directory and the disk it is on.
+pub fn find_backup(m: &BackupManifest) -> Result<(PathBuf, Option<String>)> {
+    let dir = PathBuf::from(&m.dir);
+    if dir.join(crate::backup::MANIFEST_FILE).is_file() {
+        let disk = crate::backup::locate(&dir)
+            .ok()
+            .and_then(|l| parent_disk(migrate::short(&l.device)));
+        return Ok((dir, disk));
+    }
+    let Some(loc) = &m.location else {
+        bail!("the backup directory {} is not reachable here and the manifest does not say which filesystem holds it", m.dir);
+    };
+    let dev = loc
+        .uuid
+        .as_ref()
+        .and_then(|u| query("blkid", &["-o", "device", "-t", &format!("UUID={u}")]))
+        .or_else(|| {
+            loc.label
+                .as_ref()
+                .and_then(|l| query("blkid", &["-o", "device", "-t", &format!("LABEL={l}")]))
+        })
+        .and_then(|t| t.lines().next().map(|s| s.trim().to_string()));
+    let Some(dev) = dev else {
+        bail!(
+            "the backup filesystem ({} UUID={} LABEL={}, mounted at {} when the backup was made) is not attached. \
+             Attach the disk holding {} and run `lifeboat recover` again. Nothing was written.",
+            loc.fstype,
+            loc.uuid.as_deref().unwrap_or("-"),
+            loc.label.as_deref().unwrap_or("-"),
+            loc.mountpoint,
+            m.dir
+        );
+    };
+    let mnt = Path::new(BACKUP_MNT);
+    if !mounted().contains(BACKUP_MNT) {
+        std::fs::create_dir_all(mnt)?;
+        let st = Command::new("mount")
+            .args(["-o", "ro", "-t", &loc.fstype, &dev])
+            .arg(mnt)
+            .status()
+            .context("cannot run mount")?;
+        if !st.success() {
+            bail!(
+                "cannot mount the backup filesystem {dev} ({}) read-only at {BACKUP_MNT}",
+                loc.fstype
+            );
+        }
+    }
+    let dir = crate::backup::dir_below(m, mnt);
+    if !dir.is_dir() {
+        bail!(
+            "{dev} is mounted at {BACKUP_MNT} but holds no {}",
+            dir.display()
+        );
+    }
+    Ok((dir, parent_disk(migrate::short(&dev))))
+}
+
+fn ask_line(prompt: &str) -> Option<String> {
+    print!("{prompt}");
+    let _ = std::io::stdout().flush();
+    let mut s = String::new();
+    std::io::stdin().read_line(&mut s).ok()?;
+    Some(s.trim().to_string())
+}
+
+fn stdin_is_tty() -> bool {
+    unsafe { libc::isatty(0) == 1 }
+}
+
+/// Replace whole device names (`/dev/sda1` but not `/dev/sda10`) in text.
+pub fn rename_devices(text: &str, names: &BTreeMap<String, String>) -> String {
+    let mut keys: Vec<&String> = names.keys().filter(|k| names[*k] != **k).collect();
+    keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    let mut out = String::new();
+    let mut rest = text;
+    'outer: while !rest.is_empty() {
+        for k in &keys {
+            if let Some(after) = rest.strip_prefix(k.as_str()) {
+                if !after.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                    out.push_str(&names[*k]);
+                    rest = after;
+                    continue 'outer;
+                }
+            }
+        }
+        let c = rest.chars().next().unwrap();
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// The whole recovery.
+pub fn run(o: Options) -> Result<()> {
+    let mut r = Runner {
+        dry_run: o.dry_run,
+        log: None,
+        keyfile: o.keyfile.clone(),
+    };
+    if !o.dry_run {
+        std::fs::create_dir_all("/var/log/lifeboat").ok();
+        r.log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open("/var/log/lifeboat/recover.log")
+            .ok();
+    }
+    let id = o.backup.id.clone();
+    r.say(&format!(
+        "lifeboat: recover: {} from backup {} ({} archive(s))",
+        o.layout.hostname,
+        id,
+        o.backup.archives.len()
+    ));
+
+    // ---- Pre-flight: nothing below writes a disk.
+    let (dir, backup_disk) = find_backup(&o.backup)?;
+    r.say(&format!("backup found in {}", dir.display()));
+    for a in &o.backup.archives {
+        if o.dry_run {
+            let p = dir.join(&a.file);
+            if !p.is_file() {
+                r.say(&format!("WARNING: {} is missing", p.display()));
+            }
+            continue;
+        }
+        r.say(&format!(
+            "checking sha256 of {} ({} bytes)",
+            a.file, a.bytes
+        ));
+        crate::backup::verify_archive(&dir, a)
+            .context("the backup cannot be restored; nothing was written")?;
+    }
+    let mut exclude = BTreeSet::new();
+    if let Some(d) = &backup_disk {
+        exclude.insert(d.clone());
+    }
+    let targets = candidate_disks(&exclude)?;
+    let sources = migrate::disks_in_use(&o.layout);
+    let interactive = !o.auto && stdin_is_tty();
+    let mut ask = |s: &Disk, free: &[&Disk]| -> Option<String> {
+        if !interactive || free.is_empty() {
+            return None;
+        }
+        println!(
+            "{} ({}, serial {}) has no matching disk. Free disks:",
+            s.path,
+            migrate::human(s.size_bytes),
+            s.serial.as_deref().unwrap_or("-")
+        );
+        for f in free {
+            println!(
+                "  {} {} {}",
+                f.path,
+                migrate::human(f.size_bytes),
+                f.model.as_deref().unwrap_or("")
+            );
+        }
+        ask_line(&format!(
+            "Recreate {} on which disk (empty: none)? ",
+            s.path
+        ))
+        .filter(|a| !a.is_empty())
+    };
+    let pairs: Vec<Pair> = migrate::map_disks(&sources, &targets, &o.mapping, &mut ask)?;
+    for p in &pairs {
+        r.say(&format!(
+            "disk {} ({}) -> {} ({}) [{}]",
+            p.source.path,
+            migrate::human(p.source.size_bytes),
+            p.target.path,
+            migrate::human(p.target.size_bytes),
+            p.why
+        ));
+    }
+    let (layout, names) = migrate::migrate(&o.layout, &pairs, o.grow)?;
+    let misfit = migrate::misfits(&layout);
+    if !misfit.is_empty() {
+        bail!(
+            "the target disks are too small for the data:\n  {}\nNothing was written. Use bigger disks, or map onto other disks.",
+            misfit.join("\n  ")
+        );
+    }
+    let groups = plan::groups(&layout)?;
+    check_writes(&groups, &writable(&layout))?;
+    if !layout.luks.is_empty() && r.keyfile.is_none() {
+        if o.auto || !interactive {
+            bail!("the layout has LUKS containers but no key was given (recover.keyfile or --keyfile); unattended recovery cannot ask. Nothing was written.");
+        }
+        let pass = rpassword_like("LUKS passphrase for the new containers: ")?;
+        std::fs::create_dir_all("/run/lifeboat")?;
+        let p = PathBuf::from("/run/lifeboat/luks.key");
+        std::fs::write(&p, pass.as_bytes())?;
+        r.keyfile = Some(p);
+    }
+    for s in groups.iter().flat_map(|g| &g.steps) {
+        if !o.dry_run && crate::elf::find_in_path(Path::new("/"), &s.argv[0]).is_none() {
+            bail!("{} is needed (`{}`) but is not in this rescue image; add it to rescue.programs. Nothing was written.", s.argv[0], s.render().lines().next().unwrap_or(""));
+        }
+    }
+    if !o.auto && !o.yes && !o.dry_run {
+        println!("These disks will be ERASED and recreated:");
+        for p in &pairs {
+            println!(
+                "  {} ({})",
+                p.target.path,
+                migrate::human(p.target.size_bytes)
+            );
+        }
+        if !stdin_is_tty() {
+            bail!("not confirmed (no terminal); use --yes or lifeboat.recover=auto. Nothing was written.");
+        }
+        if ask_line("Type YES to continue: ").as_deref() != Some("YES") {
+            bail!("not confirmed; nothing was written");
+        }
+    }
+
+    // ---- Disks.
+    r.say("lifeboat: recover: recreating disks");
+    for g in &groups {
+        if !o.dry_run {
+            if let Some(d) = &g.done {
+                if is_done(d, &id, &mut r) {
+                    r.say(&format!(
+                        "# {}: already there (from an earlier run), kept",
+                        g.what
+                    ));
+                    continue;
+                }
+            }
+        }
+        r.say(&format!("# {}", g.what));
+        for s in &g.steps {
+            r.run(s)?;
+            if s.argv[0] == "partx" && !o.dry_run {
+                wait_partitions(&layout, &s.device);
+            }
+        }
+        if let Some(Done::Fs {
+            device,
+            fstype,
+            marked: true,
+            ..
+        }) = &g.done
+        {
+            r.say(&format!("+ mark {device} as made by recovery {id}"));
+            if !o.dry_run {
+                with_mounted(device, fstype, false, |m| {
+                    std::fs::write(m.join(MARK), format!("{id}\n"))
+                })
+                .with_context(|| format!("cannot mount the new {fstype} on {device}"))??;
+            }
+        }
+    }
+    for vg in &layout.lvm.vgs {
+        r.cmd(&vg.name, &["lvm", "vgchange", "-ay", &vg.name])?;
+    }
+
+    // ---- Mount.
+    r.say("lifeboat: recover: mounting");
+    let root = o.root.clone();
+    let mut mounts: Vec<&lifeboat_contract::Mount> = layout
+        .mounts
+        .iter()
+        .filter(|m| crate::backup::is_local_data_fs(&m.fstype))
+        .filter(|m| layout.filesystems.iter().any(|f| f.device == m.source))
+        .filter(|m| m.root.is_none() || m.fstype == "btrfs")
+        .collect();
+    let mut seen = BTreeSet::new();
+    mounts.retain(|m| seen.insert(m.target.clone()));
+    mounts.sort_by_key(|m| (crate::backup::depth(&m.target), m.target.clone()));
+    if !mounts.iter().any(|m| m.target == "/") {
+        bail!("the layout has no root filesystem mount; cannot restore");
+    }
+    let at = |t: &str| root.join(t.trim_start_matches('/'));
+    let mut now_mounted = mounted();
+    for m in &mounts {
+        let dst = at(&m.target);
+        let dst_s = dst.to_string_lossy().trim_end_matches('/').to_string();
+        if now_mounted.contains(&dst_s) && !o.dry_run {
+            r.say(&format!("# {} already mounted", dst.display()));
+            continue;
+        }
+        if !o.dry_run {
+            std::fs::create_dir_all(&dst)
+                .with_context(|| format!("cannot create {}", dst.display()))?;
+        }
+        let mut opts: Vec<&str> = m
+            .options
+            .split(',')
+            .filter(|x| x.starts_with("subvol="))
+            .collect();
+        if opts.is_empty() {
+            opts.push("defaults");
+        }
+        let o_s = opts.join(",");
+        r.cmd(
+            &m.source,
+            &["mount", "-t", &m.fstype, "-o", &o_s, &m.source, &dst_s],
+        )?;
+        now_mounted.insert(dst_s);
+    }
+
+    // ---- Restore.
+    r.say("lifeboat: recover: restoring");
+    let mut archives = o.backup.archives.clone();
+    archives.sort_by_key(|a| (crate::backup::depth(&a.mountpoint), a.mountpoint.clone()));
+    for a in &archives {
+        let dst = at(&a.mountpoint);
+        let record = dst.join(format!("{RESTORED}{}", a.file));
+        if !o.dry_run && std::fs::read_to_string(&record).is_ok_and(|s| s.trim() == id) {
+            r.say(&format!(
+                "# {} already restored (from an earlier run)",
+                a.mountpoint
+            ));
+            continue;
+        }
+        r.say(&format!(
+            "lifeboat: restoring {} from {} ({} bytes)",
+            a.mountpoint, a.file, a.bytes
+        ));
+        r.say(&format!(
+            "+ zstd -dc {} | tar --extract --xattrs --acls --selinux --numeric-owner -C {}",
+            dir.join(&a.file).display(),
+            dst.display()
+        ));
+        if !o.dry_run {
+            let t = std::time::Instant::now();
+            crate::backup::extract(&dir, a, &dst)?;
+            r.say(&format!("  restored in {:.1} s", t.elapsed().as_secs_f64()));
+            std::fs::write(&record, format!("{id}\n"))?;
+        }
+    }
+
+    // ---- Finalize.
+    r.say("lifeboat: recover: finalizing");
+    finalize(&o, &layout, &pairs, &names, &mut r)?;
+
+    // Markers away, then unmount.
+    for a in &archives {
+        let p = at(&a.mountpoint).join(format!("{RESTORED}{}", a.file));
+        if !o.dry_run {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    for g in &groups {
+        if let Some(Done::Fs {
+            device,
+            fstype,
+            marked: true,
+            ..
+        }) = &g.done
+        {
+            r.say(&format!("+ remove the recovery marker from {device}"));
+            if !o.dry_run {
+                with_mounted(device, fstype, false, |m| {
+                    std::fs::remove_file(m.join(MARK))
+                });
+            }
+        }
+    }
+    r.cmd("", &["sync"])?;
+    let root_s = root.to_string_lossy().to_string();
+    r.cmd("", &["umount", "--recursive", &root_s])?;
+    if !o.dry_run {
+        let _ = Command::new("umount").arg(BACKUP_MNT).status();
+    }
+    r.say(if o.dry_run {
+        "lifeboat: dry run finished; nothing was written"
+    } else {
+        "lifeboat: recovery finished"
+    });
+    Ok(())
+}
+
+/// Wait until the kernel shows the partitions of `disk` (devtmpfs).
+fn wait_partitions(l: &Layout, disk: &str) {
+    let Some(d) = l.disks.iter().find(|d| d.path == disk) else {
+        return;
+    };
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(10) {
+        if d.table
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .all(|p| Path::new(&p.node).exists())
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn rpassword_like(prompt: &str) -> Result<String> {
+    use std::io::BufRead;
+    print!("{prompt}");
+    std::io::stdout().flush()?;
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    let have = unsafe { libc::tcgetattr(0, &mut t) } == 0;
+    if have {
+        let mut n = t;
+        n.c_lflag &= !libc::ECHO;
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &n) };
+    }
+    let mut s = String::new();
+    std::io::stdin().lock().read_line(&mut s)?;
+    if have {
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+    }
+    println!();
+    let s = s.trim_end_matches('\n').to_string();
+    if s.is_empty() {
+        bail!("empty passphrase");
+    }
+    Ok(s)
+}
+
+/// Bootloader, configuration patches, initramfs, SELinux, logs.
+fn finalize(
+    o: &Options,
+    l: &Layout,
+    pairs: &[Pair],
+    names: &BTreeMap<String, String>,
+    r: &mut Runner,
+) -> Result<()> {
+    let root = &o.root;
+    let root_s = root.to_string_lossy().to_string();
+    let in_root = |p: &str| root.join(p.trim_start_matches('/'));
+    let mut m = mounted();
+    for fs in ["/proc", "/sys", "/dev", "/run"] {
+        let dst = in_root(fs).to_string_lossy().to_string();
+        if m.contains(&dst) && !o.dry_run {
+            continue;
+        }
+        if !o.dry_run {
+            std::fs::create_dir_all(&dst)?;
+        }
+        r.cmd("", &["mount", "--rbind", fs, &dst])?;
+        m.insert(dst);
+    }
+    // Device names that changed.
+    let changed: BTreeMap<String, String> = names
+        .iter()
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| (a.clone(), b.clone()))
+        .collect();
+    if !changed.is_empty() {
+        for f in [
+            "etc/fstab",
+            "etc/crypttab",
+            "etc/default/grub",
+            "etc/initramfs-tools/conf.d/resume",
+            "etc/mdadm/mdadm.conf",
+        ] {
+            let p = in_root(f);
+            let Ok(text) = std::fs::read_to_string(&p) else {
+                continue;
+            };
+            let new = rename_devices(&text, &changed);
+            if new != text {
+                r.say(&format!(
+                    "+ patch {}: device names {:?}",
+                    p.display(),
+                    changed
+                ));
+                if !o.dry_run {
+                    std::fs::write(&p, new)?;
+                }
+            }
+        }
+    }
+    // Bootloader.
+    let has = |p: &str| o.dry_run || in_root(p).exists();
+    let tool = |a: &str, b: &str| -> Option<String> {
+        ["usr/sbin", "usr/bin", "sbin", "bin"]
+            .iter()
+            .find_map(|d| {
+                [a, b]
+                    .iter()
+                    .find(|n| in_root(&format!("{d}/{n}")).exists())
+                    .map(|n| n.to_string())
+            })
+            .or_else(|| o.dry_run.then(|| a.to_string()))
+    };
+    let mut bios: Vec<String> = l.bootloader.grub_bios_disks.clone();
+    if bios.is_empty() && !l.bootloader.uefi {
+        // A BIOS boot partition means GRUB lives on that disk.
+        for p in &l.bootloader.bios_boot_partitions {
+            if let Some(d) = l.disks.iter().find(|d| {
+                d.table
+                    .iter()
+                    .flat_map(|t| &t.partitions)
+                    .any(|x| x.node == *p)
+            }) {
+                bios.push(d.path.clone());
+            }
+        }
+    }
+    let mut boot_done = false;
+    let install = tool("grub-install", "grub2-install");
+    if !bios.is_empty() {
+        let Some(gi) = &install else {
+            bail!("the recovered system has no grub-install; install a bootloader by hand (chroot {root_s})");
+        };
+        for d in &bios {
+            r.cmd(
+                d,
+                &["chroot", &root_s, gi, "--target=i386-pc", "--recheck", d],
+            )?;
+        }
+        boot_done = true;
+    }
+    if l.bootloader.uefi && !l.bootloader.esps.is_empty() {
+        let esp_mount = l
+            .mounts
+            .iter()
+            .find(|m| l.bootloader.esps.contains(&m.source))
+            .map(|m| m.target.clone())
+            .unwrap_or_else(|| "/boot/efi".into());
+        let Some(gi) = &install else {
+            bail!("the recovered system has no grub-install; install the EFI bootloader by hand (chroot {root_s})");
+        };
+        let id = os_id(root).unwrap_or_else(|| "linux".into());
+        let efi = format!("--efi-directory={esp_mount}");
+        let bid = format!("--bootloader-id={id}");
+        let mut a = vec![
+            "chroot",
+            &root_s,
+            gi.as_str(),
+            "--target=x86_64-efi",
+            &efi,
+            &bid,
+        ];
+        if !Path::new("/sys/firmware/efi").is_dir() {
+            // Booted without UEFI: no NVRAM to write; use the removable path.
+            a.extend(["--no-nvram", "--removable"]);
+        }
+        r.cmd(&l.bootloader.esps[0], &a)?;
+        boot_done = true;
+    }
+    if boot_done {
+        if has("usr/sbin/update-grub") {
+            r.cmd("", &["chroot", &root_s, "update-grub"])?;
+        } else if let Some(mk) = tool("grub-mkconfig", "grub2-mkconfig") {
+            let out = if in_root("boot/grub2").is_dir() {
+                "/boot/grub2/grub.cfg"
+            } else {
+                "/boot/grub/grub.cfg"
+            };
+            r.cmd("", &["chroot", &root_s, &mk, "-o", out])?;
+        }
+    } else {
+        r.say("WARNING: the layout records no bootloader (no GRUB in an MBR, no BIOS boot partition, no ESP); install one before rebooting");
+    }
+    // initramfs.
+    let renamed = pairs.iter().any(|p| p.source.name != p.target.name);
+    let rebuild = match o.rebuild_initramfs.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => renamed,
+    };
+    if rebuild {
+        if has("usr/sbin/update-initramfs") {
+            r.cmd(
+                "",
+                &["chroot", &root_s, "update-initramfs", "-u", "-k", "all"],
+            )?;
+        } else if has("usr/bin/dracut") {
+            r.cmd(
+                "",
+                &["chroot", &root_s, "dracut", "--force", "--regenerate-all"],
+            )?;
+        } else {
+            r.say("WARNING: no update-initramfs or dracut in the recovered system; its initramfs was not rebuilt");
+        }
+    } else {
+        r.say("# initramfs kept (same disk names; recover.rebuild_initramfs = \"always\" forces a rebuild)");
+    }
+    // SELinux.
+    if let Ok(c) = std::fs::read_to_string(in_root("etc/selinux/config")) {
+        if c.lines().any(|l| {
+            let l = l.trim();
+            l == "SELINUX=enforcing" || l == "SELINUX=permissive"
+        }) {
+            r.say("+ touch /.autorelabel (SELinux relabels at first boot)");
+            if !o.dry_run {
+                std::fs::write(in_root(".autorelabel"), "")?;
+            }
+        }
+    }
+    // Logs and the layout go with the system.
+    let logdir = in_root("var/log/lifeboat");
+    r.say(&format!(
+        "+ copy the recovery log, layout and mapping into {}",
+        logdir.display()
+    ));
+    if !o.dry_run {
+        std::fs::create_dir_all(&logdir)?;
+        let mut map = String::new();
+        for p in pairs {
+            map.push_str(&format!(
+                "{} {} # {}\n",
+                p.source.path, p.target.path, p.why
+            ));
+        }
+        std::fs::write(logdir.join("disk-mapping"), map)?;
+        std::fs::write(
+            logdir.join("layout.json"),
+            serde_json::to_vec_pretty(&o.layout)?,
+        )?;
+        std::fs::write(
+            logdir.join("layout-recovered.json"),
+            serde_json::to_vec_pretty(l)?,
+        )?;
+        std::fs::write(
+            logdir.join("backup.json"),
+            serde_json::to_vec_pretty(&o.backup)?,
+        )?;
+        for f in &o.keep_files {
+            if let Some(n) = f.file_name() {
+                let _ = std::fs::copy(f, logdir.join(n));
+            }
+        }
+        let _ = std::fs::copy("/var/log/lifeboat/recover.log", logdir.join("recover.log"));
+    }
+    Ok(())
+}
+
+fn os_id(root: &Path) -> Option<String> {
+    let t = std::fs::read_to_string(root.join("etc/os-release")).ok()?;
+    t.lines()
+        .find_map(|l| l.strip_prefix("ID="))
+        .map(|s| s.trim_matches('"').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_are_replaced_whole() {
+        let names: BTreeMap<String, String> = [
+            ("/dev/sda".to_string(), "/dev/nvme0n1".to_string()),
+            ("/dev/sda1".to_string(), "/dev/nvme0n1p1".to_string()),
+            ("/dev/sda10".to_string(), "/dev/nvme0n1p10".to_string()),
+        ]
+        .into();
+        let t = "/dev/sda1 / ext4 defaults 0 1\n/dev/sda10 /x xfs 0 0\nUUID=ab /dev/sdab\nGRUB resume=/dev/sda1\n";
+        assert_eq!(
+            rename_devices(t, &names),
+            "/dev/nvme0n1p1 / ext4 defaults 0 1\n/dev/nvme0n1p10 /x xfs 0 0\nUUID=ab /dev/sdab\nGRUB resume=/dev/nvme0n1p1\n"
+        );
+    }
+
+    #[test]
+    fn writes_outside_the_mapped_disks_are_refused() {
+        let d = crate::layout::test_disk("vda", 1 << 30, None);
+        let l = Layout {
+            schema_version: 1,
+            hostname: "h".into(),
+            disks: vec![d],
+            filesystems: vec![],
+            mounts: vec![],
+            md: vec![],
+            luks: vec![],
+            lvm: Default::default(),
+            bootloader: Default::default(),
+        };
+        let ok = plan::groups(&l).unwrap();
+        check_writes(&ok, &writable(&l)).unwrap();
+        let mut bad = ok.clone();
+        bad[0].steps.push(Step {
+            device: "/dev/vda".into(),
+            argv: vec!["dd".into(), "of=/dev/vdb".into(), "/dev/vdb".into()],
+            stdin: None,
+        });
+        let e = check_writes(&bad, &writable(&l)).unwrap_err().to_string();
+        assert!(
+            e.contains("/dev/vdb") && e.contains("not a mapped target"),
+            "{e}"
+        );
+    }
+}
