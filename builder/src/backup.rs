@@ -221,7 +221,8 @@ fn archive_one(
     match status.code() {
         Some(0) => {}
         Some(1) => eprintln!(
-            "lifeboat: warning: files changed while {mountpoint} was archived:\n{}",
+            "lifeboat: warning: files changed while {mountpoint} was archived (kept as read){}{}",
+            if errors.trim().is_empty() { "" } else { ":\n" },
             errors.trim_end()
         ),
         _ => bail!(

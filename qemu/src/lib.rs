@@ -45,6 +45,34 @@ impl BootSpec {
         self
     }
 
+    /// Boot from the attached disks through their own bootloader.
+    pub fn from_disks() -> BootSpec {
+        BootSpec::new(Path::new(""), Path::new(""))
+    }
+
+    /// Attach `file` as the next virtio disk (`raw` or `qcow2`), with a
+    /// serial number when given (the guest sees it in /sys/block/*/serial).
+    pub fn with_disk(mut self, file: &Path, format: &str, serial: Option<&str>) -> BootSpec {
+        let n = self
+            .extra_args
+            .iter()
+            .filter(|a| a.starts_with("virtio-blk-pci,drive="))
+            .count();
+        self.extra_args.extend([
+            "-drive".to_string(),
+            format!(
+                "file={},format={format},if=none,id=disk{n},cache=unsafe",
+                file.display()
+            ),
+            "-device".into(),
+            match serial {
+                Some(s) => format!("virtio-blk-pci,drive=disk{n},serial={s}"),
+                None => format!("virtio-blk-pci,drive=disk{n}"),
+            },
+        ]);
+        self
+    }
+
     pub fn new(kernel: &Path, initrd: &Path) -> BootSpec {
         BootSpec {
             kernel: kernel.to_path_buf(),
@@ -76,20 +104,27 @@ pub fn base_args(spec: &BootSpec) -> Vec<String> {
         spec.memory_mb.to_string(),
         "-smp".into(),
         spec.cpus.to_string(),
-        "-kernel".into(),
-        spec.kernel.display().to_string(),
-        "-initrd".into(),
-        spec.initrd.display().to_string(),
-        "-append".into(),
-        spec.append.clone(),
-        "-no-reboot".into(),
+    ];
+    // Without a kernel the firmware boots the disks (their own bootloader).
+    if !spec.kernel.as_os_str().is_empty() {
+        v.extend([
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-initrd".into(),
+            spec.initrd.display().to_string(),
+            "-append".into(),
+            spec.append.clone(),
+        ]);
+    }
+    v.extend([
+        "-no-reboot".to_string(),
         // RDRAND (-cpu max) and a virtio RNG, as real machines and most
         // clouds have: without them TCG guests wait minutes for entropy.
         "-cpu".into(),
         "max".into(),
         "-device".into(),
         "virtio-rng-pci".into(),
-    ];
+    ]);
     if let Some(vars) = &spec.uefi_vars {
         let (code, _) = ovmf();
         v.extend([
@@ -323,6 +358,24 @@ impl Vm {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+    }
+
+    /// Wait until QEMU exits (the guest powered off or rebooted with
+    /// `-no-reboot`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Ok(st);
+            }
+            if t0.elapsed() > timeout {
+                return Err(format!(
+                    "QEMU still running after {timeout:?}; console tail:\n{}",
+                    tail(&self.console(), 3000)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 #[derive(Debug, clap::Args)]
+#[group(skip)]
 pub struct Args {
     /// Where the archives go (overrides BACKUP_URL), `file:///path`.
     #[arg(long, value_name = "URL")]

@@ -80,3 +80,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Layout(c) => layout::run(&g, c),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,439 @@
+//! End to end: a real Debian system (mmdebstrap, installed with GRUB on a
+//! virtual disk by qemu/fixtures/debian-disk.sh) boots, gets marker files,
+//! runs `lifeboat mkbackup` with backup and rescue image going to a second
+//! disk; a blank VM boots that rescue image with `lifeboat.recover=auto`;
+//! then the target disk boots through its own GRUB and must show the same
+//! markers, filesystem UUIDs and lsblk shape.
+
+mod common;
+
+use common::*;
+use lifeboat_qemu::{BootSpec, Vm};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const PROMPT: &str = "root@lbsrc:~#";
+const MIN: Duration = Duration::from_secs(60);
+
+/// A backed-up source system.
+struct Source {
+    work: PathBuf,
+    backup: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// `sha256sum` lines of the marker files.
+    markers: String,
+    /// `lsblk --json` of the source disk.
+    lsblk: Value,
+}
+
+fn sh_ok(cmd: &str) -> String {
+    let out = Command::new("bash").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn work_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lifeboat-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The installed Debian disk for `layout` (cached by content hash).
+fn debian_disk(layout: &str) -> PathBuf {
+    static RESCUE: OnceLock<PathBuf> = OnceLock::new();
+    let rescue = RESCUE.get_or_init(|| {
+        let w = work_dir("installer");
+        let out = w.join("rescue");
+        build(&w, &out, "", &[]);
+        out
+    });
+    let qemu = Path::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .parent()
+        .unwrap()
+        .join("lifeboat-qemu");
+    let out = Command::new("bash")
+        .arg(repo().join("qemu/fixtures/debian-disk.sh"))
+        .arg(layout)
+        .env("LIFEBOAT_RESCUE_DIR", rescue)
+        .env("LIFEBOAT_QEMU", qemu)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "debian-disk.sh {layout} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim(),
+    )
+}
+
+fn run(vm: &mut Vm, pos: &mut usize, cmd: &str, t: Duration) -> String {
+    let r = vm
+        .run_command(*pos, cmd, t)
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    *pos = r.end;
+    assert_eq!(r.status, 0, "{cmd} exited {}:\n{}", r.status, r.output);
+    r.output
+}
+
+fn json_in(text: &str) -> Value {
+    let start = text.find('{').expect("no JSON in output");
+    let end = text.rfind('}').unwrap();
+    serde_json::from_str(&text[start..=end]).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Boot the source system, put markers on it and run mkbackup.
+fn make_source(layout: &str) -> Source {
+    let disk = debian_disk(layout);
+    let work = work_dir(&format!("src-{layout}"));
+    let overlay = work.join("src.qcow2");
+    sh_ok(&format!(
+        "qemu-img create -q -f qcow2 -F raw -b {} {}",
+        disk.display(),
+        overlay.display()
+    ));
+    // The backup disk carries the lifeboat binaries in and everything out.
+    let stage = work.join("stage/bin");
+    std::fs::create_dir_all(&stage).unwrap();
+    let bin = lifeboat_bin();
+    for b in ["lifeboat", "lifeboat-init"] {
+        sh_ok(&format!(
+            "strip -o {} {}",
+            stage.join(b).display(),
+            bin.parent().unwrap().join(b).display()
+        ));
+    }
+    let backup = work.join("backup.img");
+    sh_ok(&format!(
+        "truncate -s 4G {b} && mkfs.ext4 -q -F -L LBBACKUP -d {s} {b}",
+        b = backup.display(),
+        s = work.join("stage").display()
+    ));
+    let spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(work.join("source-console.log")),
+        ..BootSpec::from_disks()
+    }
+    .with_disk(&overlay, "qcow2", Some("LBSRC0"))
+    .with_disk(&backup, "raw", None);
+    let mut vm = Vm::boot(&spec).unwrap();
+    let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
+    run(
+        &mut vm,
+        &mut pos,
+        "mkdir -p /backup && mount /dev/vdb /backup",
+        MIN,
+    );
+    let markers = run(
+        &mut vm,
+        &mut pos,
+        "mkdir -p /home/u && head -c 3M /dev/urandom > /root/marker.bin && head -c 1M /dev/urandom > /home/u/marker.bin \
+         && date > /etc/marker.txt && sha256sum /root/marker.bin /home/u/marker.bin /etc/marker.txt",
+        MIN,
+    );
+    let lsblk = json_in(&run(
+        &mut vm,
+        &mut pos,
+        "lsblk --json -o NAME,TYPE,FSTYPE,UUID,PARTUUID,MOUNTPOINT /dev/vda",
+        MIN,
+    ));
+    run(
+        &mut vm,
+        &mut pos,
+        "/backup/bin/lifeboat mkbackup --backup-url file:///backup/store --output-dir /backup/rescue > /backup/mkbackup.log 2>&1; \
+         s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
+        20 * MIN,
+    );
+    run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+    drop(vm);
+    // Read the rescue image back from the backup disk.
+    let ls = sh_ok(&format!(
+        "debugfs -R 'ls -p /rescue' {} 2>/dev/null",
+        backup.display()
+    ));
+    let kname = ls
+        .split('/')
+        .find(|f| f.starts_with("vmlinuz-"))
+        .expect("no vmlinuz in /rescue of the backup disk")
+        .to_string();
+    let kernel = work.join(&kname);
+    let initrd = work.join("initrd.img");
+    sh_ok(&format!(
+        "debugfs -R 'dump /rescue/{kname} {}' {b} 2>/dev/null && debugfs -R 'dump /rescue/initrd.img {}' {b} 2>/dev/null",
+        kernel.display(),
+        initrd.display(),
+        b = backup.display()
+    ));
+    assert!(std::fs::metadata(&initrd).unwrap().len() > 1 << 20);
+    Source {
+        work,
+        backup,
+        kernel,
+        initrd,
+        markers,
+        lsblk,
+    }
+}
+
+fn gpt_source() -> &'static Source {
+    static S: OnceLock<Source> = OnceLock::new();
+    S.get_or_init(|| make_source("gpt-bios"))
+}
+
+fn lvm_source() -> &'static Source {
+    static S: OnceLock<Source> = OnceLock::new();
+    S.get_or_init(|| make_source("mbr-lvm"))
+}
+
+fn blank(path: &Path, size: &str) {
+    sh_ok(&format!(
+        "rm -f {p} && truncate -s {size} {p}",
+        p = path.display()
+    ));
+}
+
+fn sha(path: &Path) -> String {
+    sh_ok(&format!("sha256sum {}", path.display()))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Boot the rescue image of `src` on `disks` (target first; the backup disk
+/// is attached read-only after them).
+fn rescue_vm(src: &Source, disks: &[(&Path, Option<&str>)], append: &str, log: &str) -> Vm {
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        append: format!("console=ttyS0 {append}"),
+        log: Some(src.work.join(log)),
+        ..BootSpec::new(&src.kernel, &src.initrd)
+    };
+    for (d, serial) in disks {
+        spec = spec.with_disk(d, "raw", *serial);
+    }
+    spec = spec.with_disk(&src.backup, "raw,readonly=on", None);
+    Vm::boot(&spec).unwrap()
+}
+
+/// Unattended recovery onto `disks`; returns the console.
+fn recover(src: &Source, disks: &[(&Path, Option<&str>)], append: &str, log: &str) -> String {
+    let mut vm = rescue_vm(src, disks, &format!("lifeboat.recover=auto {append}"), log);
+    vm.wait_for("rebooting into the recovered system", 30 * MIN)
+        .unwrap_or_else(|e| panic!("recovery did not finish: {e}"));
+    vm.wait_exit(2 * MIN).unwrap();
+    vm.console()
+}
+
+/// Boot the recovered disk through its own GRUB and compare with the source.
+fn check_recovered(src: &Source, target: &Path, log: &str) {
+    let spec = BootSpec {
+        memory_mb: 1024,
+        log: Some(src.work.join(log)),
+        ..BootSpec::from_disks()
+    }
+    .with_disk(target, "raw", None);
+    let mut vm = Vm::boot(&spec).unwrap();
+    let mut pos = vm
+        .wait_for(PROMPT, 10 * MIN)
+        .unwrap_or_else(|e| panic!("the recovered disk did not boot to a shell: {e}"));
+    let sums = run(
+        &mut vm,
+        &mut pos,
+        "sha256sum /root/marker.bin /home/u/marker.bin /etc/marker.txt",
+        MIN,
+    );
+    let lines = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.len() > 64 && l.as_bytes()[64] == b' ')
+            .map(|l| l.trim().to_string())
+            .collect()
+    };
+    assert_eq!(lines(&sums), lines(&src.markers), "marker files differ");
+    assert_eq!(lines(&sums).len(), 3);
+    let lsblk = json_in(&run(
+        &mut vm,
+        &mut pos,
+        "lsblk --json -o NAME,TYPE,FSTYPE,UUID,PARTUUID,MOUNTPOINT /dev/vda",
+        MIN,
+    ));
+    assert_eq!(lsblk, src.lsblk, "lsblk shape, UUIDs or mounts differ");
+    let log_dir = run(&mut vm, &mut pos, "ls /var/log/lifeboat/", MIN);
+    assert!(
+        log_dir.contains("recover.log") && log_dir.contains("layout.json"),
+        "{log_dir}"
+    );
+    // No recovery marker is left behind.
+    let markers = run(
+        &mut vm,
+        &mut pos,
+        "echo left=$(ls -a / | grep -c '^[.]lifeboat-')",
+        MIN,
+    );
+    assert!(markers.contains("left=0"), "{markers}");
+}
+
+#[test]
+fn a_gpt_bios_ext4_swap_same_size() {
+    let src = gpt_source();
+    let target = src.work.join("target-a.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover-a.log");
+    assert!(
+        console.contains("[same serial]"),
+        "mapping by serial expected"
+    );
+    check_recovered(src, &target, "boot-a.log");
+}
+
+#[test]
+fn c_gpt_bios_onto_a_bigger_disk_leaves_other_disks_alone() {
+    let src = gpt_source();
+    let target = src.work.join("target-c.raw");
+    blank(&target, "4608M");
+    // A disk that is not in the mapping: its bytes must not change.
+    let other = src.work.join("other-c.raw");
+    blank(&other, "2G");
+    sh_ok(&format!(
+        "head -c 4M /dev/urandom | dd of={} conv=notrunc status=none",
+        other.display()
+    ));
+    let before = sha(&other);
+    let console = recover(
+        src,
+        &[(&target, Some("NEWDISK")), (&other, Some("OTHER"))],
+        "lifeboat.map=vda:vda",
+        "recover-c.log",
+    );
+    assert!(
+        console.contains("[mapping file]"),
+        "explicit mapping expected"
+    );
+    assert_eq!(sha(&other), before, "an unmapped disk was written");
+    // The root partition grew by the extra 1.5 GiB.
+    let t = sh_ok(&format!("sfdisk --json {}", target.display()));
+    let t: Value = serde_json::from_str(&t).unwrap();
+    let parts = t["partitiontable"]["partitions"].as_array().unwrap();
+    let last = parts.last().unwrap()["size"].as_u64().unwrap();
+    assert!(
+        last * 512 > (3 << 30) + (1 << 29),
+        "root partition not grown: {last} sectors"
+    );
+    check_recovered(src, &target, "boot-c.log");
+}
+
+#[test]
+fn b_mbr_boot_plus_lvm() {
+    let src = lvm_source();
+    let target = src.work.join("target-b.raw");
+    blank(&target, "4G");
+    let console = recover(src, &[(&target, None)], "", "recover-b.log");
+    assert!(
+        console.contains("[same name and size]"),
+        "mapping by name and size expected"
+    );
+    check_recovered(src, &target, "boot-b.log");
+}
+
+#[test]
+fn interrupted_restore_is_completed_by_a_second_run() {
+    let src = gpt_source();
+    let target = src.work.join("target-i.raw");
+    blank(&target, "3G");
+    let mut vm = rescue_vm(
+        src,
+        &[(&target, Some("LBSRC0"))],
+        "lifeboat.recover=auto",
+        "recover-i1.log",
+    );
+    vm.wait_for("lifeboat: restoring / from root.tar.zst", 20 * MIN)
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    drop(vm); // power cut in the middle of the restore
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover-i2.log");
+    assert!(
+        console.contains("partition table on /dev/vda: already there"),
+        "the second run should keep the partition table"
+    );
+    assert!(console.contains("already there (from an earlier run), kept"));
+    check_recovered(src, &target, "boot-i.log");
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_a_too_small_disk_is_refused_untouched() {
+    let src = gpt_source();
+    let target = src.work.join("target-d.raw");
+    blank(&target, "3G");
+    let small = src.work.join("small-d.raw");
+    blank(&small, "512M");
+    let (t0, s0) = (sha(&target), sha(&small));
+    let mut vm = rescue_vm(
+        src,
+        &[(&target, Some("LBSRC0")), (&small, Some("SMALL"))],
+        "",
+        "rescue-d.log",
+    );
+    let mut pos = vm.wait_for("lifeboat: ready", 5 * MIN).unwrap();
+    let out = run(
+        &mut vm,
+        &mut pos,
+        "lifeboat recover --dry-run 2>&1",
+        5 * MIN,
+    );
+    let order = [
+        "wipefs --all --force /dev/vda",
+        "sfdisk --no-reread --no-tell-kernel -q /dev/vda",
+        "mkswap -f -U",
+        "mke2fs -F -q -t ext4 -U",
+        "mount -t ext4 -o defaults /dev/vda3 /mnt/local",
+        "tar --extract",
+        "grub-install --target=i386-pc --recheck /dev/vda",
+        "update-grub",
+        "umount --recursive /mnt/local",
+        "dry run finished; nothing was written",
+    ];
+    let mut at = 0;
+    for o in order {
+        let i = out[at..]
+            .find(o)
+            .unwrap_or_else(|| panic!("{o:?} missing or out of order in:\n{out}"));
+        at += i + o.len();
+    }
+    let r = vm
+        .run_command(
+            pos,
+            "echo '/dev/vda /dev/vdb' > /tmp/map; lifeboat recover --auto --map /tmp/map 2>&1",
+            5 * MIN,
+        )
+        .unwrap();
+    pos = r.end;
+    assert_ne!(
+        r.status, 0,
+        "recovery onto a 512 MiB disk must fail:\n{}",
+        r.output
+    );
+    assert!(
+        r.output.contains("too small for the data") && r.output.contains("Nothing was written"),
+        "{}",
+        r.output
+    );
+    let _ = pos;
+    drop(vm);
+    assert_eq!(sha(&target), t0, "dry run wrote the disk");
+    assert_eq!(sha(&small), s0, "refused recovery wrote the disk");
+}
