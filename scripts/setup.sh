@@ -13,6 +13,8 @@ PKGS=(
   efibootmgr nano less tar util-linux udev iputils-ping
   # booting images
   qemu-system-x86 qemu-utils ovmf xorriso mtools
+  # end-to-end recovery tests: a real Debian source system
+  mmdebstrap debian-archive-keyring
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -41,7 +41,33 @@ fn sh_ok(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Work directories of earlier runs whose process is gone are removed
+/// (their disk images are large); this run's stay for inspection.
+fn clean_stale() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        for e in std::fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let n = e.file_name().to_string_lossy().to_string();
+            let Some(pid) = n
+                .strip_prefix("lifeboat-e2e-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+}
+
 fn work_dir(name: &str) -> PathBuf {
+    clean_stale();
     let d = std::env::temp_dir().join(format!("lifeboat-e2e-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
