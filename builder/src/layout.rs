@@ -308,6 +308,13 @@ pub fn capture(only: &[String]) -> Result<Layout> {
         if let Some(t) = rep("vgs", "vg_name,vg_uuid,vg_extent_size,vg_size")? {
             lvm.vgs = crate::layout_parse::lvm_vgs(&t)?;
         }
+        for vg in lvm.vgs.iter_mut() {
+            let f = tempfile::NamedTempFile::new()?;
+            let path = f.path().to_string_lossy().to_string();
+            if run("lvm", &["vgcfgbackup", "-f", &path, &vg.name])?.is_some() {
+                vg.metadata = std::fs::read_to_string(&path).ok();
+            }
+        }
         if let Some(t) = rep(
             "lvs",
             "lv_name,vg_name,lv_uuid,lv_size,segtype,pool_lv,stripes,lv_attr",

@@ -158,6 +158,7 @@ pub fn lvm_vgs(json: &str) -> Result<Vec<Vg>> {
                 uuid: text(r, "vg_uuid")?,
                 extent_bytes: bytes(r, "vg_extent_size")?,
                 size_bytes: bytes(r, "vg_size")?,
+                metadata: None,
             })
         })
         .collect()

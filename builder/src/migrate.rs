@@ -521,6 +521,8 @@ fn shrink_lvs(l: &mut Layout) {
         }
         if let Some(v) = l.lvm.vgs.iter_mut().find(|v| v.name == vg.name) {
             v.size_bytes = cap;
+            // The recorded metadata has the old sizes: recreate LV by LV.
+            v.metadata = None;
         }
     }
 }

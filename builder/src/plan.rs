@@ -266,6 +266,26 @@ pub(crate) fn is_extended(type_id: &str) -> bool {
     )
 }
 
+const LVM_META_DIR: &str = "/run/lifeboat/lvm";
+
+fn lvm_meta_file(vg: &str) -> String {
+    format!("{LVM_META_DIR}/{vg}.vg")
+}
+
+/// The recorded metadata of `vg`, when the VG can be restored from it
+/// (only linear and striped LVs: thin pools and RAID LVs carry state that
+/// vgcfgrestore cannot recreate).
+fn restorable<'a>(l: &'a Layout, vg: &str) -> Option<&'a str> {
+    let v = l.lvm.vgs.iter().find(|v| v.name == vg)?;
+    let simple = l
+        .lvm
+        .lvs
+        .iter()
+        .filter(|lv| lv.vg == vg)
+        .all(|lv| matches!(lv.segtype.as_str(), "linear" | "striped"));
+    v.metadata.as_deref().filter(|_| simple)
+}
+
 /// The ordered plan in checkable groups.
 pub fn groups(l: &Layout) -> Result<Vec<Group>> {
     let mut out = Vec::new();
@@ -411,8 +431,32 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
         ));
         out.push(g);
     }
-    // 4. LVM: PVs with their UUIDs, VGs with their extent size, LVs (thin pools before thin volumes).
+    // 4. LVM: PVs with their UUIDs, VGs with their extent size, LVs (thin
+    //    pools before thin volumes). A VG whose metadata was recorded and
+    //    holds only linear/striped LVs is restored from it instead, which
+    //    keeps the VG and LV UUIDs.
+    for v in &l.lvm.vgs {
+        if let Some(meta) = restorable(l, &v.name) {
+            let mut g = Group::new(
+                format!("LVM metadata of {} (for vgcfgrestore)", v.name),
+                None,
+            );
+            g.steps.push(Step::new("", &["mkdir", "-p", LVM_META_DIR]));
+            let mut w = Step::new(
+                "",
+                &[
+                    "dd",
+                    &format!("of={}", lvm_meta_file(&v.name)),
+                    "status=none",
+                ],
+            );
+            w.stdin = Some(meta.to_string());
+            g.steps.push(w);
+            out.push(g);
+        }
+    }
     for p in &l.lvm.pvs {
+        let restore = restorable(l, &p.vg).map(|_| lvm_meta_file(&p.vg));
         let mut g = Group::new(
             format!("LVM physical volume {}", p.device),
             Some(Done::Pv {
@@ -429,7 +473,10 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
                 "--force",
                 "--uuid",
                 &p.uuid,
-                "--norestorefile",
+                &restore
+                    .as_ref()
+                    .map(|f| format!("--restorefile={f}"))
+                    .unwrap_or_else(|| "--norestorefile".into()),
                 &p.device,
             ],
         ));
@@ -443,6 +490,30 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
             .filter(|p| p.vg == v.name)
             .map(|p| p.device.clone())
             .collect();
+        if restorable(l, &v.name).is_some() {
+            let mut g = Group::new(
+                format!("LVM volume group {} (restored with its UUIDs)", v.name),
+                Some(Done::Vg {
+                    name: v.name.clone(),
+                }),
+            );
+            g.steps.push(Step::new(
+                pvs.first().map(|s| s.as_str()).unwrap_or(""),
+                &[
+                    "lvm",
+                    "vgcfgrestore",
+                    "-f",
+                    &lvm_meta_file(&v.name),
+                    &v.name,
+                ],
+            ));
+            // Bigger partitions: let the PVs use them.
+            for pv in &pvs {
+                g.steps.push(Step::new(pv, &["lvm", "pvresize", pv]));
+            }
+            out.push(g);
+            continue;
+        }
         let mut a = vec![
             "lvm".to_string(),
             "vgcreate".into(),
@@ -472,7 +543,7 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
         _ => 0,
     };
     lvs.sort_by(|a, b| (rank(&a.segtype), &a.vg, &a.name).cmp(&(rank(&b.segtype), &b.vg, &b.name)));
-    for lv in &lvs {
+    for lv in lvs.iter().filter(|lv| restorable(l, &lv.vg).is_none()) {
         let dev = format!("/dev/{}/{}", lv.vg, lv.name);
         let size = format!("{}b", lv.size_bytes);
         // lvcreate's arguments after the common prefix, by segment type.
@@ -676,6 +747,36 @@ mod tests {
         let want = std::fs::read_to_string(&golden)
             .expect("golden file missing: run with LIFEBOAT_UPDATE_GOLDEN=1");
         assert_eq!(text, want, "plan differs from {}", golden.display());
+    }
+
+    #[test]
+    fn a_recorded_vg_of_plain_lvs_is_restored_with_its_uuids() {
+        let mut l = recorded();
+        l.lvm.vgs[0].metadata = Some("vg0 {\n\tid = \"x\"\n}\n".into());
+        // With a thin pool in the VG: LV by LV as before.
+        let text: Vec<String> = commands(&l).unwrap().iter().map(|s| s.render()).collect();
+        assert!(text.iter().any(|c| c.contains("lvcreate")));
+        assert!(!text.iter().any(|c| c.contains("vgcfgrestore")));
+        // Only linear LVs: restored from the metadata, no lvcreate.
+        l.lvm.lvs.retain(|lv| lv.segtype == "linear");
+        let steps = commands(&l).unwrap();
+        let text: Vec<String> = steps.iter().map(|s| s.render()).collect();
+        let pos = |needle: &str| {
+            text.iter()
+                .position(|c| c.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing in {text:#?}"))
+        };
+        assert!(pos("dd of=/run/lifeboat/lvm/vg0.vg") < pos("pvcreate"));
+        assert!(
+            pos("--restorefile=/run/lifeboat/lvm/vg0.vg")
+                < pos("vgcfgrestore -f /run/lifeboat/lvm/vg0.vg vg0")
+        );
+        assert!(pos("vgcfgrestore") < pos("lvm pvresize"));
+        assert!(!text
+            .iter()
+            .any(|c| c.contains("lvcreate") || c.contains("vgcreate")));
+        let dd = steps.iter().find(|s| s.argv[0] == "dd").unwrap();
+        assert_eq!(dd.stdin.as_deref(), l.lvm.vgs[0].metadata.as_deref());
     }
 
     #[test]

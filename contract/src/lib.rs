@@ -494,6 +494,10 @@ pub struct Vg {
     pub uuid: String,
     pub extent_bytes: u64,
     pub size_bytes: u64,
+    /// `vgcfgbackup` text: with it the recovery restores the VG with the
+    /// same VG and LV UUIDs (`pvcreate --restorefile` + `vgcfgrestore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
