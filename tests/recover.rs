@@ -28,6 +28,21 @@ struct Source {
     markers: String,
     /// `lsblk --json` of the source disk.
     lsblk: Value,
+    /// VG and LV UUIDs (`lvs`), empty without LVM.
+    lvm_ids: Vec<String>,
+    /// The kernel command line GRUB gave the source.
+    cmdline: String,
+}
+
+const LVS: &str =
+    "lvs --noheadings -o vg_name,vg_uuid,lv_name,lv_uuid 2>/dev/null | sed 's/^ */lv: /'";
+const CMDLINE: &str = "sed 's/^/cmdline: /' /proc/cmdline";
+
+fn prefixed(out: &str, p: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.starts_with(p))
+        .map(|l| l.trim().to_string())
+        .collect()
 }
 
 fn sh_ok(cmd: &str) -> String {
@@ -178,6 +193,9 @@ fn make_source(layout: &str) -> Source {
         "lsblk --json -o NAME,TYPE,FSTYPE,UUID,PARTUUID,MOUNTPOINT /dev/vda",
         MIN,
     ));
+    let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
+    let cmdline = prefixed(&run(&mut vm, &mut pos, CMDLINE, MIN), "cmdline: ").join("\n");
+    assert!(cmdline.contains("root="), "{cmdline}");
     run(
         &mut vm,
         &mut pos,
@@ -213,6 +231,8 @@ fn make_source(layout: &str) -> Source {
         initrd,
         markers,
         lsblk,
+        lvm_ids,
+        cmdline,
     }
 }
 
@@ -299,6 +319,14 @@ fn check_recovered(src: &Source, target: &Path, log: &str) {
         MIN,
     ));
     assert_eq!(lsblk, src.lsblk, "lsblk shape, UUIDs or mounts differ");
+    let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
+    assert_eq!(lvm_ids, src.lvm_ids, "VG/LV names or UUIDs differ");
+    // update-grub in the rescue must write the same root= as the original.
+    let cmdline = prefixed(&run(&mut vm, &mut pos, CMDLINE, MIN), "cmdline: ").join("\n");
+    assert_eq!(
+        cmdline, src.cmdline,
+        "the recovered GRUB boots another command line"
+    );
     let log_dir = run(&mut vm, &mut pos, "ls /var/log/lifeboat/", MIN);
     assert!(
         log_dir.contains("recover.log") && log_dir.contains("layout.json"),
@@ -368,7 +396,17 @@ fn b_mbr_boot_plus_lvm() {
     let src = lvm_source();
     let target = src.work.join("target-b.raw");
     blank(&target, "4G");
+    assert_eq!(
+        src.lvm_ids.len(),
+        3,
+        "root, home and swap LVs expected: {:?}",
+        src.lvm_ids
+    );
     let console = recover(src, &[(&target, None)], "", "recover-b.log");
+    assert!(
+        console.contains("vgcfgrestore"),
+        "the VG should be restored with its UUIDs"
+    );
     assert!(
         console.contains("[same name and size]"),
         "mapping by name and size expected"

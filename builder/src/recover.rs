@@ -490,6 +490,11 @@ pub fn run(o: Options) -> Result<()> {
             .ok();
     }
     let id = o.backup.id.clone();
+    if !Path::new("/run/udev/control").exists() {
+        // No udevd in the rescue OS: device-mapper must make its own nodes
+        // (else lvcreate fails with "device not cleared").
+        std::env::set_var("DM_DISABLE_UDEV", "1");
+    }
     r.say(&format!(
         "lifeboat: recover: {} from backup {} ({} archive(s))",
         o.layout.hostname,
@@ -718,6 +723,7 @@ pub fn run(o: Options) -> Result<()> {
 
     // ---- Finalize.
     r.say("lifeboat: recover: finalizing");
+    disk_links(&layout, &mut r)?;
     finalize(&o, &layout, &pairs, &names, &mut r)?;
 
     // Markers away, then unmount.
@@ -754,6 +760,44 @@ pub fn run(o: Options) -> Result<()> {
     } else {
         "lifeboat: recovery finished"
     });
+    Ok(())
+}
+
+/// The /dev/disk/by-uuid and by-partuuid links udev would make: without
+/// them the target's grub-mkconfig writes `root=/dev/sda3` instead of
+/// `root=UUID=...`.
+fn disk_links(l: &Layout, r: &mut Runner) -> Result<()> {
+    let mut links: Vec<(String, String)> = Vec::new();
+    for f in &l.filesystems {
+        if let Some(u) = &f.uuid {
+            links.push((format!("/dev/disk/by-uuid/{u}"), f.device.clone()));
+        }
+    }
+    for d in &l.disks {
+        for p in d.table.iter().flat_map(|t| &t.partitions) {
+            if let Some(u) = &p.uuid {
+                links.push((
+                    format!("/dev/disk/by-partuuid/{}", u.to_ascii_lowercase()),
+                    p.node.clone(),
+                ));
+            }
+        }
+    }
+    for (link, dev) in links {
+        if Path::new(&link).exists() {
+            continue;
+        }
+        r.say(&format!("+ ln -s {dev} {link}"));
+        if r.dry_run {
+            continue;
+        }
+        let target = std::fs::canonicalize(&dev).unwrap_or_else(|_| PathBuf::from(&dev));
+        if let Some(parent) = Path::new(&link).parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("cannot create {link}"))?;
+    }
     Ok(())
 }
 
