@@ -338,6 +338,9 @@ pub fn capture(only: &[String]) -> Result<Layout> {
             luks.push(l);
         }
     }
+    if let Ok(t) = std::fs::read_to_string("/etc/crypttab") {
+        crate::fstab::apply_crypttab(&mut luks, &t);
+    }
     let mounts = match run(
         "findmnt",
         &["--json", "--list", "-o", "TARGET,SOURCE,FSTYPE,OPTIONS"],
@@ -547,6 +550,11 @@ pub fn summary(l: &Layout) -> String {
                 .map(|n| format!(" (open as {n})"))
                 .unwrap_or_default()
         ));
+        if let Some(k) = &c.keyfile {
+            out.push_str(&format!(
+                "  key file {k} (from /etc/crypttab; give it to recover with --keyfile)\n"
+            ));
+        }
     }
     for v in &l.lvm.vgs {
         let pvs: Vec<&str> = l

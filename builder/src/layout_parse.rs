@@ -95,6 +95,7 @@ pub fn luks_dump(device: &str, text: &str) -> Result<Luks> {
     Ok(Luks {
         device: device.to_string(),
         name: None,
+        keyfile: None,
         version,
         uuid: uuid.context("luksDump output has no UUID")?,
         label,

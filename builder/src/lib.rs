@@ -9,6 +9,7 @@ pub mod compress;
 pub mod config;
 pub mod cpio;
 pub mod elf;
+pub mod fstab;
 pub mod image;
 pub mod kmod;
 pub mod layers;

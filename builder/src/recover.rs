@@ -588,6 +588,19 @@ pub fn run(o: Options) -> Result<()> {
         }
     }
     if !o.auto && !o.yes && !o.dry_run {
+        println!("The plan:");
+        for g in &groups {
+            println!("  {}", g.what);
+        }
+        for a in &o.backup.archives {
+            println!(
+                "  restore {} from {} ({})",
+                a.mountpoint,
+                a.file,
+                migrate::human(a.bytes)
+            );
+        }
+        println!("  bootloader, configuration and logs of the recovered system");
         println!("These disks will be ERASED and recreated:");
         for p in &pairs {
             println!(

@@ -452,6 +452,9 @@ pub struct Luks {
     /// Name of the opened mapping (`/dev/mapper/<name>`) when captured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Key file named for it in /etc/crypttab (lives inside the backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyfile: Option<String>,
     pub version: u32,
     pub uuid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

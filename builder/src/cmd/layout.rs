@@ -85,6 +85,13 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
             let mut text = serde_json::to_vec_pretty(&l)?;
             text.push(b'\n');
             write_atomic(&output, &text)?;
+            if disks.is_empty() {
+                if let Ok(t) = std::fs::read_to_string("/etc/fstab") {
+                    for w in crate::fstab::cross_check(&l, &t) {
+                        eprintln!("lifeboat: warning: {w}");
+                    }
+                }
+            }
             if !g.quiet {
                 println!(
                     "layout of {} disk(s) saved to {}",

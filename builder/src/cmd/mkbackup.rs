@@ -88,6 +88,11 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         without_disk(&mut layout, &disk);
     }
+    if let Ok(t) = std::fs::read_to_string("/etc/fstab") {
+        for w in crate::fstab::cross_check(&layout, &t) {
+            eprintln!("lifeboat: warning: {w}");
+        }
+    }
     let layout_json = serde_json::to_vec_pretty(&layout)?;
     let saved = Path::new(super::layout::DEFAULT_LAYOUT);
     super::layout::write_atomic(saved, &layout_json)?;
@@ -122,4 +127,73 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         ),
     ];
     mkrescue::run_with(g, a.rescue, files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_contract::{Filesystem, Mount, Partition, PartitionTable};
+
+    #[test]
+    fn the_backup_disk_is_left_out_of_the_layout() {
+        let part = |n: u32, node: &str| Partition {
+            number: n,
+            node: node.into(),
+            start: 2048,
+            size: 2048,
+            type_id: "83".into(),
+            uuid: None,
+            name: None,
+            attrs: None,
+            bootable: false,
+        };
+        let table = |node: &str| PartitionTable {
+            kind: "dos".into(),
+            id: "0x1".into(),
+            first_lba: None,
+            last_lba: None,
+            sector_size: 512,
+            partitions: vec![part(1, node)],
+        };
+        let fs = |d: &str| Filesystem {
+            device: d.into(),
+            fstype: "ext4".into(),
+            uuid: None,
+            label: None,
+            used_bytes: None,
+            params: Default::default(),
+            subvolumes: vec![],
+            default_subvolume: None,
+        };
+        let mount = |t: &str, s: &str| Mount {
+            target: t.into(),
+            source: s.into(),
+            fstype: "ext4".into(),
+            options: "rw".into(),
+            root: None,
+        };
+        let mut l = Layout {
+            schema_version: 1,
+            hostname: "h".into(),
+            disks: vec![
+                crate::layout::test_disk("sda", 1 << 30, Some(table("/dev/sda1"))),
+                crate::layout::test_disk("sdb", 1 << 30, Some(table("/dev/sdb1"))),
+            ],
+            filesystems: vec![fs("/dev/sda1"), fs("/dev/sdb1")],
+            mounts: vec![mount("/", "/dev/sda1"), mount("/backup", "/dev/sdb1")],
+            md: vec![],
+            luks: vec![],
+            lvm: Default::default(),
+            bootloader: Default::default(),
+        };
+        without_disk(&mut l, "sdb");
+        assert_eq!(l.disks.len(), 1);
+        assert_eq!(l.disks[0].name, "sda");
+        assert_eq!(l.filesystems.len(), 1);
+        assert_eq!(l.mounts, vec![mount("/", "/dev/sda1")]);
+        // Not a disk of the layout: nothing changes.
+        let before = l.clone();
+        without_disk(&mut l, "sdz");
+        assert_eq!(l, before);
+    }
 }
