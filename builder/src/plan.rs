@@ -609,6 +609,16 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
         });
         out.push(g);
     }
+    // Activate every VG: vgcfgrestore leaves LVs inactive, and a re-run
+    // that kept the VG needs its LVs too.
+    for v in &l.lvm.vgs {
+        let mut g = Group::new(format!("activate LVM volume group {}", v.name), None);
+        g.steps.push(Step::new(
+            "",
+            &["lvm", "vgchange", "--activate", "y", &v.name],
+        ));
+        out.push(g);
+    }
     // 5. Filesystems and swap; 6. btrfs subvolumes, parents first.
     let mut seen = BTreeSet::new();
     for f in &l.filesystems {
@@ -772,6 +782,8 @@ mod tests {
                 < pos("vgcfgrestore -f /run/lifeboat/lvm/vg0.vg vg0")
         );
         assert!(pos("vgcfgrestore") < pos("lvm pvresize"));
+        assert!(pos("lvm pvresize") < pos("lvm vgchange --activate y vg0"));
+        assert!(pos("lvm vgchange --activate y vg0") < pos("mkfs.xfs"));
         assert!(!text
             .iter()
             .any(|c| c.contains("lvcreate") || c.contains("vgcreate")));

@@ -654,9 +654,6 @@ pub fn run(o: Options) -> Result<()> {
             }
         }
     }
-    for vg in &layout.lvm.vgs {
-        r.cmd(&vg.name, &["lvm", "vgchange", "-ay", &vg.name])?;
-    }
 
     // ---- Mount.
     r.say("lifeboat: recover: mounting");
