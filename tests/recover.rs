@@ -280,8 +280,22 @@ fn rescue_vm(src: &Source, disks: &[(&Path, Option<&str>)], append: &str, log: &
 /// Unattended recovery onto `disks`; returns the console.
 fn recover(src: &Source, disks: &[(&Path, Option<&str>)], append: &str, log: &str) -> String {
     let mut vm = rescue_vm(src, disks, &format!("lifeboat.recover=auto {append}"), log);
-    vm.wait_for("rebooting into the recovered system", 30 * MIN)
-        .unwrap_or_else(|e| panic!("recovery did not finish: {e}"));
+    let t0 = std::time::Instant::now();
+    loop {
+        let c = vm.console();
+        if c.contains("rebooting into the recovered system") {
+            break;
+        }
+        if let Some(i) = c.find("ERROR: recovery failed") {
+            let from = c[..i].rfind("lifeboat: recover:").unwrap_or(0);
+            panic!("recovery failed:\n{}", &c[from..]);
+        }
+        assert!(
+            t0.elapsed() < 30 * MIN,
+            "recovery did not finish in 30 min:\n{c}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     vm.wait_exit(2 * MIN).unwrap();
     vm.console()
 }
