@@ -142,15 +142,10 @@ mod tests {
     #[test]
     fn fstab_and_mounts_are_cross_checked() {
         let l = Layout {
-            schema_version: 1,
-            hostname: "h".into(),
             disks: vec![],
             filesystems: vec![fs("/dev/sda1", "ext4", "r"), fs("/dev/sda2", "swap", "s")],
             mounts: vec![mount("/", "/dev/sda1"), mount("/scratch", "/dev/sdb1")],
-            md: vec![],
-            luks: vec![],
-            lvm: Default::default(),
-            bootloader: Default::default(),
+            ..crate::layout::test_layout()
         };
         let fstab = "# comment\nUUID=r / ext4 errors=remount-ro 0 1\nUUID=s none swap sw 0 0\n\
                      /dev/sdc1 /data xfs defaults 0 2\n/dev/sdd1 /media/usb vfat noauto 0 0\n\

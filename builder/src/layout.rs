@@ -714,6 +714,22 @@ fn diff_value(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
 }
 
 /// A disk with only the fields tests care about.
+/// An empty layout for tests (hostname `h`), to be filled with struct update syntax.
+#[cfg(test)]
+pub(crate) fn test_layout() -> Layout {
+    Layout {
+        schema_version: LAYOUT_SCHEMA_VERSION,
+        hostname: "h".into(),
+        disks: vec![],
+        filesystems: vec![],
+        mounts: vec![],
+        md: vec![],
+        luks: vec![],
+        lvm: Default::default(),
+        bootloader: Default::default(),
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn test_disk(name: &str, size_bytes: u64, table: Option<PartitionTable>) -> Disk {
     Disk {
@@ -808,15 +824,8 @@ mod tests {
         let t = parse_sfdisk(SFDISK_GPT).unwrap();
         let disk = test_disk("vdb", 1 << 26, Some(t));
         let a = Layout {
-            schema_version: 1,
-            hostname: "h".into(),
             disks: vec![disk],
-            filesystems: vec![],
-            mounts: vec![],
-            md: vec![],
-            luks: vec![],
-            lvm: Default::default(),
-            bootloader: Default::default(),
+            ..crate::layout::test_layout()
         };
         assert!(diff(&a, &a).is_empty());
         let mut b = a.clone();

@@ -746,8 +746,6 @@ mod tests {
 
     fn layout_on(disk: Disk) -> Layout {
         Layout {
-            schema_version: 1,
-            hostname: "h".into(),
             disks: vec![disk],
             filesystems: vec![Filesystem {
                 device: "/dev/vda3".into(),
@@ -766,13 +764,11 @@ mod tests {
                 options: "rw".into(),
                 root: None,
             }],
-            md: vec![],
-            luks: vec![],
-            lvm: Default::default(),
             bootloader: lifeboat_contract::Bootloader {
                 grub_bios_disks: vec!["/dev/vda".into()],
                 ..Default::default()
             },
+            ..crate::layout::test_layout()
         }
     }
 

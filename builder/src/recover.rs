@@ -1094,15 +1094,8 @@ mod tests {
     fn writes_outside_the_mapped_disks_are_refused() {
         let d = crate::layout::test_disk("vda", 1 << 30, None);
         let l = Layout {
-            schema_version: 1,
-            hostname: "h".into(),
             disks: vec![d],
-            filesystems: vec![],
-            mounts: vec![],
-            md: vec![],
-            luks: vec![],
-            lvm: Default::default(),
-            bootloader: Default::default(),
+            ..crate::layout::test_layout()
         };
         let ok = plan::groups(&l).unwrap();
         check_writes(&ok, &writable(&l)).unwrap();

@@ -173,18 +173,13 @@ mod tests {
             root: None,
         };
         let mut l = Layout {
-            schema_version: 1,
-            hostname: "h".into(),
             disks: vec![
                 crate::layout::test_disk("sda", 1 << 30, Some(table("/dev/sda1"))),
                 crate::layout::test_disk("sdb", 1 << 30, Some(table("/dev/sdb1"))),
             ],
             filesystems: vec![fs("/dev/sda1"), fs("/dev/sdb1")],
             mounts: vec![mount("/", "/dev/sda1"), mount("/backup", "/dev/sdb1")],
-            md: vec![],
-            luks: vec![],
-            lvm: Default::default(),
-            bootloader: Default::default(),
+            ..crate::layout::test_layout()
         };
         without_disk(&mut l, "sdb");
         assert_eq!(l.disks.len(), 1);
