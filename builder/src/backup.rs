@@ -289,8 +289,18 @@ pub fn create(
             tar_bytes,
         });
     }
-    if archives.is_empty() {
-        bail!("no local filesystem to back up was found in the layout (are they mounted?)");
+    if !archives.iter().any(|a| a.mountpoint == "/") {
+        let src = layout
+            .mounts
+            .iter()
+            .find(|m| m.target == "/")
+            .map(|m| format!("{} ({})", m.source, m.fstype))
+            .unwrap_or_else(|| "unknown".into());
+        bail!(
+            "the root filesystem {src} is not among the captured filesystems, so it cannot be backed up \
+             and recreated; check `lifeboat layout show --live` (supported: ext2/3/4, xfs, btrfs, vfat on \
+             partitions, md, LUKS or LVM)"
+        );
     }
     let m = BackupManifest {
         schema_version: BACKUP_SCHEMA_VERSION,

@@ -348,6 +348,23 @@ pub fn capture(only: &[String]) -> Result<Layout> {
         Some(t) => parse_findmnt(&t)?,
         None => Vec::new(),
     };
+    // findmnt names LVs /dev/mapper/vg-lv, blkid and lvm /dev/vg/lv: name
+    // each mount's source as its filesystem is named.
+    let mut mounts = mounts;
+    let canon = |p: &str| std::fs::canonicalize(p).ok();
+    for m in mounts.iter_mut() {
+        if filesystems.iter().any(|f| f.device == m.source) {
+            continue;
+        }
+        if let Some(c) = canon(&m.source) {
+            if let Some(f) = filesystems
+                .iter()
+                .find(|f| canon(&f.device).as_ref() == Some(&c))
+            {
+                m.source = f.device.clone();
+            }
+        }
+    }
     for fs in &mut filesystems {
         let mount = mounts
             .iter()

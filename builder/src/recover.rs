@@ -570,6 +570,18 @@ pub fn run(o: Options) -> Result<()> {
             misfit.join("\n  ")
         );
     }
+    let mounts = crate::backup::mounts_to_back_up(&layout);
+    if !mounts.iter().any(|m| m.target == "/") {
+        bail!("the layout has no root filesystem among its mounts; cannot restore. Nothing was written.");
+    }
+    for a in &o.backup.archives {
+        if !mounts.iter().any(|m| m.target == a.mountpoint) {
+            bail!(
+                "the backup has an archive for {} but the layout mounts no filesystem there; nothing was written",
+                a.mountpoint
+            );
+        }
+    }
     let groups = plan::groups(&layout)?;
     check_writes(&groups, &writable(&layout))?;
     if !layout.luks.is_empty() && r.keyfile.is_none() {
@@ -658,19 +670,6 @@ pub fn run(o: Options) -> Result<()> {
     // ---- Mount.
     r.say("lifeboat: recover: mounting");
     let root = o.root.clone();
-    let mut mounts: Vec<&lifeboat_contract::Mount> = layout
-        .mounts
-        .iter()
-        .filter(|m| crate::backup::is_local_data_fs(&m.fstype))
-        .filter(|m| layout.filesystems.iter().any(|f| f.device == m.source))
-        .filter(|m| m.root.is_none() || m.fstype == "btrfs")
-        .collect();
-    let mut seen = BTreeSet::new();
-    mounts.retain(|m| seen.insert(m.target.clone()));
-    mounts.sort_by_key(|m| (crate::backup::depth(&m.target), m.target.clone()));
-    if !mounts.iter().any(|m| m.target == "/") {
-        bail!("the layout has no root filesystem mount; cannot restore");
-    }
     let at = |t: &str| root.join(t.trim_start_matches('/'));
     let mut now_mounted = mounted();
     for m in &mounts {
