@@ -399,7 +399,8 @@ pub fn capture(only: &[String]) -> Result<Layout> {
             _ => {}
         }
     }
-    let bootloader = bootloader(&disks);
+    let mut bootloader = bootloader(&disks);
+    bootloader.efi_loaders = efi_loaders(&bootloader.esps, &mounts);
     let hostname = read(Path::new("/proc/sys/kernel/hostname")).unwrap_or_default();
     Ok(Layout {
         schema_version: LAYOUT_SCHEMA_VERSION,
@@ -416,6 +417,28 @@ pub fn capture(only: &[String]) -> Result<Layout> {
 
 const GPT_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
 const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+
+/// `.efi` files under `EFI/` of the mounted ESP(s).
+fn efi_loaders(esps: &[String], mounts: &[Mount]) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in mounts.iter().filter(|m| esps.contains(&m.source)) {
+        let base = Path::new(&m.target);
+        for e in walkdir::WalkDir::new(base.join("EFI"))
+            .max_depth(3)
+            .into_iter()
+            .flatten()
+        {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x.eq_ignore_ascii_case("efi")) {
+                if let Ok(rel) = p.strip_prefix(base) {
+                    out.push(rel.to_string_lossy().to_string());
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
 
 /// Does this MBR (first sector) carry GRUB's boot.img code?
 pub fn mbr_has_grub(sector: &[u8]) -> bool {
@@ -650,6 +673,12 @@ pub fn summary(l: &Layout) -> String {
             )
         }
     ));
+    if !b.efi_loaders.is_empty() {
+        out.push_str(&format!(
+            "  EFI loaders on the ESP: {}\n",
+            b.efi_loaders.join(" ")
+        ));
+    }
     for m in &l.mounts {
         out.push_str(&format!(
             "mount {} on {} ({})\n",

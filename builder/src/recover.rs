@@ -934,6 +934,7 @@ fn finalize(
         }
     }
     let mut boot_done = false;
+    let mut sd_done = false;
     let install = tool("grub-install", "grub2-install");
     if !bios.is_empty() {
         let Some(gi) = &install else {
@@ -954,26 +955,46 @@ fn finalize(
             .find(|m| l.bootloader.esps.contains(&m.source))
             .map(|m| m.target.clone())
             .unwrap_or_else(|| "/boot/efi".into());
-        let Some(gi) = &install else {
-            bail!("the recovered system has no grub-install; install the EFI bootloader by hand (chroot {root_s})");
-        };
-        let id = os_id(root).unwrap_or_else(|| "linux".into());
-        let efi = format!("--efi-directory={esp_mount}");
-        let bid = format!("--bootloader-id={id}");
-        let mut a = vec![
-            "chroot",
-            &root_s,
-            gi.as_str(),
-            "--target=x86_64-efi",
-            &efi,
-            &bid,
-        ];
-        if !Path::new("/sys/firmware/efi").is_dir() {
-            // Booted without UEFI: no NVRAM to write; use the removable path.
-            a.extend(["--no-nvram", "--removable"]);
+        let sd_boot = l
+            .bootloader
+            .efi_loaders
+            .iter()
+            .any(|f| f.to_ascii_lowercase().contains("systemd-boot"));
+        let grub_efi = l
+            .bootloader
+            .efi_loaders
+            .iter()
+            .any(|f| f.to_ascii_lowercase().contains("grub"));
+        if sd_boot && !grub_efi {
+            // systemd-boot: its entries live on the ESP, restored with it.
+            let esp = format!("--esp-path={esp_mount}");
+            r.cmd(
+                &l.bootloader.esps[0],
+                &["chroot", &root_s, "bootctl", "install", &esp],
+            )?;
+            sd_done = true;
+        } else {
+            let Some(gi) = &install else {
+                bail!("the recovered system has no grub-install; install the EFI bootloader by hand (chroot {root_s})");
+            };
+            let id = os_id(root).unwrap_or_else(|| "linux".into());
+            let efi = format!("--efi-directory={esp_mount}");
+            let bid = format!("--bootloader-id={id}");
+            let mut a = vec![
+                "chroot",
+                &root_s,
+                gi.as_str(),
+                "--target=x86_64-efi",
+                &efi,
+                &bid,
+            ];
+            if !Path::new("/sys/firmware/efi").is_dir() {
+                // Booted without UEFI: no NVRAM to write; use the removable path.
+                a.extend(["--no-nvram", "--removable"]);
+            }
+            r.cmd(&l.bootloader.esps[0], &a)?;
+            boot_done = true;
         }
-        r.cmd(&l.bootloader.esps[0], &a)?;
-        boot_done = true;
     }
     if boot_done {
         if has("usr/sbin/update-grub") {
@@ -986,7 +1007,7 @@ fn finalize(
             };
             r.cmd("", &["chroot", &root_s, &mk, "-o", out])?;
         }
-    } else {
+    } else if !sd_done {
         r.say("WARNING: the layout records no bootloader (no GRUB in an MBR, no BIOS boot partition, no ESP); install one before rebooting");
     }
     // initramfs.

@@ -415,6 +415,11 @@ pub struct Bootloader {
     pub efi_entries: Vec<EfiEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub efi_boot_order: Vec<String>,
+    /// Boot loaders found on the mounted ESP, relative to it
+    /// (`EFI/debian/grubx64.efi`, `EFI/debian/shimx64.efi`,
+    /// `EFI/systemd/systemd-bootx64.efi`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub efi_loaders: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
