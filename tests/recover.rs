@@ -439,7 +439,7 @@ fn interrupted_restore_is_completed_by_a_second_run() {
         "lifeboat.recover=auto",
         "recover-i1.log",
     );
-    vm.wait_for("lifeboat: restoring / from root.tar.zst", 20 * MIN)
+    vm.wait_for("lifeboat: restoring / from set", 20 * MIN)
         .unwrap();
     std::thread::sleep(Duration::from_secs(8));
     drop(vm); // power cut in the middle of the restore
@@ -478,8 +478,10 @@ fn dry_run_prints_the_plan_and_a_too_small_disk_is_refused_untouched() {
         "sfdisk --no-reread --no-tell-kernel -q /dev/vda",
         "mkswap -f -U",
         "mke2fs -F -q -t ext4 -U",
-        "mount -t ext4 -o defaults /dev/vda3 /mnt/local",
+        "mount -t ext4 -o defaults /dev/vda3 /run/lifeboat/restore",
         "tar --extract",
+        "umount /run/lifeboat/restore",
+        "mount -t ext4 -o defaults /dev/vda3 /mnt/local",
         "grub-install --target=i386-pc --recheck /dev/vda",
         "update-grub",
         "umount --recursive /mnt/local",

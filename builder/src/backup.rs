@@ -1,14 +1,17 @@
-//! The basic backup method: one GNU tar + zstd archive per captured local
-//! filesystem, each with its sha256, and `backup.json` describing them.
+//! The internal tar method: one GNU tar archive per captured local
+//! filesystem, compressed (zstd, gzip or xz), optionally cut into volumes
+//! of a given size, each volume with its sha256; full, incremental and
+//! differential sets (`--listed-incremental`), chained in `backup.json`.
 //!
-//! Creation streams `tar --create` through the zstd encoder into the target
-//! file while hashing the compressed bytes; restore checks the sha256 of
-//! every archive before anything is extracted and streams the decoder into
-//! `tar --extract`.
+//! Creation streams `tar --create` through the encoder into the volumes
+//! while hashing them; restore checks volumes before anything is written
+//! (sizes, first and last volume in full), hashes every volume again while
+//! streaming it into `tar --extract`, and applies the sets in order.
 
 use anyhow::{bail, Context, Result};
 use lifeboat_contract::{
-    BackupArchive, BackupLocation, BackupManifest, Layout, BACKUP_SCHEMA_VERSION,
+    BackupArchive, BackupLocation, BackupManifest, BackupSet, BackupVolume, Compression, Layout,
+    BACKUP_SCHEMA_VERSION,
 };
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -35,13 +38,23 @@ pub fn is_local_data_fs(fstype: &str) -> bool {
     )
 }
 
-/// Archive file name for a mount point: `/` → `root.tar.zst`, `/var/lib` → `var_lib.tar.zst`.
-pub fn archive_name(mountpoint: &str) -> String {
+/// Archive base name for a mount point: `/` → `root`, `/var/lib` → `var_lib`.
+pub fn archive_base(mountpoint: &str) -> String {
     let t = mountpoint.trim_matches('/');
     if t.is_empty() {
-        "root.tar.zst".into()
+        "root".into()
     } else {
-        format!("{}.tar.zst", t.replace('/', "_"))
+        t.replace('/', "_")
+    }
+}
+
+/// File suffix of a compression.
+fn suffix(c: Compression) -> &'static str {
+    match c {
+        Compression::Zstd => ".zst",
+        Compression::Gzip => ".gz",
+        Compression::Xz => ".xz",
+        _ => "",
     }
 }
 
@@ -66,25 +79,6 @@ pub fn mounts_to_back_up(l: &Layout) -> Vec<&lifeboat_contract::Mount> {
 /// Path depth, so parents come first (`/` = 0).
 pub fn depth(p: &str) -> usize {
     p.split('/').filter(|c| !c.is_empty()).count()
-}
-
-/// A writer that hashes and counts what passes through.
-struct Hashing<W: Write> {
-    inner: W,
-    hash: Sha256,
-    bytes: u64,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Where `path` lives: (mount point, source device, fstype), from findmnt.
@@ -168,19 +162,236 @@ fn relative_excludes(mountpoint: &str, paths: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Archive one mounted filesystem into `file` (written atomically).
+/// The root filesystem must be among those backed up.
+pub fn require_root(layout: &Layout) -> Result<()> {
+    if mounts_to_back_up(layout).iter().any(|m| m.target == "/") {
+        return Ok(());
+    }
+    let src = layout
+        .mounts
+        .iter()
+        .find(|m| m.target == "/")
+        .map(|m| format!("{} ({})", m.source, m.fstype))
+        .unwrap_or_else(|| "unknown".into());
+    bail!(
+        "the root filesystem {src} is not among the captured filesystems, so it cannot be backed up \
+         and recreated; check `lifeboat layout show --live` (supported: ext2/3/4, xfs, btrfs, vfat on \
+         partitions, md, LUKS or LVM)"
+    )
+}
+
+/// What kind of set to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Full,
+    Incremental,
+    Differential,
+}
+
+impl Level {
+    pub fn parse(s: &str) -> Result<Level> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(Level::Full),
+            "incremental" => Ok(Level::Incremental),
+            "differential" => Ok(Level::Differential),
+            o => bail!("BACKUP_TYPE = {o:?} is not one of full, incremental, differential"),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Full => "full",
+            Level::Incremental => "incremental",
+            Level::Differential => "differential",
+        }
+    }
+}
+
+/// How `create` works.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Requested level; incremental/differential fall back to full when
+    /// there is no full yet, it is older than `full_days`, or the set of
+    /// filesystems changed.
+    pub level: Level,
+    pub full_days: u32,
+    pub compression: Compression,
+    pub compression_level: Option<i32>,
+    /// Cut each archive into volumes of at most this many bytes.
+    pub volume_size: Option<u64>,
+    /// Absolute paths left out (the backup directory is always left out).
+    pub excludes: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            level: Level::Full,
+            full_days: 7,
+            compression: Compression::Zstd,
+            compression_level: None,
+            volume_size: None,
+            excludes: vec![],
+        }
+    }
+}
+
+/// `4G`, `700M`, `64K`, `1048576` → bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("{s:?} is not a size such as 4G, 700M or 1048576"))?;
+    if n == 0 {
+        bail!("a size of 0 is not allowed ({s:?})");
+    }
+    Ok(n * mult)
+}
+
+/// Prints bytes, rate and ETA at most every two seconds.
+pub struct Progress {
+    label: String,
+    total: Option<u64>,
+    done: u64,
+    start: std::time::Instant,
+    last: std::time::Instant,
+    quiet: bool,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: Option<u64>, quiet: bool) -> Progress {
+        let now = std::time::Instant::now();
+        Progress {
+            label: label.to_string(),
+            total,
+            done: 0,
+            start: now,
+            last: now,
+            quiet,
+        }
+    }
+    pub fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.quiet || self.last.elapsed() < std::time::Duration::from_secs(2) {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        eprintln!("{}", self.line());
+    }
+    fn line(&self) -> String {
+        let secs = self.start.elapsed().as_secs_f64().max(0.001);
+        let rate = self.done as f64 / secs;
+        let mib = |b: f64| b / (1u64 << 20) as f64;
+        match self.total.filter(|t| *t > 0) {
+            Some(t) => {
+                let left = t.saturating_sub(self.done) as f64 / rate.max(1.0);
+                format!(
+                    "  {}: {:.0} of {:.0} MiB ({:.0}%), {:.1} MiB/s, ETA {:.0} s",
+                    self.label,
+                    mib(self.done as f64),
+                    mib(t as f64),
+                    100.0 * self.done as f64 / t as f64,
+                    mib(rate),
+                    left
+                )
+            }
+            None => format!(
+                "  {}: {:.0} MiB, {:.1} MiB/s",
+                self.label,
+                mib(self.done as f64),
+                mib(rate)
+            ),
+        }
+    }
+}
+
+/// The compressed stream, cut into volume files with their sha256.
+struct Volumes {
+    dir: PathBuf,
+    /// Path of the archive relative to `dir`, without volume suffix.
+    rel: String,
+    max: Option<u64>,
+    cur: Option<(std::io::BufWriter<std::fs::File>, Sha256, u64, String)>,
+    done: Vec<BackupVolume>,
+}
+
+impl Volumes {
+    fn open_next(&mut self) -> std::io::Result<()> {
+        let rel = match self.max {
+            Some(_) => format!("{}.{:03}", self.rel, self.done.len()),
+            None => self.rel.clone(),
+        };
+        let f = std::fs::File::create(self.dir.join(&rel))?;
+        self.cur = Some((std::io::BufWriter::new(f), Sha256::new(), 0, rel));
+        Ok(())
+    }
+    fn close(&mut self) -> std::io::Result<()> {
+        if let Some((w, h, n, rel)) = self.cur.take() {
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            self.done.push(BackupVolume {
+                file: rel,
+                bytes: n,
+                sha256: hex::encode(h.finalize()),
+            });
+        }
+        Ok(())
+    }
+    fn finish(mut self) -> std::io::Result<Vec<BackupVolume>> {
+        if self.cur.is_none() && self.done.is_empty() {
+            self.open_next()?;
+        }
+        self.close()?;
+        Ok(self.done)
+    }
+}
+
+impl Write for Volumes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cur.is_none() {
+            self.open_next()?;
+        }
+        let (w, h, n, _) = self.cur.as_mut().unwrap();
+        let room = self.max.map(|m| (m - *n) as usize).unwrap_or(buf.len());
+        let k = w.write(&buf[..buf.len().min(room)])?;
+        h.update(&buf[..k]);
+        *n += k as u64;
+        if self.max == Some(*n) {
+            self.close()?;
+        }
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.cur {
+            Some((w, ..)) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Archive one mounted filesystem into volumes below `dir`.
+#[allow(clippy::too_many_arguments)]
 fn archive_one(
     mountpoint: &str,
     excludes: &[String],
-    file: &Path,
-    level: i32,
-) -> Result<(String, u64, u64)> {
-    let dir = file.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    snar: &Path,
+    dir: &Path,
+    rel: &str,
+    o: &Options,
+    estimate: Option<u64>,
+    quiet: bool,
+) -> Result<(Vec<BackupVolume>, u64)> {
     let mut cmd = Command::new("tar");
     cmd.args(["--create", "--file=-", "--one-file-system", "--sparse"])
         .args(TAR_KEEP)
+        .arg(format!("--listed-incremental={}", snar.display()))
         .arg(format!("--directory={mountpoint}"));
     for e in excludes {
         cmd.arg(format!("--exclude={e}"));
@@ -199,22 +410,41 @@ fn archive_one(
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let out = Hashing {
-        inner: std::io::BufWriter::new(tmp.as_file().try_clone()?),
-        hash: Sha256::new(),
-        bytes: 0,
+    let vols = Volumes {
+        dir: dir.to_path_buf(),
+        rel: rel.to_string(),
+        max: o.volume_size,
+        cur: None,
+        done: vec![],
     };
-    let mut enc = zstd::stream::Encoder::new(out, level)?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as u32;
-    if threads > 1 {
-        enc.multithread(threads)?;
+    let level = o.compression_level.or(match o.compression {
+        Compression::Zstd => Some(3),
+        _ => None,
+    });
+    let mut enc = crate::compress::Encoder::new(vols, o.compression, level, threads)?;
+    let mut prog = Progress::new(&format!("archiving {mountpoint}"), estimate, quiet);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut tar_bytes = 0u64;
+    loop {
+        let n = stdout
+            .read(&mut buf)
+            .with_context(|| format!("cannot read tar's output for {mountpoint}"))?;
+        if n == 0 {
+            break;
+        }
+        enc.write_all(&buf[..n]).with_context(|| {
+            format!(
+                "cannot write the archive of {mountpoint} into {}",
+                dir.display()
+            )
+        })?;
+        tar_bytes += n as u64;
+        prog.add(n as u64);
     }
-    let tar_bytes = std::io::copy(&mut stdout, &mut enc)
-        .with_context(|| format!("cannot archive {mountpoint}"))?;
-    let mut out = enc.finish()?;
-    out.flush()?;
+    let vols = enc.finish()?.finish()?;
     let status = child.wait()?;
     let errors = err_thread.join().unwrap_or_default();
     // GNU tar: 1 = some files changed while being read (kept, with a warning).
@@ -230,21 +460,65 @@ fn archive_one(
             errors.trim_end()
         ),
     }
-    tmp.as_file().sync_all()?;
-    let sha = hex::encode(out.hash.finalize());
-    let bytes = out.bytes;
-    tmp.persist(file)
-        .with_context(|| format!("cannot rename into {}", file.display()))?;
-    Ok((sha, bytes, tar_bytes))
+    Ok((vols, tar_bytes))
+}
+
+/// The manifest in `dir`, if there is a readable one.
+pub fn read_manifest(dir: &Path) -> Option<BackupManifest> {
+    let t = std::fs::read_to_string(dir.join(MANIFEST_FILE)).ok()?;
+    BackupManifest::from_json(&t).ok()
+}
+
+/// Which level this run really makes, and why.
+fn decide(
+    o: &Options,
+    prev: Option<&BackupManifest>,
+    bases: &[String],
+    snar_dir: &Path,
+    now: u64,
+) -> (Level, String) {
+    if o.level == Level::Full {
+        return (Level::Full, "BACKUP_TYPE = full".into());
+    }
+    let Some(full) = prev.and_then(|p| p.sets.first()) else {
+        return (Level::Full, "no earlier full backup here".into());
+    };
+    if full.created_unix + o.full_days as u64 * 86400 <= now {
+        return (
+            Level::Full,
+            format!("the full backup is older than {} days", o.full_days),
+        );
+    }
+    let had: std::collections::BTreeSet<String> = full
+        .archives
+        .iter()
+        .map(|a| archive_base(&a.mountpoint))
+        .collect();
+    let now_set: std::collections::BTreeSet<String> = bases.iter().cloned().collect();
+    if had != now_set {
+        return (Level::Full, "the set of filesystems changed".into());
+    }
+    let suffix = if o.level == Level::Differential {
+        ".full.snar"
+    } else {
+        ".snar"
+    };
+    if let Some(b) = bases
+        .iter()
+        .find(|b| !snar_dir.join(format!("{b}{suffix}")).is_file())
+    {
+        return (Level::Full, format!("the snapshot file of {b} is missing"));
+    }
+    (o.level, format!("BACKUP_TYPE = {}", o.level.as_str()))
 }
 
 /// Back up every captured local filesystem of `layout` into `dir`.
-/// `excludes` are absolute paths left out; `dir` itself is always left out.
 pub fn create(
     layout: &Layout,
     url: &str,
     dir: &Path,
-    excludes: &[String],
+    o: &Options,
+    quiet: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BackupManifest> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -256,115 +530,288 @@ pub fn create(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut all_excludes: Vec<String> = excludes.to_vec();
+    let mut all_excludes: Vec<String> = o.excludes.clone();
     all_excludes.push(dir.to_string_lossy().to_string());
     // Runtime scratch that a restored system must not inherit.
     all_excludes.extend(["/tmp/*".to_string(), "/var/tmp/*".to_string()]);
-    let mut archives = Vec::new();
-    for m in mounts_to_back_up(layout) {
-        if m.source == location.device {
-            continue;
+    let mounts: Vec<_> = mounts_to_back_up(layout)
+        .into_iter()
+        .filter(|m| m.source != location.device)
+        .collect();
+    if mounts.is_empty() {
+        bail!("no local filesystem to back up was found in the layout");
+    }
+    let bases: Vec<String> = mounts.iter().map(|m| archive_base(&m.target)).collect();
+    let prev = read_manifest(&dir).filter(|p| p.hostname == layout.hostname);
+    let snar_dir = dir.join("snar");
+    std::fs::create_dir_all(&snar_dir)?;
+    let (level, why) = decide(o, prev.as_ref(), &bases, &snar_dir, now);
+    progress(&format!("{} backup ({why})", level.as_str()));
+    let mut set_id = format!("{}-{}-{}", layout.hostname, now, level.as_str());
+    let mut n = 1;
+    while dir.join(&set_id).exists() {
+        n += 1;
+        set_id = format!("{}-{}-{}-{n}", layout.hostname, now, level.as_str());
+    }
+    let set_dir = dir.join(&set_id);
+    std::fs::create_dir(&set_dir)
+        .with_context(|| format!("cannot create {}", set_dir.display()))?;
+    // A failed run leaves nothing half-written behind.
+    struct Cleanup(Option<PathBuf>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(p) = self.0.take() {
+                let _ = std::fs::remove_dir_all(p);
+            }
         }
-        let name = archive_name(&m.target);
-        let file = dir.join(&name);
-        progress(&format!("archiving {} into {}", m.target, file.display()));
+    }
+    let mut guard = Cleanup(Some(set_dir.clone()));
+    let mut archives = Vec::new();
+    for (m, base) in mounts.iter().zip(&bases) {
+        let rel = format!("{set_id}/{base}.tar{}", suffix(o.compression));
+        let snar = set_dir.join(format!("{base}.snar"));
+        match level {
+            Level::Full => {}
+            Level::Incremental => {
+                std::fs::copy(snar_dir.join(format!("{base}.snar")), &snar)?;
+            }
+            Level::Differential => {
+                std::fs::copy(snar_dir.join(format!("{base}.full.snar")), &snar)?;
+            }
+        }
+        progress(&format!(
+            "archiving {} into {}",
+            m.target,
+            dir.join(&rel).display()
+        ));
         let t = std::time::Instant::now();
         let ex = relative_excludes(&m.target, &all_excludes);
-        let (sha256, bytes, tar_bytes) = archive_one(&m.target, &ex, &file, 3)?;
+        let fs = layout.filesystems.iter().find(|f| f.device == m.source);
+        let estimate = fs.and_then(|f| f.used_bytes);
+        let (volumes, tar_bytes) =
+            archive_one(&m.target, &ex, &snar, &dir, &rel, o, estimate, quiet)?;
+        let bytes = volumes.iter().map(|v| v.bytes).sum();
         progress(&format!(
-            "  {} bytes of tar, {} bytes compressed, {:.1} s, sha256 {}",
+            "  {} bytes of tar, {} bytes compressed in {} volume(s), {:.1} s",
             tar_bytes,
             bytes,
+            volumes.len(),
             t.elapsed().as_secs_f64(),
-            sha256
         ));
-        let fs = layout.filesystems.iter().find(|f| f.device == m.source);
         archives.push(BackupArchive {
             mountpoint: m.target.clone(),
             fs_uuid: fs.and_then(|f| f.uuid.clone()),
             fstype: m.fstype.clone(),
-            file: name,
-            sha256,
+            volumes,
             bytes,
             tar_bytes,
         });
     }
-    if !archives.iter().any(|a| a.mountpoint == "/") {
-        let src = layout
-            .mounts
-            .iter()
-            .find(|m| m.target == "/")
-            .map(|m| format!("{} ({})", m.source, m.fstype))
-            .unwrap_or_else(|| "unknown".into());
-        bail!(
-            "the root filesystem {src} is not among the captured filesystems, so it cannot be backed up \
-             and recreated; check `lifeboat layout show --live` (supported: ext2/3/4, xfs, btrfs, vfat on \
-             partitions, md, LUKS or LVM)"
-        );
+    // Snapshot state for the next run.
+    for base in &bases {
+        let snar = set_dir.join(format!("{base}.snar"));
+        match level {
+            Level::Full => {
+                std::fs::copy(&snar, snar_dir.join(format!("{base}.snar")))?;
+                std::fs::copy(&snar, snar_dir.join(format!("{base}.full.snar")))?;
+            }
+            Level::Incremental => {
+                std::fs::copy(&snar, snar_dir.join(format!("{base}.snar")))?;
+            }
+            Level::Differential => {}
+        }
     }
+    let set = BackupSet {
+        id: set_id.clone(),
+        level: level.as_str().into(),
+        created_unix: now,
+        compression: o.compression.as_str().into(),
+        archives,
+    };
+    let sets = match (level, prev) {
+        (Level::Full, _) | (_, None) => vec![set],
+        (Level::Incremental, Some(p)) => p.sets.into_iter().chain([set]).collect(),
+        (Level::Differential, Some(p)) => p.sets.into_iter().take(1).chain([set]).collect(),
+    };
     let m = BackupManifest {
         schema_version: BACKUP_SCHEMA_VERSION,
-        id: format!("{}-{}", layout.hostname, now),
+        id: set_id,
         hostname: layout.hostname.clone(),
-        created_unix: now,
         method: "tar".into(),
-        compression: "zstd".into(),
         url: url.to_string(),
         dir: dir.to_string_lossy().to_string(),
         location: Some(location),
-        archives,
+        sets,
     };
     crate::cmd::layout::write_atomic(&dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&m)?)?;
+    guard.0 = None;
     Ok(m)
 }
 
-/// sha256 of a file, streamed.
-pub fn file_sha256(p: &Path) -> Result<String> {
-    crate::image::sha256_file(p)
+/// Reads the volumes of an archive in order, checking each one's size and
+/// sha256 when it ends; a mismatch is a read error naming the volume.
+pub struct VolumeReader {
+    dir: PathBuf,
+    vols: Vec<BackupVolume>,
+    idx: usize,
+    cur: Option<(std::fs::File, Sha256, u64)>,
 }
 
-/// Check an archive against the manifest: present, same size, same sha256.
-pub fn verify_archive(dir: &Path, a: &BackupArchive) -> Result<()> {
-    let p = dir.join(&a.file);
+impl VolumeReader {
+    pub fn new(dir: &Path, a: &BackupArchive) -> VolumeReader {
+        VolumeReader {
+            dir: dir.to_path_buf(),
+            vols: a.volumes.clone(),
+            idx: 0,
+            cur: None,
+        }
+    }
+}
+
+impl Read for VolumeReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.idx >= self.vols.len() {
+                return Ok(0);
+            }
+            let v = &self.vols[self.idx];
+            if self.cur.is_none() {
+                let p = self.dir.join(&v.file);
+                let f = std::fs::File::open(&p).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("backup volume {} cannot be opened: {e}", p.display()),
+                    )
+                })?;
+                self.cur = Some((f, Sha256::new(), 0));
+            }
+            let (f, h, n) = self.cur.as_mut().unwrap();
+            let k = f.read(buf)?;
+            if k > 0 {
+                h.update(&buf[..k]);
+                *n += k as u64;
+                return Ok(k);
+            }
+            let (_, h, n) = self.cur.take().unwrap();
+            let sha = hex::encode(h.finalize());
+            if n != v.bytes || sha != v.sha256 {
+                return Err(std::io::Error::other(format!(
+                    "backup volume {} is damaged: {n} bytes with sha256 {sha}, the manifest recorded {} bytes with {}",
+                    self.dir.join(&v.file).display(),
+                    v.bytes,
+                    v.sha256
+                )));
+            }
+            self.idx += 1;
+        }
+    }
+}
+
+fn check_volume(dir: &Path, v: &BackupVolume, hash: bool) -> Result<()> {
+    let p = dir.join(&v.file);
     let meta = std::fs::metadata(&p).with_context(|| {
         format!(
-            "backup archive {} is missing (the backup for {} is incomplete)",
-            p.display(),
-            a.mountpoint
+            "backup volume {} is missing (the backup is incomplete)",
+            p.display()
         )
     })?;
-    if meta.len() != a.bytes {
+    if meta.len() != v.bytes {
         bail!(
-            "backup archive {} has {} bytes, the manifest says {}: it is truncated or was replaced",
+            "backup volume {} has {} bytes, the manifest says {}: it is truncated or was replaced",
             p.display(),
             meta.len(),
-            a.bytes
+            v.bytes
         );
     }
-    let sha = file_sha256(&p)?;
-    if sha != a.sha256 {
-        bail!(
-            "backup archive {} is damaged: sha256 {} but the manifest recorded {}",
-            p.display(),
-            sha,
-            a.sha256
-        );
+    if hash {
+        let sha = crate::image::sha256_file(&p)?;
+        if sha != v.sha256 {
+            bail!(
+                "backup volume {} is damaged: sha256 {} but the manifest recorded {}",
+                p.display(),
+                sha,
+                v.sha256
+            );
+        }
     }
     Ok(())
 }
 
-/// Extract one archive into `target` (a mounted filesystem).
-pub fn extract(dir: &Path, a: &BackupArchive, target: &Path) -> Result<()> {
-    let p = dir.join(&a.file);
-    let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+/// Pre-flight check of an archive: every volume present with its size,
+/// the first and the last read in full against their sha256 (the others
+/// are checked while they are restored).
+pub fn preflight_archive(dir: &Path, a: &BackupArchive) -> Result<()> {
+    let n = a.volumes.len();
+    if n == 0 {
+        bail!("the manifest lists no volume for {}", a.mountpoint);
+    }
+    for (i, v) in a.volumes.iter().enumerate() {
+        check_volume(dir, v, i == 0 || i + 1 == n)?;
+    }
+    Ok(())
+}
+
+/// Read everything back: every volume's sha256, the compressed stream and
+/// the tar stream (`tar --list`). Returns the number of tar members.
+pub fn verify_archive(dir: &Path, set: &BackupSet, a: &BackupArchive) -> Result<usize> {
+    let c = Compression::parse(&set.compression)
+        .with_context(|| format!("unknown compression {:?} in the manifest", set.compression))?;
     let mut child = Command::new("tar")
-        .args([
-            "--extract",
-            "--file=-",
-            "--preserve-permissions",
-            "--sparse",
-        ])
-        .args(TAR_KEEP)
+        .args(["--list", "--file=-", "--incremental"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run tar")?;
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let counter = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s.lines().count()
+    });
+    let copied = crate::compress::decoder(VolumeReader::new(dir, a), c)
+        .and_then(|mut d| std::io::copy(&mut d, &mut stdin).map_err(Into::into));
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    let members = counter.join().unwrap_or(0);
+    copied.with_context(|| {
+        format!(
+            "the archive of {} in set {} cannot be read",
+            a.mountpoint, set.id
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "the archive of {} in set {} is not a valid tar stream: {}",
+            a.mountpoint,
+            set.id,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(members)
+}
+
+/// Extract one archive into `target` (the filesystem mounted alone).
+/// `incremental`: apply it as a later set of the chain, which also
+/// removes what had been deleted since the previous set.
+pub fn extract(
+    dir: &Path,
+    set: &BackupSet,
+    a: &BackupArchive,
+    target: &Path,
+    incremental: bool,
+    quiet: bool,
+) -> Result<()> {
+    let c = Compression::parse(&set.compression)
+        .with_context(|| format!("unknown compression {:?} in the manifest", set.compression))?;
+    let mut cmd = Command::new("tar");
+    cmd.args(["--extract", "--file=-", "--preserve-permissions"])
+        .args(TAR_KEEP);
+    if incremental {
+        cmd.arg("--listed-incremental=/dev/null");
+    }
+    let mut child = cmd
         .arg("--directory")
         .arg(target)
         .stdin(Stdio::piped())
@@ -379,21 +826,39 @@ pub fn extract(dir: &Path, a: &BackupArchive, target: &Path) -> Result<()> {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let copied = zstd::stream::copy_decode(std::io::BufReader::new(f), &mut stdin);
+    struct Counting<R> {
+        inner: R,
+        prog: Progress,
+    }
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(b)?;
+            self.prog.add(n as u64);
+            Ok(n)
+        }
+    }
+    let src = Counting {
+        inner: VolumeReader::new(dir, a),
+        prog: Progress::new(&format!("restoring {}", a.mountpoint), Some(a.bytes), quiet),
+    };
+    let copied = crate::compress::decoder(src, c)
+        .and_then(|mut d| std::io::copy(&mut d, &mut stdin).map_err(Into::into));
     drop(stdin);
     let status = child.wait()?;
     let errors = err_thread.join().unwrap_or_default();
     if let Err(e) = copied {
         bail!(
-            "cannot decompress {}: {e}\n{}",
-            p.display(),
+            "cannot read the archive of {} (set {}): {e:#}\n{}",
+            a.mountpoint,
+            set.id,
             errors.trim_end()
         );
     }
     if !status.success() {
         bail!(
-            "tar failed extracting {} into {} ({status}):\n{}",
-            p.display(),
+            "tar failed extracting the archive of {} (set {}) into {} ({status}):\n{}",
+            a.mountpoint,
+            set.id,
             target.display(),
             errors.trim_end()
         );
@@ -419,12 +884,23 @@ pub fn dir_below(m: &BackupManifest, mnt: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lifeboat_contract::{Filesystem, Mount};
 
     #[test]
     fn archive_names() {
-        assert_eq!(archive_name("/"), "root.tar.zst");
-        assert_eq!(archive_name("/boot"), "boot.tar.zst");
-        assert_eq!(archive_name("/var/lib/x"), "var_lib_x.tar.zst");
+        assert_eq!(archive_base("/"), "root");
+        assert_eq!(archive_base("/boot"), "boot");
+        assert_eq!(archive_base("/var/lib/x"), "var_lib_x");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("700M").unwrap(), 700 << 20);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
     }
 
     #[test]
@@ -450,9 +926,132 @@ mod tests {
         assert_eq!(unescape_findmnt("/plain"), "/plain");
     }
 
+    /// A layout whose only filesystem is the directory `src`, mounted at `/`
+    /// as far as the backup knows.
+    fn dir_layout(src: &Path) -> Layout {
+        let target = src.to_string_lossy().to_string();
+        Layout {
+            filesystems: vec![Filesystem {
+                device: "/dev/lbtest".into(),
+                fstype: "ext4".into(),
+                uuid: Some("u".into()),
+                label: None,
+                used_bytes: None,
+                params: Default::default(),
+                subvolumes: vec![],
+                default_subvolume: None,
+            }],
+            mounts: vec![Mount {
+                target,
+                source: "/dev/lbtest".into(),
+                fstype: "ext4".into(),
+                options: "rw".into(),
+                root: None,
+            }],
+            ..crate::layout::test_layout()
+        }
+    }
+
+    fn backup(l: &Layout, dir: &Path, o: &Options) -> BackupManifest {
+        // Set ids have a one-second resolution, and so have tar's
+        // incremental snapshots for files changed right after one.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        create(l, "file:///x", dir, o, true, &mut |_| {}).unwrap()
+    }
+
+    fn restore_chain(dir: &Path, m: &BackupManifest, dst: &Path) {
+        for (k, set) in m.sets.iter().enumerate() {
+            for a in &set.archives {
+                extract(dir, set, a, dst, k > 0, true).unwrap();
+            }
+        }
+    }
+
     #[test]
-    fn roundtrip_through_real_tar_with_hash_check() {
-        // A tree with a hardlink, a symlink, a sparse file and odd modes.
+    fn full_and_incremental_chain_restores_the_last_state() {
+        let src = tempfile::tempdir().unwrap();
+        let s = src.path();
+        let out = tempfile::tempdir().unwrap();
+        let l = dir_layout(s);
+        std::fs::write(s.join("a"), "a0").unwrap();
+        std::fs::write(s.join("b"), "b0").unwrap();
+        std::fs::write(s.join("d"), "d0").unwrap();
+        std::fs::create_dir(s.join("sub")).unwrap();
+        std::fs::write(s.join("sub/x"), "x0").unwrap();
+        let o = Options {
+            level: Level::Incremental,
+            volume_size: Some(4096),
+            compression: Compression::Gzip,
+            ..Default::default()
+        };
+        let m0 = backup(&l, out.path(), &o);
+        assert_eq!(m0.sets.len(), 1);
+        assert_eq!(
+            m0.sets[0].level, "full",
+            "no full yet: the first one is full"
+        );
+        // Incremental 1: c created, a modified, d deleted.
+        std::fs::write(s.join("c"), "c1").unwrap();
+        std::fs::write(s.join("a"), "a1").unwrap();
+        std::fs::remove_file(s.join("d")).unwrap();
+        let m1 = backup(&l, out.path(), &o);
+        assert_eq!(
+            m1.sets.iter().map(|x| x.level.as_str()).collect::<Vec<_>>(),
+            ["full", "incremental"]
+        );
+        // Incremental 2: c deleted again, b modified, sub/x deleted.
+        std::fs::remove_file(s.join("c")).unwrap();
+        std::fs::write(s.join("b"), "b2").unwrap();
+        std::fs::remove_file(s.join("sub/x")).unwrap();
+        let m2 = backup(&l, out.path(), &o);
+        assert_eq!(m2.sets.len(), 3);
+        assert_eq!(
+            m2.sets[..2],
+            m1.sets[..],
+            "earlier sets are kept as they were"
+        );
+        for set in &m2.sets {
+            for a in &set.archives {
+                preflight_archive(out.path(), a).unwrap();
+                assert!(verify_archive(out.path(), set, a).unwrap() > 0);
+            }
+        }
+        let dst = tempfile::tempdir().unwrap();
+        restore_chain(out.path(), &m2, dst.path());
+        let d = dst.path();
+        assert_eq!(std::fs::read_to_string(d.join("a")).unwrap(), "a1");
+        assert_eq!(std::fs::read_to_string(d.join("b")).unwrap(), "b2");
+        assert!(
+            !d.join("c").exists(),
+            "c was created and deleted between incrementals"
+        );
+        assert!(!d.join("d").exists(), "d was deleted after the full backup");
+        assert!(!d.join("sub/x").exists());
+        assert!(d.join("sub").is_dir());
+        // A differential builds on the full only.
+        let o2 = Options {
+            level: Level::Differential,
+            ..o.clone()
+        };
+        let m3 = backup(&l, out.path(), &o2);
+        assert_eq!(m3.sets.len(), 2);
+        assert_eq!(m3.sets[0], m2.sets[0]);
+        assert_eq!(m3.sets[1].level, "differential");
+        let dst = tempfile::tempdir().unwrap();
+        restore_chain(out.path(), &m3, dst.path());
+        assert_eq!(std::fs::read_to_string(dst.path().join("b")).unwrap(), "b2");
+        assert!(!dst.path().join("d").exists());
+        // A full every 0 days: always full.
+        let o3 = Options {
+            full_days: 0,
+            ..o.clone()
+        };
+        assert_eq!(backup(&l, out.path(), &o3).sets.len(), 1);
+    }
+
+    #[test]
+    fn special_files_survive_a_round_trip() {
+        // A hardlink, a symlink, a sparse file and odd modes, through zstd.
         let src = tempfile::tempdir().unwrap();
         let s = src.path();
         std::fs::write(s.join("a"), b"hello").unwrap();
@@ -461,32 +1060,24 @@ mod tests {
         let sparse = std::fs::File::create(s.join("sparse")).unwrap();
         sparse.set_len(64 << 20).unwrap();
         std::fs::create_dir(s.join("d")).unwrap();
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         std::fs::set_permissions(s.join("d"), std::fs::Permissions::from_mode(0o1750)).unwrap();
         let out = tempfile::tempdir().unwrap();
-        let file = out.path().join("x.tar.zst");
-        let (sha, bytes, tar_bytes) =
-            archive_one(s.to_str().unwrap(), &["./d/skip".into()], &file, 3).unwrap();
-        assert_eq!(sha, file_sha256(&file).unwrap());
-        assert_eq!(bytes, std::fs::metadata(&file).unwrap().len());
-        assert!(tar_bytes > 0);
-        // The sparse 64 MiB file must not make a 64 MiB archive.
-        assert!(bytes < 1 << 20, "archive is {bytes} bytes");
-        let a = BackupArchive {
-            mountpoint: "/".into(),
-            fs_uuid: None,
-            fstype: "ext4".into(),
-            file: "x.tar.zst".into(),
-            sha256: sha.clone(),
-            bytes,
-            tar_bytes,
-        };
-        verify_archive(out.path(), &a).unwrap();
+        let m = backup(&dir_layout(s), out.path(), &Options::default());
+        let a = &m.sets[0].archives[0];
+        assert!(
+            a.bytes < 1 << 20,
+            "the sparse 64 MiB file made a {} byte archive",
+            a.bytes
+        );
+        assert_eq!(a.volumes.len(), 1);
+        assert!(
+            a.volumes[0].file.ends_with("/root.tar.zst") || a.volumes[0].file.ends_with(".tar.zst")
+        );
         let dst = tempfile::tempdir().unwrap();
-        extract(out.path(), &a, dst.path()).unwrap();
+        restore_chain(out.path(), &m, dst.path());
         let d = dst.path();
         assert_eq!(std::fs::read(d.join("a-link")).unwrap(), b"hello");
-        use std::os::unix::fs::MetadataExt;
         assert_eq!(
             std::fs::metadata(d.join("a")).unwrap().ino(),
             std::fs::metadata(d.join("a-link")).unwrap().ino(),
@@ -502,14 +1093,55 @@ mod tests {
             std::fs::metadata(d.join("sparse")).unwrap().blocks() < 1024,
             "sparse kept"
         );
-        // A damaged archive is refused before extraction.
-        let mut bad = a.clone();
-        bad.sha256 = "0".repeat(64);
-        let e = verify_archive(out.path(), &bad).unwrap_err().to_string();
-        assert!(e.contains("damaged"), "{e}");
-        let mut short = a;
-        short.bytes += 1;
-        let e = verify_archive(out.path(), &short).unwrap_err().to_string();
-        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn split_volumes_are_hashed_and_damage_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut v = Volumes {
+            dir: d.path().to_path_buf(),
+            rel: "a.tar".into(),
+            max: Some(100_000),
+            cur: None,
+            done: vec![],
+        };
+        v.write_all(&data).unwrap();
+        let vols = v.finish().unwrap();
+        assert_eq!(vols.len(), 3);
+        assert_eq!(vols[2].file, "a.tar.002");
+        assert!(vols.iter().all(|x| x.bytes == 100_000));
+        let a = BackupArchive {
+            mountpoint: "/".into(),
+            fs_uuid: None,
+            fstype: "ext4".into(),
+            bytes: 300_000,
+            tar_bytes: 0,
+            volumes: vols,
+        };
+        let mut back = Vec::new();
+        VolumeReader::new(d.path(), &a)
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data);
+        preflight_archive(d.path(), &a).unwrap();
+        // A flipped byte in the middle volume: found while reading.
+        let mid = d.path().join("a.tar.001");
+        let mut b = std::fs::read(&mid).unwrap();
+        b[500] ^= 1;
+        std::fs::write(&mid, &b).unwrap();
+        let e = VolumeReader::new(d.path(), &a)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.tar.001 is damaged"), "{e}");
+        // A truncated last volume: found by the pre-flight.
+        let last = d.path().join("a.tar.002");
+        std::fs::write(&last, &std::fs::read(&last).unwrap()[..1000]).unwrap();
+        let e = preflight_archive(d.path(), &a).unwrap_err().to_string();
+        assert!(
+            e.contains("a.tar.002 has 1000 bytes") && e.contains("truncated"),
+            "{e}"
+        );
     }
 }

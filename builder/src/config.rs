@@ -37,6 +37,18 @@ pub struct Config {
     /// always left out.
     #[serde(alias = "BACKUP_PROG_EXCLUDE")]
     pub backup_exclude: Vec<String>,
+    /// `full`, `incremental` (since the last set) or `differential` (since
+    /// the last full).
+    #[serde(alias = "BACKUP_TYPE")]
+    pub backup_type: String,
+    /// Make a full backup instead when the last full is this many days old.
+    #[serde(alias = "FULLBACKUP_OUTDATED_DAYS")]
+    pub backup_full_days: u32,
+    /// `zstd` (multithreaded), `gzip` or `xz`.
+    pub backup_compression: String,
+    pub backup_compression_level: Option<i32>,
+    /// Cut archives into volumes of this size (`4G`, `700M`); unset: one file.
+    pub backup_volume_size: Option<String>,
     /// Settings of the rescue image.
     pub rescue: Rescue,
     /// The network setup the rescue OS brings up.
@@ -202,6 +214,11 @@ impl Default for Config {
             backup: "tar".into(),
             backup_url: None,
             backup_exclude: vec![],
+            backup_type: "full".into(),
+            backup_full_days: 7,
+            backup_compression: "zstd".into(),
+            backup_compression_level: None,
+            backup_volume_size: None,
             recover: Recover::default(),
             rescue: Rescue::default(),
             network: Network::default(),
@@ -245,6 +262,8 @@ const ALIASES: &[(&str, &str)] = &[
     ("BACKUP", "backup"),
     ("BACKUP_URL", "backup_url"),
     ("BACKUP_PROG_EXCLUDE", "backup_exclude"),
+    ("BACKUP_TYPE", "backup_type"),
+    ("FULLBACKUP_OUTDATED_DAYS", "backup_full_days"),
 ];
 
 /// The merged configuration and where each value came from.

@@ -22,7 +22,9 @@ use std::process::{Command, Stdio};
 /// Marker file at the root of every filesystem this recovery made.
 const MARK: &str = ".lifeboat-recovery";
 /// Per-archive record that its restore completed.
-const RESTORED: &str = ".lifeboat-restored-";
+const RESTORED: &str = ".lifeboat-restored";
+/// Where each filesystem is mounted alone while its archives are restored.
+const RESTORE_MNT: &str = "/run/lifeboat/restore";
 /// Where the backup filesystem is mounted in the rescue OS.
 const BACKUP_MNT: &str = "/run/lifeboat/backup";
 /// Scratch mount point for marker checks.
@@ -495,30 +497,45 @@ pub fn run(o: Options) -> Result<()> {
         // (else lvcreate fails with "device not cleared").
         std::env::set_var("DM_DISABLE_UDEV", "1");
     }
+    let all_archives: Vec<&lifeboat_contract::BackupArchive> =
+        o.backup.sets.iter().flat_map(|s| &s.archives).collect();
     r.say(&format!(
-        "lifeboat: recover: {} from backup {} ({} archive(s))",
+        "lifeboat: recover: {} from backup {} ({} set(s), {} archive(s))",
         o.layout.hostname,
         id,
-        o.backup.archives.len()
+        o.backup.sets.len(),
+        all_archives.len()
     ));
+    if o.backup.sets.first().map(|s| s.level.as_str()) != Some("full") {
+        bail!("the backup chain does not start with a full backup; nothing can be restored. Nothing was written.");
+    }
 
     // ---- Pre-flight: nothing below writes a disk.
     let (dir, backup_disk) = find_backup(&o.backup)?;
     r.say(&format!("backup found in {}", dir.display()));
-    for a in &o.backup.archives {
-        if o.dry_run {
-            let p = dir.join(&a.file);
-            if !p.is_file() {
-                r.say(&format!("WARNING: {} is missing", p.display()));
+    for set in &o.backup.sets {
+        for a in &set.archives {
+            if o.dry_run {
+                for v in &a.volumes {
+                    if !dir.join(&v.file).is_file() {
+                        r.say(&format!(
+                            "WARNING: {} is missing",
+                            dir.join(&v.file).display()
+                        ));
+                    }
+                }
+                continue;
             }
-            continue;
+            r.say(&format!(
+                "checking {} of set {} ({} volume(s), {} bytes)",
+                a.mountpoint,
+                set.id,
+                a.volumes.len(),
+                a.bytes
+            ));
+            crate::backup::preflight_archive(&dir, a)
+                .context("the backup cannot be restored; nothing was written")?;
         }
-        r.say(&format!(
-            "checking sha256 of {} ({} bytes)",
-            a.file, a.bytes
-        ));
-        crate::backup::verify_archive(&dir, a)
-            .context("the backup cannot be restored; nothing was written")?;
     }
     let mut exclude = BTreeSet::new();
     if let Some(d) = &backup_disk {
@@ -574,7 +591,7 @@ pub fn run(o: Options) -> Result<()> {
     if !mounts.iter().any(|m| m.target == "/") {
         bail!("the layout has no root filesystem among its mounts; cannot restore. Nothing was written.");
     }
-    for a in &o.backup.archives {
+    for a in &all_archives {
         if !mounts.iter().any(|m| m.target == a.mountpoint) {
             bail!(
                 "the backup has an archive for {} but the layout mounts no filesystem there; nothing was written",
@@ -604,13 +621,16 @@ pub fn run(o: Options) -> Result<()> {
         for g in &groups {
             println!("  {}", g.what);
         }
-        for a in &o.backup.archives {
-            println!(
-                "  restore {} from {} ({})",
-                a.mountpoint,
-                a.file,
-                migrate::human(a.bytes)
-            );
+        for set in &o.backup.sets {
+            for a in &set.archives {
+                println!(
+                    "  restore {} from set {} ({}, {})",
+                    a.mountpoint,
+                    set.id,
+                    set.level,
+                    migrate::human(a.bytes)
+                );
+            }
         }
         println!("  bootloader, configuration and logs of the recovered system");
         println!("These disks will be ERASED and recreated:");
@@ -667,7 +687,111 @@ pub fn run(o: Options) -> Result<()> {
         }
     }
 
-    // ---- Mount.
+    // ---- Restore: each filesystem mounted alone (so a later set's
+    // deletions cannot reach into filesystems mounted below it), its
+    // archives applied set by set, each finished set recorded in it.
+    r.say("lifeboat: recover: restoring");
+    let mount_opts = |m: &lifeboat_contract::Mount| {
+        let v: Vec<&str> = m
+            .options
+            .split(',')
+            .filter(|x| x.starts_with("subvol="))
+            .collect();
+        if v.is_empty() {
+            "defaults".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    if !o.dry_run {
+        std::fs::create_dir_all(RESTORE_MNT)?;
+    }
+    for m in &mounts {
+        let items: Vec<(
+            usize,
+            &lifeboat_contract::BackupSet,
+            &lifeboat_contract::BackupArchive,
+        )> = o
+            .backup
+            .sets
+            .iter()
+            .enumerate()
+            .flat_map(|(k, set)| {
+                set.archives
+                    .iter()
+                    .filter(|a| a.mountpoint == m.target)
+                    .map(move |a| (k, set, a))
+            })
+            .collect();
+        if items.is_empty() {
+            r.say(&format!(
+                "# {}: no archive in the backup; the filesystem stays empty",
+                m.target
+            ));
+            continue;
+        }
+        let opts = mount_opts(m);
+        r.cmd(
+            &m.source,
+            &[
+                "mount",
+                "-t",
+                &m.fstype,
+                "-o",
+                &opts,
+                &m.source,
+                RESTORE_MNT,
+            ],
+        )?;
+        let record = Path::new(RESTORE_MNT).join(RESTORED);
+        let mut done: Vec<String> = if o.dry_run {
+            vec![]
+        } else {
+            std::fs::read_to_string(&record)
+                .unwrap_or_default()
+                .lines()
+                .map(String::from)
+                .collect()
+        };
+        for (k, set, a) in items {
+            if done.contains(&set.id) {
+                r.say(&format!(
+                    "# {} of set {} already restored (from an earlier run)",
+                    m.target, set.id
+                ));
+                continue;
+            }
+            r.say(&format!(
+                "lifeboat: restoring {} from set {} ({}, {} bytes in {} volume(s))",
+                a.mountpoint,
+                set.id,
+                set.level,
+                a.bytes,
+                a.volumes.len()
+            ));
+            r.say(&format!(
+                "+ cat {} | {} -dc | tar --extract --xattrs --acls --selinux --numeric-owner{} -C {RESTORE_MNT}",
+                a.volumes.iter().map(|v| dir.join(&v.file).display().to_string()).collect::<Vec<_>>().join(" "),
+                set.compression,
+                if k > 0 { " --listed-incremental=/dev/null" } else { "" }
+            ));
+            if !o.dry_run {
+                let t = std::time::Instant::now();
+                crate::backup::extract(&dir, set, a, Path::new(RESTORE_MNT), k > 0, false)?;
+                r.say(&format!("  restored in {:.1} s", t.elapsed().as_secs_f64()));
+                done.push(set.id.clone());
+                std::fs::write(&record, done.join("\n") + "\n")?;
+                if opts == "defaults" {
+                    // A later set may have removed the marker with the
+                    // files deleted since the previous set.
+                    std::fs::write(Path::new(RESTORE_MNT).join(MARK), format!("{id}\n"))?;
+                }
+            }
+        }
+        r.cmd(&m.source, &["umount", RESTORE_MNT])?;
+    }
+
+    // ---- Mount the whole tree for the finishing steps.
     r.say("lifeboat: recover: mounting");
     let root = o.root.clone();
     let at = |t: &str| root.join(t.trim_start_matches('/'));
@@ -683,51 +807,12 @@ pub fn run(o: Options) -> Result<()> {
             std::fs::create_dir_all(&dst)
                 .with_context(|| format!("cannot create {}", dst.display()))?;
         }
-        let mut opts: Vec<&str> = m
-            .options
-            .split(',')
-            .filter(|x| x.starts_with("subvol="))
-            .collect();
-        if opts.is_empty() {
-            opts.push("defaults");
-        }
-        let o_s = opts.join(",");
+        let o_s = mount_opts(m);
         r.cmd(
             &m.source,
             &["mount", "-t", &m.fstype, "-o", &o_s, &m.source, &dst_s],
         )?;
         now_mounted.insert(dst_s);
-    }
-
-    // ---- Restore.
-    r.say("lifeboat: recover: restoring");
-    let mut archives = o.backup.archives.clone();
-    archives.sort_by_key(|a| (crate::backup::depth(&a.mountpoint), a.mountpoint.clone()));
-    for a in &archives {
-        let dst = at(&a.mountpoint);
-        let record = dst.join(format!("{RESTORED}{}", a.file));
-        if !o.dry_run && std::fs::read_to_string(&record).is_ok_and(|s| s.trim() == id) {
-            r.say(&format!(
-                "# {} already restored (from an earlier run)",
-                a.mountpoint
-            ));
-            continue;
-        }
-        r.say(&format!(
-            "lifeboat: restoring {} from {} ({} bytes)",
-            a.mountpoint, a.file, a.bytes
-        ));
-        r.say(&format!(
-            "+ zstd -dc {} | tar --extract --xattrs --acls --selinux --numeric-owner -C {}",
-            dir.join(&a.file).display(),
-            dst.display()
-        ));
-        if !o.dry_run {
-            let t = std::time::Instant::now();
-            crate::backup::extract(&dir, a, &dst)?;
-            r.say(&format!("  restored in {:.1} s", t.elapsed().as_secs_f64()));
-            std::fs::write(&record, format!("{id}\n"))?;
-        }
     }
 
     // ---- Finalize.
@@ -736,10 +821,9 @@ pub fn run(o: Options) -> Result<()> {
     finalize(&o, &layout, &pairs, &names, &mut r)?;
 
     // Markers away, then unmount.
-    for a in &archives {
-        let p = at(&a.mountpoint).join(format!("{RESTORED}{}", a.file));
+    for m in &mounts {
         if !o.dry_run {
-            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(at(&m.target).join(RESTORED));
         }
     }
     for g in &groups {

@@ -532,32 +532,31 @@ pub struct Subvolume {
 }
 
 /// Schema version of the backup manifest (`backup.json`).
-pub const BACKUP_SCHEMA_VERSION: u32 = 1;
+pub const BACKUP_SCHEMA_VERSION: u32 = 2;
 
-/// `backup.json`: what `mkbackup` wrote, where, and the checksum of every
-/// archive. A copy travels inside the rescue image, so the recovery checks
-/// the archives against what was recorded when they were made.
+/// `backup.json`: the backup chain `mkbackup` wrote, where, and the
+/// checksum of every volume. A copy travels inside the rescue image, so
+/// the recovery checks the volumes against what was recorded when they
+/// were made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupManifest {
     pub schema_version: u32,
-    /// Unique name of this backup run (host and UTC time).
+    /// The newest set's id: names this backup as a whole.
     pub id: String,
     pub hostname: String,
-    /// Seconds since the epoch when the backup started.
-    pub created_unix: u64,
     /// `tar`.
     pub method: String,
-    /// `zstd`.
-    pub compression: String,
     /// BACKUP_URL as configured (`file:///path`).
     pub url: String,
-    /// Directory holding the archives and this manifest.
+    /// Directory holding the sets and this manifest.
     pub dir: String,
     /// The filesystem that holds `dir`, so the rescue OS can mount it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<BackupLocation>,
-    pub archives: Vec<BackupArchive>,
+    /// The full backup, then the incremental or differential sets, in the
+    /// order they are restored.
+    pub sets: Vec<BackupSet>,
 }
 
 /// The filesystem a `file://` backup lives on.
@@ -575,7 +574,22 @@ pub struct BackupLocation {
     pub device: String,
 }
 
-/// One archive: one filesystem's contents.
+/// One `mkbackup` run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSet {
+    /// Unique name (host, time, level); also its subdirectory of `dir`.
+    pub id: String,
+    /// `full`, `incremental` (since the previous set) or `differential`
+    /// (since the full).
+    pub level: String,
+    pub created_unix: u64,
+    /// `zstd`, `gzip`, `xz`.
+    pub compression: String,
+    pub archives: Vec<BackupArchive>,
+}
+
+/// One archive: one filesystem's contents, in one or more volumes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupArchive {
@@ -585,13 +599,22 @@ pub struct BackupArchive {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs_uuid: Option<String>,
     pub fstype: String,
-    /// File name inside `dir`.
-    pub file: String,
-    pub sha256: String,
-    /// Compressed size.
+    /// The compressed stream, cut into volumes (one when not split).
+    pub volumes: Vec<BackupVolume>,
+    /// Compressed size (all volumes).
     pub bytes: u64,
     /// Uncompressed tar stream size.
     pub tar_bytes: u64,
+}
+
+/// One file of an archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupVolume {
+    /// Path relative to the backup directory.
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 impl BackupManifest {

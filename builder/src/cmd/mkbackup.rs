@@ -107,8 +107,33 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         excludes.push(std::path::absolute(o)?.to_string_lossy().to_string());
     }
     excludes.push("/var/cache/lifeboat".into());
+    crate::backup::require_root(&layout)?;
+    let compression = match lifeboat_contract::Compression::parse(&cfg.backup_compression) {
+        Some(
+            c @ (lifeboat_contract::Compression::Zstd
+            | lifeboat_contract::Compression::Gzip
+            | lifeboat_contract::Compression::Xz),
+        ) => c,
+        _ => bail!(
+            "backup_compression = {:?} is not one of zstd, gzip, xz",
+            cfg.backup_compression
+        ),
+    };
+    let opts = crate::backup::Options {
+        level: crate::backup::Level::parse(&cfg.backup_type)?,
+        full_days: cfg.backup_full_days,
+        compression,
+        compression_level: cfg.backup_compression_level,
+        volume_size: cfg
+            .backup_volume_size
+            .as_deref()
+            .map(crate::backup::parse_size)
+            .transpose()
+            .context("backup_volume_size")?,
+        excludes,
+    };
     let quiet = g.quiet;
-    let manifest = crate::backup::create(&layout, &url, &dir, &excludes, &mut |l| {
+    let manifest = crate::backup::create(&layout, &url, &dir, &opts, quiet, &mut |l| {
         if !quiet {
             println!("{l}");
         }

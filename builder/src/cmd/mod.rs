@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod backup;
 pub mod dump;
 pub mod image;
 pub mod layout;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Capture the layout, back up every local filesystem to BACKUP_URL,
     /// and build the rescue image carrying both.
     Mkbackup(mkbackup::Args),
+    /// Inspect (ls) or read back and check (verify) a backup.
+    #[command(subcommand)]
+    Backup(backup::Command),
     /// In the rescue OS: recreate the disks, restore the backup, make the
     /// system bootable (`--dry-run` prints the commands only).
     Recover(recover::Args),
@@ -75,6 +79,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mkrescue(a) => mkrescue::run(&g, a),
         Command::Mkbackup(a) => mkbackup::run(&g, a),
         Command::Recover(a) => recover::run(&g, a),
+        Command::Backup(c) => backup::run(&g, c),
         Command::Dump(a) => dump::run(&g, a),
         Command::Image(c) => image::run(&g, c),
         Command::Layout(c) => layout::run(&g, c),
