@@ -642,3 +642,45 @@ fn module_index_matches_the_modules_layer() {
         .collect();
     assert_eq!(hits, vec!["virtio_blk"]);
 }
+
+#[test]
+fn the_backup_key_never_enters_the_image() {
+    // backup_key_file names the key; the image may carry the path, never
+    // what is in the file.
+    let work = tempfile::tempdir().unwrap();
+    let secret = "AGE-SECRET-KEY-1LIFEBOATTESTSECRETNEVERINTHEIMAGE";
+    let key = work.path().join("backup.key");
+    std::fs::write(&key, format!("{secret}\n")).unwrap();
+    let pass = work.path().join("pass.key");
+    std::fs::write(&pass, "a passphrase nobody may see\n").unwrap();
+    for (file, needle) in [(&key, secret), (&pass, "a passphrase nobody may see")] {
+        let out = work.path().join("img");
+        build(
+            work.path(),
+            &out,
+            &format!("backup_key_file = \"{}\"\n", file.display()),
+            &[],
+        );
+        let tree = work.path().join("tree");
+        let _ = std::fs::remove_dir_all(&tree);
+        unpack(&out, &tree);
+        let cfg = std::fs::read_to_string(tree.join("etc/lifeboat/lifeboat.toml")).unwrap();
+        assert!(
+            cfg.contains(&file.display().to_string()),
+            "the path is kept: {cfg}"
+        );
+        let mut scanned = 0;
+        for e in walkdir::WalkDir::new(&tree).into_iter().flatten() {
+            if e.file_type().is_file() {
+                let data = std::fs::read(e.path()).unwrap();
+                scanned += 1;
+                assert!(
+                    !data.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{} holds the backup key",
+                    e.path().display()
+                );
+            }
+        }
+        assert!(scanned > 500, "only {scanned} files scanned");
+    }
+}

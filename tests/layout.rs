@@ -191,8 +191,17 @@ fn capture_of_md_luks_lvm_and_btrfs_in_a_vm() {
         l.lvm.lvs,
         lifeboat::layout_parse::lvm_lvs(&read("lvm-lvs.json")).unwrap()
     );
+    let mut vgs = l.lvm.vgs.clone();
+    for v in vgs.iter_mut() {
+        // The vgcfgbackup text of each VG, naming it and its UUID.
+        let meta = v.metadata.take().expect("VG metadata not captured");
+        assert!(
+            meta.contains(&format!("{} {{", v.name)) && meta.contains(&v.uuid),
+            "{meta}"
+        );
+    }
     assert_eq!(
-        l.lvm.vgs,
+        vgs,
         lifeboat::layout_parse::lvm_vgs(&read("lvm-vgs.json")).unwrap()
     );
     // Filesystems with their UUIDs (blkid is the oracle) and creation parameters.

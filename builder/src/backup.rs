@@ -180,6 +180,149 @@ pub fn require_root(layout: &Layout) -> Result<()> {
     )
 }
 
+/// The key of an encrypted backup: an age X25519 identity
+/// (`AGE-SECRET-KEY-1...`) or a passphrase (age's scrypt), read from a
+/// file. Never written anywhere by lifeboat.
+pub enum Key {
+    X25519(age::x25519::Identity),
+    Passphrase(age::secrecy::SecretString),
+}
+
+impl Key {
+    /// The key in `text`: an identity line if there is one, else the first
+    /// line as a passphrase.
+    pub fn parse(text: &str) -> Result<Key> {
+        use std::str::FromStr;
+        if let Some(l) = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        {
+            return age::x25519::Identity::from_str(l)
+                .map(Key::X25519)
+                .map_err(|e| anyhow::anyhow!("not a valid age identity: {e}"));
+        }
+        let pass = text.lines().next().unwrap_or("").trim_end_matches('\r');
+        if pass.is_empty() {
+            bail!("the key is empty (expected an age identity AGE-SECRET-KEY-1... or a passphrase on the first line)");
+        }
+        Ok(Key::Passphrase(age::secrecy::SecretString::from(
+            pass.to_string(),
+        )))
+    }
+
+    pub fn from_file(p: &Path) -> Result<Key> {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the backup key file {}", p.display()))?;
+        Key::parse(&text).with_context(|| format!("backup key file {}", p.display()))
+    }
+
+    /// How the manifest names the encryption (public information only).
+    fn label(&self) -> String {
+        match self {
+            Key::X25519(i) => format!("age-x25519 {}", i.to_public()),
+            Key::Passphrase(_) => "age-scrypt".into(),
+        }
+    }
+
+    fn encryptor(&self) -> Result<age::Encryptor> {
+        Ok(match self {
+            Key::X25519(i) => {
+                let r = i.to_public();
+                age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
+                    .map_err(|e| anyhow::anyhow!("cannot set up encryption: {e}"))?
+            }
+            Key::Passphrase(p) => age::Encryptor::with_user_passphrase(p.clone()),
+        })
+    }
+
+    /// Decrypt `inp`; a wrong key fails here, before any data is read.
+    fn decrypt<'a, R: Read + 'a>(&self, inp: R) -> Result<Box<dyn Read + 'a>> {
+        let d = age::Decryptor::new(inp)
+            .map_err(|e| anyhow::anyhow!("not an age-encrypted volume: {e}"))?;
+        let r = match self {
+            Key::X25519(i) => d.decrypt(std::iter::once(i as &dyn age::Identity)),
+            Key::Passphrase(p) => {
+                let mut i = age::scrypt::Identity::new(p.clone());
+                i.set_max_work_factor(24);
+                d.decrypt(std::iter::once(&i as &dyn age::Identity))
+            }
+        }
+        .map_err(|e| anyhow::anyhow!("the backup key does not open this backup ({e})"))?;
+        Ok(Box::new(r))
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.write_str(&self.label())
+    }
+}
+
+/// The stream below the compressor: straight into the volumes, or through age.
+enum Sink {
+    Plain(Volumes),
+    Age(age::stream::StreamWriter<Volumes>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Plain(v) => v.write(b),
+            Sink::Age(w) => w.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(v) => v.flush(),
+            Sink::Age(w) => w.flush(),
+        }
+    }
+}
+
+impl Sink {
+    fn finish(self) -> std::io::Result<Volumes> {
+        match self {
+            Sink::Plain(v) => Ok(v),
+            Sink::Age(w) => w.finish(),
+        }
+    }
+}
+
+/// The readable stream of an archive: volumes (checked), decrypted,
+/// decompressed.
+fn open_archive<'a>(
+    dir: &Path,
+    set: &BackupSet,
+    a: &BackupArchive,
+    key: Option<&Key>,
+    wrap: impl FnOnce(VolumeReader) -> Box<dyn Read + 'a>,
+) -> Result<Box<dyn Read + 'a>> {
+    let c = Compression::parse(&set.compression)
+        .with_context(|| format!("unknown compression {:?} in the manifest", set.compression))?;
+    let raw = wrap(VolumeReader::new(dir, a));
+    let plain = match (&set.encryption, key) {
+        (None, _) => raw,
+        (Some(_), Some(k)) => k.decrypt(raw)?,
+        (Some(e), None) => bail!(
+            "set {} is encrypted ({e}); give the key (--backup-key FILE, or backup_key_file)",
+            set.id
+        ),
+    };
+    crate::compress::decoder(plain, c)
+}
+
+/// Check that `key` opens the backup (reads only the first volume's header).
+pub fn check_key(dir: &Path, m: &BackupManifest, key: Option<&Key>) -> Result<()> {
+    for set in m.sets.iter().filter(|s| s.encryption.is_some()) {
+        if let Some(a) = set.archives.first() {
+            open_archive(dir, set, a, key, |r| Box::new(r))?;
+        }
+    }
+    Ok(())
+}
+
 /// What kind of set to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -220,6 +363,8 @@ pub struct Options {
     pub volume_size: Option<u64>,
     /// Absolute paths left out (the backup directory is always left out).
     pub excludes: Vec<String>,
+    /// Encrypt with this key.
+    pub key: Option<std::sync::Arc<Key>>,
 }
 
 impl Default for Options {
@@ -231,6 +376,7 @@ impl Default for Options {
             compression_level: None,
             volume_size: None,
             excludes: vec![],
+            key: None,
         }
     }
 }
@@ -424,7 +570,15 @@ fn archive_one(
         Compression::Zstd => Some(3),
         _ => None,
     });
-    let mut enc = crate::compress::Encoder::new(vols, o.compression, level, threads)?;
+    let sink = match &o.key {
+        Some(k) => Sink::Age(
+            k.encryptor()?
+                .wrap_output(vols)
+                .context("cannot start encrypting")?,
+        ),
+        None => Sink::Plain(vols),
+    };
+    let mut enc = crate::compress::Encoder::new(sink, o.compression, level, threads)?;
     let mut prog = Progress::new(&format!("archiving {mountpoint}"), estimate, quiet);
     let mut buf = vec![0u8; 1 << 20];
     let mut tar_bytes = 0u64;
@@ -444,7 +598,7 @@ fn archive_one(
         tar_bytes += n as u64;
         prog.add(n as u64);
     }
-    let vols = enc.finish()?.finish()?;
+    let vols = enc.finish()?.finish()?.finish()?;
     let status = child.wait()?;
     let errors = err_thread.join().unwrap_or_default();
     // GNU tar: 1 = some files changed while being read (kept, with a warning).
@@ -626,6 +780,7 @@ pub fn create(
         level: level.as_str().into(),
         created_unix: now,
         compression: o.compression.as_str().into(),
+        encryption: o.key.as_ref().map(|k| k.label()),
         archives,
     };
     let sets = match (level, prev) {
@@ -753,9 +908,12 @@ pub fn preflight_archive(dir: &Path, a: &BackupArchive) -> Result<()> {
 
 /// Read everything back: every volume's sha256, the compressed stream and
 /// the tar stream (`tar --list`). Returns the number of tar members.
-pub fn verify_archive(dir: &Path, set: &BackupSet, a: &BackupArchive) -> Result<usize> {
-    let c = Compression::parse(&set.compression)
-        .with_context(|| format!("unknown compression {:?} in the manifest", set.compression))?;
+pub fn verify_archive(
+    dir: &Path,
+    set: &BackupSet,
+    a: &BackupArchive,
+    key: Option<&Key>,
+) -> Result<usize> {
     let mut child = Command::new("tar")
         .args(["--list", "--file=-", "--incremental"])
         .stdin(Stdio::piped())
@@ -770,7 +928,7 @@ pub fn verify_archive(dir: &Path, set: &BackupSet, a: &BackupArchive) -> Result<
         let _ = stdout.read_to_string(&mut s);
         s.lines().count()
     });
-    let copied = crate::compress::decoder(VolumeReader::new(dir, a), c)
+    let copied = open_archive(dir, set, a, key, |r| Box::new(r))
         .and_then(|mut d| std::io::copy(&mut d, &mut stdin).map_err(Into::into));
     drop(stdin);
     let out = child.wait_with_output()?;
@@ -802,9 +960,8 @@ pub fn extract(
     target: &Path,
     incremental: bool,
     quiet: bool,
+    key: Option<&Key>,
 ) -> Result<()> {
-    let c = Compression::parse(&set.compression)
-        .with_context(|| format!("unknown compression {:?} in the manifest", set.compression))?;
     let mut cmd = Command::new("tar");
     cmd.args(["--extract", "--file=-", "--preserve-permissions"])
         .args(TAR_KEEP);
@@ -837,12 +994,11 @@ pub fn extract(
             Ok(n)
         }
     }
-    let src = Counting {
-        inner: VolumeReader::new(dir, a),
-        prog: Progress::new(&format!("restoring {}", a.mountpoint), Some(a.bytes), quiet),
-    };
-    let copied = crate::compress::decoder(src, c)
-        .and_then(|mut d| std::io::copy(&mut d, &mut stdin).map_err(Into::into));
+    let prog = Progress::new(&format!("restoring {}", a.mountpoint), Some(a.bytes), quiet);
+    let copied = open_archive(dir, set, a, key, move |r| {
+        Box::new(Counting { inner: r, prog })
+    })
+    .and_then(|mut d| std::io::copy(&mut d, &mut stdin).map_err(Into::into));
     drop(stdin);
     let status = child.wait()?;
     let errors = err_thread.join().unwrap_or_default();
@@ -960,10 +1116,75 @@ mod tests {
     }
 
     fn restore_chain(dir: &Path, m: &BackupManifest, dst: &Path) {
+        restore_with(dir, m, dst, None).unwrap()
+    }
+
+    fn restore_with(dir: &Path, m: &BackupManifest, dst: &Path, key: Option<&Key>) -> Result<()> {
         for (k, set) in m.sets.iter().enumerate() {
             for a in &set.archives {
-                extract(dir, set, a, dst, k > 0, true).unwrap();
+                extract(dir, set, a, dst, k > 0, true, key)?;
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn encrypted_backups_need_the_right_key_and_never_hold_it() {
+        let src = tempfile::tempdir().unwrap();
+        let s = src.path();
+        std::fs::write(s.join("f"), "payload").unwrap();
+        let id = age::x25519::Identity::generate();
+        use age::secrecy::ExposeSecret;
+        let secret = id.to_string().expose_secret().to_string();
+        let keys = tempfile::tempdir().unwrap();
+        std::fs::write(
+            keys.path().join("id"),
+            format!("# created by age-keygen\n{secret}\n"),
+        )
+        .unwrap();
+        std::fs::write(keys.path().join("pass"), "correct horse battery\n").unwrap();
+        for (file, label) in [("id", "age-x25519 age1"), ("pass", "age-scrypt")] {
+            let key = std::sync::Arc::new(Key::from_file(&keys.path().join(file)).unwrap());
+            let out = tempfile::tempdir().unwrap();
+            let o = Options {
+                key: Some(key.clone()),
+                volume_size: Some(1000),
+                ..Default::default()
+            };
+            let m = backup(&dir_layout(s), out.path(), &o);
+            let set = &m.sets[0];
+            assert!(
+                set.encryption.as_deref().unwrap().starts_with(label),
+                "{:?}",
+                set.encryption
+            );
+            let json = serde_json::to_string(&m).unwrap();
+            assert!(
+                !json.contains(&secret) && !json.contains("correct horse"),
+                "the manifest holds the key"
+            );
+            let first = std::fs::read(out.path().join(&set.archives[0].volumes[0].file)).unwrap();
+            assert!(
+                first.starts_with(b"age-encryption.org/v1"),
+                "volume not encrypted"
+            );
+            // Right key: restores; no key, or another key: refused before any data.
+            check_key(out.path(), &m, Some(&key)).unwrap();
+            let dst = tempfile::tempdir().unwrap();
+            restore_with(out.path(), &m, dst.path(), Some(&key)).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(dst.path().join("f")).unwrap(),
+                "payload"
+            );
+            let e = check_key(out.path(), &m, None).unwrap_err().to_string();
+            assert!(e.contains("is encrypted"), "{e}");
+            let wrong = match &*key {
+                Key::X25519(_) => Key::X25519(age::x25519::Identity::generate()),
+                Key::Passphrase(_) => Key::parse("wrong horse").unwrap(),
+            };
+            let e = format!("{:#}", check_key(out.path(), &m, Some(&wrong)).unwrap_err());
+            assert!(e.contains("does not open this backup"), "{e}");
+            assert!(!format!("{key:?}").contains(&secret), "Debug shows the key");
         }
     }
 
@@ -1013,7 +1234,7 @@ mod tests {
         for set in &m2.sets {
             for a in &set.archives {
                 preflight_archive(out.path(), a).unwrap();
-                assert!(verify_archive(out.path(), set, a).unwrap() > 0);
+                assert!(verify_archive(out.path(), set, a, None).unwrap() > 0);
             }
         }
         let dst = tempfile::tempdir().unwrap();

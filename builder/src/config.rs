@@ -49,6 +49,10 @@ pub struct Config {
     pub backup_compression_level: Option<i32>,
     /// Cut archives into volumes of this size (`4G`, `700M`); unset: one file.
     pub backup_volume_size: Option<String>,
+    /// Encrypt the backup (age) with the key in this file: an age identity
+    /// (`age-keygen` output) or a passphrase on its first line. Only the
+    /// path is recorded; recovery asks for the key or takes `--backup-key`.
+    pub backup_key_file: Option<PathBuf>,
     /// Settings of the rescue image.
     pub rescue: Rescue,
     /// The network setup the rescue OS brings up.
@@ -219,6 +223,7 @@ impl Default for Config {
             backup_compression: "zstd".into(),
             backup_compression_level: None,
             backup_volume_size: None,
+            backup_key_file: None,
             recover: Recover::default(),
             rescue: Rescue::default(),
             network: Network::default(),

@@ -46,6 +46,8 @@ pub struct Options {
     pub rebuild_initramfs: String,
     /// Extra files to copy into the target's log directory.
     pub keep_files: Vec<PathBuf>,
+    /// Key file of an encrypted backup.
+    pub backup_key: Option<PathBuf>,
 }
 
 /// Runs commands (or only prints them under --dry-run) and logs all of it.
@@ -537,6 +539,30 @@ pub fn run(o: Options) -> Result<()> {
                 .context("the backup cannot be restored; nothing was written")?;
         }
     }
+    // The key of an encrypted backup, checked against the backup now.
+    let encrypted = o.backup.sets.iter().any(|s| s.encryption.is_some());
+    let key = if !encrypted {
+        None
+    } else if let Some(f) = &o.backup_key {
+        Some(crate::backup::Key::from_file(f)?)
+    } else if !o.auto && stdin_is_tty() {
+        let text = rpassword_like(
+            "The backup is encrypted. Passphrase or age identity (AGE-SECRET-KEY-1...): ",
+        )?;
+        Some(crate::backup::Key::parse(&text)?)
+    } else if o.dry_run {
+        None
+    } else {
+        bail!(
+            "the backup is encrypted and no key was given: supply it with `lifeboat recover --backup-key FILE` \
+             (an age identity or a passphrase file); unattended recovery cannot ask. Nothing was written."
+        );
+    };
+    if key.is_some() {
+        crate::backup::check_key(&dir, &o.backup, key.as_ref())
+            .context("the backup cannot be decrypted; nothing was written")?;
+        r.say("backup key checked: it opens the backup");
+    }
     let mut exclude = BTreeSet::new();
     if let Some(d) = &backup_disk {
         exclude.insert(d.clone());
@@ -777,7 +803,15 @@ pub fn run(o: Options) -> Result<()> {
             ));
             if !o.dry_run {
                 let t = std::time::Instant::now();
-                crate::backup::extract(&dir, set, a, Path::new(RESTORE_MNT), k > 0, false)?;
+                crate::backup::extract(
+                    &dir,
+                    set,
+                    a,
+                    Path::new(RESTORE_MNT),
+                    k > 0,
+                    false,
+                    key.as_ref(),
+                )?;
                 r.say(&format!("  restored in {:.1} s", t.elapsed().as_secs_f64()));
                 done.push(set.id.clone());
                 std::fs::write(&record, done.join("\n") + "\n")?;

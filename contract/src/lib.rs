@@ -586,6 +586,10 @@ pub struct BackupSet {
     pub created_unix: u64,
     /// `zstd`, `gzip`, `xz`.
     pub compression: String,
+    /// `age-x25519 <recipient>` or `age-scrypt` when the volumes are
+    /// encrypted (never the key itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
     pub archives: Vec<BackupArchive>,
 }
 

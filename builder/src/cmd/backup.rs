@@ -14,7 +14,12 @@ pub enum Command {
     },
     /// Read everything back: every volume's sha256, the compressed stream
     /// and the tar stream. Exit 1 when anything is wrong.
-    Verify { dir: Option<PathBuf> },
+    Verify {
+        dir: Option<PathBuf>,
+        /// Key of an encrypted backup (default: backup_key_file).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
 }
 
 fn backup_dir(g: &Global, dir: Option<PathBuf>) -> Result<PathBuf> {
@@ -32,9 +37,12 @@ fn backup_dir(g: &Global, dir: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub fn run(g: &Global, c: Command) -> Result<()> {
-    let (dir, verify) = match c {
-        Command::Ls { dir } => (backup_dir(g, dir)?, false),
-        Command::Verify { dir } => (backup_dir(g, dir)?, true),
+    let (dir, verify, key) = match c {
+        Command::Ls { dir } => (backup_dir(g, dir)?, false, None),
+        Command::Verify { dir, key } => {
+            let k = key.or(g.load_config()?.config.backup_key_file);
+            (backup_dir(g, dir)?, true, k)
+        }
     };
     let p = dir.join(crate::backup::MANIFEST_FILE);
     let text = std::fs::read_to_string(&p)
@@ -42,9 +50,23 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
     let m = lifeboat_contract::BackupManifest::from_json(&text)
         .with_context(|| format!("{} is not a valid backup manifest", p.display()))?;
     println!("backup {} of {} in {}", m.id, m.hostname, dir.display());
+    let encrypted = m.sets.iter().any(|s| s.encryption.is_some());
+    let key = match key {
+        Some(k) if verify && encrypted => Some(crate::backup::Key::from_file(&k)?),
+        _ => None,
+    };
     let mut bad = 0;
     for set in &m.sets {
-        println!("set {} ({}, {})", set.id, set.level, set.compression);
+        println!(
+            "set {} ({}, {}{})",
+            set.id,
+            set.level,
+            set.compression,
+            set.encryption
+                .as_ref()
+                .map(|e| format!(", encrypted {e}"))
+                .unwrap_or_default()
+        );
         for a in &set.archives {
             println!(
                 "  {:<12} {:>12} bytes in {} volume(s), {} bytes of tar",
@@ -59,7 +81,7 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
                 }
                 continue;
             }
-            match crate::backup::verify_archive(&dir, set, a) {
+            match crate::backup::verify_archive(&dir, set, a, key.as_ref()) {
                 Ok(n) => println!("    ok: {n} tar members, every volume matches its sha256"),
                 Err(e) => {
                     bad += 1;

@@ -131,6 +131,12 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             .transpose()
             .context("backup_volume_size")?,
         excludes,
+        key: cfg
+            .backup_key_file
+            .as_deref()
+            .map(crate::backup::Key::from_file)
+            .transpose()?
+            .map(std::sync::Arc::new),
     };
     let quiet = g.quiet;
     let manifest = crate::backup::create(&layout, &url, &dir, &opts, quiet, &mut |l| {

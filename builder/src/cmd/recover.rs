@@ -37,6 +37,9 @@ pub struct Args {
     /// On bigger disks: grow the `last` partition or all `proportional`ly.
     #[arg(long)]
     pub grow: Option<String>,
+    /// Key of an encrypted backup (an age identity or a passphrase file).
+    #[arg(long, value_name = "FILE")]
+    pub backup_key: Option<PathBuf>,
 }
 
 fn read(p: &Path, what: &str) -> Result<String> {
@@ -94,6 +97,9 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             .or(cfg.recover.keyfile.clone())
             .or_else(|| std::env::var_os("LIFEBOAT_KEYFILE").map(PathBuf::from)),
         rebuild_initramfs: cfg.recover.rebuild_initramfs.clone(),
+        backup_key: a
+            .backup_key
+            .or(cfg.backup_key_file.clone().filter(|p| p.is_file())),
         keep_files: keep,
     })
 }
