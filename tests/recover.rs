@@ -196,14 +196,44 @@ fn make_source(layout: &str) -> Source {
     let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
     let cmdline = prefixed(&run(&mut vm, &mut pos, CMDLINE, MIN), "cmdline: ").join("\n");
     assert!(cmdline.contains("root="), "{cmdline}");
-    run(
-        &mut vm,
-        &mut pos,
-        "/backup/bin/lifeboat mkbackup --backup-url file:///backup/store --output-dir /backup/rescue > /backup/mkbackup.log 2>&1; \
-         s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
-        20 * MIN,
-    );
-    run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+    if layout == "mbr-lvm" {
+        // BACKUP_URL and OUTPUT_URL as usb://LABEL: mkbackup mounts the
+        // medium by its label itself, and unmounts it when done.
+        run(
+            &mut vm,
+            &mut pos,
+            "cp /backup/bin/* /usr/local/sbin/ && umount /backup && \
+             printf 'OUTPUT_URL = \"usb://LBBACKUP/rescue\"\\n' > /root/lb.toml",
+            MIN,
+        );
+        run(
+            &mut vm,
+            &mut pos,
+            "lifeboat -c /root/lb.toml mkbackup --backup-url usb://LBBACKUP/store > /root/mkbackup.log 2>&1; \
+             s=$?; tail -25 /root/mkbackup.log; test $s = 0",
+            20 * MIN,
+        );
+        let m = run(
+            &mut vm,
+            &mut pos,
+            "findmnt /dev/vdb || echo medium-unmounted",
+            MIN,
+        );
+        assert!(
+            m.contains("medium-unmounted"),
+            "mkbackup left the medium mounted: {m}"
+        );
+        run(&mut vm, &mut pos, "sync", MIN);
+    } else {
+        run(
+            &mut vm,
+            &mut pos,
+            "/backup/bin/lifeboat mkbackup --backup-url file:///backup/store --output-dir /backup/rescue > /backup/mkbackup.log 2>&1; \
+             s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
+            20 * MIN,
+        );
+        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+    }
     drop(vm);
     // Read the rescue image back from the backup disk.
     let ls = sh_ok(&format!(

@@ -22,6 +22,7 @@ pub mod programs;
 pub mod recover;
 pub mod rescue;
 pub mod tree;
+pub mod url;
 
 /// Global options shared by every subcommand.
 #[derive(Debug, Clone, Default)]

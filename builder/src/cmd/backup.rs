@@ -1,6 +1,5 @@
 //! `lifeboat backup ls|verify`: inspect and check a backup chain.
 
-use super::mkrescue::file_url_path;
 use crate::Global;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -33,7 +32,10 @@ fn backup_dir(g: &Global, dir: Option<PathBuf>) -> Result<PathBuf> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    Ok(file_url_path(&url, "BACKUP_URL")?.join(host))
+    if url.starts_with("usb://") {
+        bail!("BACKUP_URL is {url}: mount the medium and give the backup directory as an argument");
+    }
+    Ok(crate::url::local(&url, "BACKUP_URL")?.path.join(host))
 }
 
 pub fn run(g: &Global, c: Command) -> Result<()> {

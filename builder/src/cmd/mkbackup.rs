@@ -66,7 +66,8 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
     let Some(url) = a.backup_url.clone().or(cfg.backup_url.clone()) else {
         bail!("BACKUP_URL is not set: add `BACKUP_URL = \"file:///path/to/backups\"` to /etc/lifeboat/lifeboat.toml or give --backup-url");
     };
-    let base = mkrescue::file_url_path(&url, "BACKUP_URL")?;
+    let medium = crate::url::local(&url, "BACKUP_URL")?;
+    let base = medium.path.clone();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
@@ -100,8 +101,8 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         println!("layout saved to {}", saved.display());
     }
     let mut excludes = cfg.backup_exclude.clone();
-    if let Ok(out) = mkrescue::file_url_path(&cfg.output_url, "OUTPUT_URL") {
-        excludes.push(out.to_string_lossy().to_string());
+    if let Some(p) = cfg.output_url.strip_prefix("file://") {
+        excludes.push(p.to_string());
     }
     if let Some(o) = &a.rescue.output_dir {
         excludes.push(std::path::absolute(o)?.to_string_lossy().to_string());

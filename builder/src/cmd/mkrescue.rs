@@ -33,14 +33,6 @@ pub struct Args {
     pub no_cache: bool,
 }
 
-/// Path of a `file://` URL; other schemes are not supported yet.
-pub fn file_url_path(url: &str, key: &str) -> Result<PathBuf> {
-    match url.strip_prefix("file://") {
-        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
-        _ => bail!("{key} = {url:?}: only file:///absolute/path is supported by this version (or give --output-dir)"),
-    }
-}
-
 pub fn run(g: &Global, a: Args) -> Result<()> {
     run_with(g, a, Vec::new())
 }
@@ -64,9 +56,16 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     if let Some(c) = a.compression {
         cfg.rescue.compression = c;
     }
+    // Keeps a usb:// medium mounted while the image is written.
+    let mut _medium = None;
     let output_dir = match a.output_dir {
         Some(d) => d,
-        None => file_url_path(&cfg.output_url, "OUTPUT_URL")?,
+        None => {
+            let l = crate::url::local(&cfg.output_url, "OUTPUT_URL")?;
+            let p = l.path.clone();
+            _medium = Some(l);
+            p
+        }
     };
     let inp = BuildInputs {
         kernel: a.kernel,
