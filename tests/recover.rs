@@ -174,6 +174,8 @@ fn make_source(layout: &str) -> Source {
     .with_disk(&backup, "raw", None);
     let mut vm = Vm::boot(&spec).unwrap();
     let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
+    // Kernel messages must not land in the middle of command output.
+    run(&mut vm, &mut pos, "dmesg -n 1", MIN);
     run(
         &mut vm,
         &mut pos,
@@ -342,6 +344,7 @@ fn check_recovered(src: &Source, target: &Path, log: &str) {
     let mut pos = vm
         .wait_for(PROMPT, 10 * MIN)
         .unwrap_or_else(|e| panic!("the recovered disk did not boot to a shell: {e}"));
+    run(&mut vm, &mut pos, "dmesg -n 1", MIN);
     let sums = run(
         &mut vm,
         &mut pos,
