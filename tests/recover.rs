@@ -32,7 +32,23 @@ struct Source {
     lvm_ids: Vec<String>,
     /// The kernel command line GRUB gave the source.
     cmdline: String,
+    /// A command for the recovered system and what its output must hold.
+    extra: Option<(&'static str, &'static str)>,
 }
+
+/// How the source is backed up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// file:// URL, one full set.
+    Plain,
+    /// usb://LABEL URLs (mkbackup mounts the medium itself).
+    Usb,
+    /// A full and an incremental set, encrypted with a passphrase, cut
+    /// into 32 MiB volumes.
+    Encrypted,
+}
+
+const PASSPHRASE: &str = "harness passphrase 4711";
 
 const LVS: &str =
     "lvs --noheadings -o vg_name,vg_uuid,lv_name,lv_uuid 2>/dev/null | sed 's/^ */lv: /'";
@@ -139,9 +155,16 @@ fn json_in(text: &str) -> Value {
 }
 
 /// Boot the source system, put markers on it and run mkbackup.
-fn make_source(layout: &str) -> Source {
+fn make_source(layout: &str, variant: Variant) -> Source {
     let disk = debian_disk(layout);
-    let work = work_dir(&format!("src-{layout}"));
+    let work = work_dir(&format!(
+        "src-{layout}{}",
+        if variant == Variant::Encrypted {
+            "-enc"
+        } else {
+            ""
+        }
+    ));
     let overlay = work.join("src.qcow2");
     sh_ok(&format!(
         "qemu-img create -q -f qcow2 -F raw -b {} {}",
@@ -198,7 +221,46 @@ fn make_source(layout: &str) -> Source {
     let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
     let cmdline = prefixed(&run(&mut vm, &mut pos, CMDLINE, MIN), "cmdline: ").join("\n");
     assert!(cmdline.contains("root="), "{cmdline}");
-    if layout == "mbr-lvm" {
+    let mut extra = None;
+    if variant == Variant::Encrypted {
+        run(
+            &mut vm,
+            &mut pos,
+            &format!(
+                "echo '{PASSPHRASE}' > /root/lb.key && chmod 600 /root/lb.key && echo gone > /root/gone.txt && \
+                 echo v0 > /root/changed.txt && printf 'BACKUP_TYPE = \"incremental\"\\nbackup_volume_size = \"32M\"\\n\
+                 backup_key_file = \"/root/lb.key\"\\n' > /root/lb.toml"
+            ),
+            MIN,
+        );
+        run(
+            &mut vm,
+            &mut pos,
+            "/backup/bin/lifeboat -c /root/lb.toml mkbackup --no-rescue --backup-url file:///backup/store > /backup/full.log 2>&1; \
+             s=$?; tail -15 /backup/full.log; test $s = 0",
+            20 * MIN,
+        );
+        run(
+            &mut vm,
+            &mut pos,
+            "rm /root/gone.txt && echo v1 > /root/changed.txt && echo new > /root/new.txt",
+            MIN,
+        );
+        let out = run(
+            &mut vm,
+            &mut pos,
+            "/backup/bin/lifeboat -c /root/lb.toml mkbackup --backup-url file:///backup/store --output-dir /backup/rescue \
+             > /backup/incr.log 2>&1; s=$?; tail -25 /backup/incr.log; test $s = 0",
+            20 * MIN,
+        );
+        assert!(out.contains("incremental backup"), "{out}");
+        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+        extra = Some((
+            "echo state: $(cat /root/changed.txt) $(cat /root/new.txt) $(test -e /root/gone.txt && echo gone-present || echo gone-absent) \
+             $(grep -rlF 'harness passphrase' /var/log/lifeboat || echo no-key-in-logs)",
+            "state: v1 new gone-absent no-key-in-logs",
+        ));
+    } else if variant == Variant::Usb {
         // BACKUP_URL and OUTPUT_URL as usb://LABEL: mkbackup mounts the
         // medium by its label itself, and unmounts it when done.
         run(
@@ -265,17 +327,23 @@ fn make_source(layout: &str) -> Source {
         lsblk,
         lvm_ids,
         cmdline,
+        extra,
     }
 }
 
 fn gpt_source() -> &'static Source {
     static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("gpt-bios"))
+    S.get_or_init(|| make_source("gpt-bios", Variant::Plain))
 }
 
 fn lvm_source() -> &'static Source {
     static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("mbr-lvm"))
+    S.get_or_init(|| make_source("mbr-lvm", Variant::Usb))
+}
+
+fn enc_source() -> &'static Source {
+    static S: OnceLock<Source> = OnceLock::new();
+    S.get_or_init(|| make_source("gpt-bios", Variant::Encrypted))
 }
 
 fn blank(path: &Path, size: &str) {
@@ -296,6 +364,16 @@ fn sha(path: &Path) -> String {
 /// Boot the rescue image of `src` on `disks` (target first; the backup disk
 /// is attached read-only after them).
 fn rescue_vm(src: &Source, disks: &[(&Path, Option<&str>)], append: &str, log: &str) -> Vm {
+    rescue_vm_with(src, &src.backup, disks, append, log)
+}
+
+fn rescue_vm_with(
+    src: &Source,
+    backup: &Path,
+    disks: &[(&Path, Option<&str>)],
+    append: &str,
+    log: &str,
+) -> Vm {
     let mut spec = BootSpec {
         memory_mb: 1536,
         append: format!("console=ttyS0 {append}"),
@@ -305,7 +383,7 @@ fn rescue_vm(src: &Source, disks: &[(&Path, Option<&str>)], append: &str, log: &
     for (d, serial) in disks {
         spec = spec.with_disk(d, "raw", *serial);
     }
-    spec = spec.with_disk(&src.backup, "raw,readonly=on", None);
+    spec = spec.with_disk(backup, "raw,readonly=on", None);
     Vm::boot(&spec).unwrap()
 }
 
@@ -374,6 +452,10 @@ fn check_recovered(src: &Source, target: &Path, log: &str) {
         cmdline, src.cmdline,
         "the recovered GRUB boots another command line"
     );
+    if let Some((cmd, want)) = src.extra {
+        let out = run(&mut vm, &mut pos, cmd, MIN);
+        assert!(out.contains(want), "{cmd}:\n{out}");
+    }
     let log_dir = run(&mut vm, &mut pos, "ls /var/log/lifeboat/", MIN);
     assert!(
         log_dir.contains("recover.log") && log_dir.contains("layout.json"),
@@ -549,4 +631,120 @@ fn dry_run_prints_the_plan_and_a_too_small_disk_is_refused_untouched() {
     drop(vm);
     assert_eq!(sha(&target), t0, "dry run wrote the disk");
     assert_eq!(sha(&small), s0, "refused recovery wrote the disk");
+}
+
+#[test]
+fn encrypted_incremental_split_backup_needs_its_key_and_refuses_damage() {
+    let src = enc_source();
+    let target = src.work.join("target-e.raw");
+    blank(&target, "3G");
+    let t0 = sha(&target);
+    // The key is nowhere in the rescue image.
+    let rescue = src.work.join("rescue-dir");
+    sh_ok(&format!(
+        "mkdir -p {r} && debugfs -R 'rdump /rescue {r}' {b} 2>/dev/null",
+        r = rescue.display(),
+        b = src.backup.display()
+    ));
+    let tree = src.work.join("rescue-tree");
+    unpack(&rescue.join("rescue"), &tree);
+    let leak = sh_ok(&format!(
+        "grep -rlF '{PASSPHRASE}' {} || echo no-leak",
+        tree.display()
+    ));
+    assert!(
+        leak.contains("no-leak"),
+        "the passphrase is in the rescue image: {leak}"
+    );
+    // 1. A flipped byte in the first volume: the pre-flight stops, nothing written.
+    let bad = src.work.join("backup-bad.img");
+    std::fs::copy(&src.backup, &bad).unwrap();
+    let sets = sh_ok(&format!(
+        "debugfs -R 'ls -p /store/lbsrc' {} 2>/dev/null",
+        bad.display()
+    ));
+    let full = sets
+        .split('/')
+        .find(|f| f.ends_with("-full"))
+        .expect("no full set on the backup disk")
+        .to_string();
+    let vol = format!("/store/lbsrc/{full}/root.tar.zst.000");
+    let blk = sh_ok(&format!(
+        "debugfs -R 'bmap {vol} 3' {} 2>/dev/null",
+        bad.display()
+    ));
+    let blk: u64 = blk
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bmap said {blk:?}"));
+    sh_ok(&format!(
+        "printf '\\x5a\\x5a\\x5a\\x5a' | dd of={} bs=1 seek={} conv=notrunc status=none",
+        bad.display(),
+        blk * 4096 + 100
+    ));
+    let mut vm = rescue_vm_with(
+        src,
+        &bad,
+        &[(&target, Some("LBSRC0"))],
+        "lifeboat.recover=auto",
+        "recover-e1.log",
+    );
+    vm.wait_for("recovery failed", 10 * MIN).unwrap();
+    let c = vm.console();
+    assert!(
+        c.contains("root.tar.zst.000 is damaged"),
+        "{}",
+        &c[c.len().saturating_sub(3000)..]
+    );
+    drop(vm);
+    assert_eq!(sha(&target), t0, "a damaged backup led to writes");
+    // 2. Unattended without the key: refused; 3. a wrong key: refused;
+    // 4. the right key: the chain (full + incremental, split, encrypted) restores.
+    let mut vm = rescue_vm(
+        src,
+        &[(&target, Some("LBSRC0"))],
+        "lifeboat.recover=auto",
+        "recover-e2.log",
+    );
+    let mut pos = vm.wait_for("recovery failed", 10 * MIN).unwrap();
+    assert!(vm.console().contains("is encrypted and no key was given"));
+    pos = vm.wait_for_from("lifeboat:~#", pos, MIN).unwrap();
+    let r = vm
+        .run_command(
+            pos,
+            "echo wrong > /tmp/k; lifeboat recover --auto --backup-key /tmp/k 2>&1 | tail -5",
+            10 * MIN,
+        )
+        .unwrap();
+    pos = r.end;
+    assert!(
+        r.output.contains("does not open this backup"),
+        "{}",
+        r.output
+    );
+    assert_eq!(sha(&target), t0, "a wrong key led to writes");
+    let r = vm
+        .run_command(
+            pos,
+            &format!("echo '{PASSPHRASE}' > /tmp/k; lifeboat recover --auto --backup-key /tmp/k > /tmp/r.log 2>&1; s=$?; tail -8 /tmp/r.log; test $s = 0"),
+            30 * MIN,
+        )
+        .unwrap();
+    assert_eq!(r.status, 0, "{}", r.output);
+    assert!(
+        r.output.contains("lifeboat: recovery finished"),
+        "{}",
+        r.output
+    );
+    // Both sets of the chain were applied to the root filesystem.
+    let mut pos = r.end;
+    let n = run(
+        &mut vm,
+        &mut pos,
+        "echo sets=$(grep -c 'lifeboat: restoring / from set' /tmp/r.log)",
+        MIN,
+    );
+    assert!(n.contains("sets=2"), "{n}");
+    drop(vm);
+    check_recovered(src, &target, "boot-e.log");
 }
