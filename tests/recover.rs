@@ -46,6 +46,8 @@ enum Variant {
     /// A full and an incremental set, encrypted with a passphrase, cut
     /// into 32 MiB volumes.
     Encrypted,
+    /// BACKUP = "restic" (the shipped recipe), repository on the backup disk.
+    Restic,
 }
 
 const PASSPHRASE: &str = "harness passphrase 4711";
@@ -159,10 +161,10 @@ fn make_source(layout: &str, variant: Variant) -> Source {
     let disk = debian_disk(layout);
     let work = work_dir(&format!(
         "src-{layout}{}",
-        if variant == Variant::Encrypted {
-            "-enc"
-        } else {
-            ""
+        match variant {
+            Variant::Encrypted => "-enc",
+            Variant::Restic => "-restic",
+            _ => "",
         }
     ));
     let overlay = work.join("src.qcow2");
@@ -260,6 +262,24 @@ fn make_source(layout: &str, variant: Variant) -> Source {
              $(grep -rlF 'harness passphrase' /var/log/lifeboat || echo no-key-in-logs)",
             "state: v1 new gone-absent no-key-in-logs",
         ));
+    } else if variant == Variant::Restic {
+        run(
+            &mut vm,
+            &mut pos,
+            "mkdir -p /etc/lifeboat && echo restic-pass > /etc/lifeboat/restic.pass && \
+             printf 'BACKUP = \"restic\"\\n[external]\\ncopy_as_is = [\"/etc/lifeboat/restic.pass\"]\\n\
+             [external.env]\\nRESTIC_PASSWORD_FILE = \"/etc/lifeboat/restic.pass\"\\n' > /root/lb.toml",
+            MIN,
+        );
+        let out = run(
+            &mut vm,
+            &mut pos,
+            "/backup/bin/lifeboat -c /root/lb.toml mkbackup --backup-url file:///backup/store --output-dir /backup/rescue \
+             > /backup/mkbackup.log 2>&1; s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
+            30 * MIN,
+        );
+        assert!(out.contains("backup with restic"), "{out}");
+        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
     } else if variant == Variant::Usb {
         // BACKUP_URL and OUTPUT_URL as usb://LABEL: mkbackup mounts the
         // medium by its label itself, and unmounts it when done.
@@ -344,6 +364,11 @@ fn lvm_source() -> &'static Source {
 fn enc_source() -> &'static Source {
     static S: OnceLock<Source> = OnceLock::new();
     S.get_or_init(|| make_source("gpt-bios", Variant::Encrypted))
+}
+
+fn restic_source() -> &'static Source {
+    static S: OnceLock<Source> = OnceLock::new();
+    S.get_or_init(|| make_source("gpt-bios", Variant::Restic))
 }
 
 fn blank(path: &Path, size: &str) {
@@ -747,4 +772,18 @@ fn encrypted_incremental_split_backup_needs_its_key_and_refuses_damage() {
     assert!(n.contains("sets=2"), "{n}");
     drop(vm);
     check_recovered(src, &target, "boot-e.log");
+}
+
+#[test]
+fn recovery_from_a_restic_repository_through_the_shipped_recipe() {
+    let src = restic_source();
+    let target = src.work.join("target-r.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover-r.log");
+    assert!(
+        console.contains("checking the backup with restic"),
+        "the recipe's check must run first"
+    );
+    assert!(console.contains("lifeboat: restoring with restic"));
+    check_recovered(src, &target, "boot-r.log");
 }

@@ -63,6 +63,8 @@ pub struct Config {
     pub boot: Boot,
     /// Behaviour of `lifeboat recover`.
     pub recover: Recover,
+    /// Commands of `BACKUP = "external"`, or overrides of a recipe's.
+    pub external: crate::recipe::Recipe,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -225,6 +227,7 @@ impl Default for Config {
             backup_volume_size: None,
             backup_key_file: None,
             recover: Recover::default(),
+            external: Default::default(),
             rescue: Rescue::default(),
             network: Network::default(),
             ssh: Ssh::default(),

@@ -19,6 +19,7 @@ pub mod migrate;
 pub mod netcapture;
 pub mod plan;
 pub mod programs;
+pub mod recipe;
 pub mod recover;
 pub mod rescue;
 pub mod tree;

@@ -48,6 +48,8 @@ pub struct Options {
     pub keep_files: Vec<PathBuf>,
     /// Key file of an encrypted backup.
     pub backup_key: Option<PathBuf>,
+    /// The backup tool's recipe, when BACKUP is not the internal tar method.
+    pub recipe: Option<crate::recipe::Recipe>,
 }
 
 /// Runs commands (or only prints them under --dry-run) and logs all of it.
@@ -508,12 +510,16 @@ pub fn run(o: Options) -> Result<()> {
         o.backup.sets.len(),
         all_archives.len()
     ));
-    if o.backup.sets.first().map(|s| s.level.as_str()) != Some("full") {
+    if o.recipe.is_none() && o.backup.sets.first().map(|s| s.level.as_str()) != Some("full") {
         bail!("the backup chain does not start with a full backup; nothing can be restored. Nothing was written.");
     }
 
     // ---- Pre-flight: nothing below writes a disk.
-    let (dir, backup_disk) = find_backup(&o.backup)?;
+    let (dir, backup_disk) = if o.backup.dir.is_empty() && o.backup.location.is_none() {
+        (PathBuf::new(), None)
+    } else {
+        find_backup(&o.backup)?
+    };
     r.say(&format!("backup found in {}", dir.display()));
     for set in &o.backup.sets {
         for a in &set.archives {
@@ -625,6 +631,22 @@ pub fn run(o: Options) -> Result<()> {
             );
         }
     }
+    // A backup tool's own check, before any disk is touched.
+    let recipe_env = o.recipe.as_ref().map(|rc| {
+        let m: Vec<String> = mounts.iter().map(|m| m.target.clone()).collect();
+        let d = (!dir.as_os_str().is_empty()).then_some(dir.as_path());
+        crate::recipe::environment(rc, &o.backup.hostname, &m, &[], d, Some(&o.root))
+    });
+    if let (Some(rc), Some(env)) = (&o.recipe, &recipe_env) {
+        r.say(&format!(
+            "checking the backup with {}: {}",
+            rc.name, rc.check
+        ));
+        if !o.dry_run {
+            crate::recipe::run("check", &rc.check, env)
+                .context("the backup cannot be restored; nothing was written")?;
+        }
+    }
     let groups = plan::groups(&layout)?;
     check_writes(&groups, &writable(&layout))?;
     if !layout.luks.is_empty() && r.keyfile.is_none() {
@@ -729,10 +751,10 @@ pub fn run(o: Options) -> Result<()> {
             v.join(",")
         }
     };
-    if !o.dry_run {
+    if o.recipe.is_none() && !o.dry_run {
         std::fs::create_dir_all(RESTORE_MNT)?;
     }
-    for m in &mounts {
+    for m in mounts.iter().filter(|_| o.recipe.is_none()) {
         let items: Vec<(
             usize,
             &lifeboat_contract::BackupSet,
@@ -847,6 +869,23 @@ pub fn run(o: Options) -> Result<()> {
             &["mount", "-t", &m.fstype, "-o", &o_s, &m.source, &dst_s],
         )?;
         now_mounted.insert(dst_s);
+    }
+    // A recipe restores into the whole tree at once.
+    if let (Some(rc), Some(env)) = (&o.recipe, &recipe_env) {
+        let record = root.join(RESTORED);
+        if !o.dry_run && std::fs::read_to_string(&record).is_ok_and(|t| t.lines().any(|l| l == id))
+        {
+            r.say("# already restored by an earlier run");
+        } else {
+            r.say(&format!("lifeboat: restoring with {}", rc.name));
+            r.say(&format!("+ {}", rc.restore));
+            if !o.dry_run {
+                let t = std::time::Instant::now();
+                crate::recipe::run("restore", &rc.restore, env)?;
+                r.say(&format!("  restored in {:.1} s", t.elapsed().as_secs_f64()));
+                std::fs::write(&record, format!("{id}\n"))?;
+            }
+        }
     }
 
     // ---- Finalize.

@@ -33,6 +33,49 @@ fn disk_of(dev: &str) -> Option<String> {
     d.file_name().map(|f| f.to_string_lossy().to_string())
 }
 
+/// `BACKUP` = a recipe or `external`: run its backup command, record what
+/// the rescue OS needs to find the backup again.
+fn external_backup(
+    r: &crate::recipe::Recipe,
+    layout: &Layout,
+    host: &str,
+    excludes: &[String],
+    url: Option<&str>,
+    dir: Option<&Path>,
+    location: Option<lifeboat_contract::BackupLocation>,
+) -> Result<lifeboat_contract::BackupManifest> {
+    let mounts: Vec<String> = crate::backup::mounts_to_back_up(layout)
+        .iter()
+        .map(|m| m.target.clone())
+        .collect();
+    let env = crate::recipe::environment(r, host, &mounts, excludes, dir, None);
+    println!("backup with {}: {}", r.name, r.backup);
+    crate::recipe::run("backup", &r.backup, &env)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let m = lifeboat_contract::BackupManifest {
+        schema_version: lifeboat_contract::BACKUP_SCHEMA_VERSION,
+        id: format!("{host}-{now}-{}", r.name),
+        hostname: host.to_string(),
+        method: r.name.clone(),
+        url: url.unwrap_or_default().to_string(),
+        dir: dir
+            .map(|d| d.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        location,
+        sets: vec![],
+    };
+    if let Some(d) = dir {
+        super::layout::write_atomic(
+            &d.join(crate::backup::MANIFEST_FILE),
+            &serde_json::to_vec_pretty(&m)?,
+        )?;
+    }
+    Ok(m)
+}
+
 /// Leave the disk holding the backup out of the layout: it is not part of
 /// the system to recover, and recovery must never write it.
 pub fn without_disk(l: &mut Layout, disk: &str) {
@@ -57,25 +100,38 @@ pub fn without_disk(l: &mut Layout, disk: &str) {
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
     let cfg = g.load_config()?.config;
-    if !matches!(cfg.backup.to_ascii_lowercase().as_str(), "tar" | "netfs") {
-        bail!(
-            "BACKUP = {:?} is not supported by this version; supported: tar (ReaR's NETFS is accepted as the same)",
-            cfg.backup
-        );
-    }
-    let Some(url) = a.backup_url.clone().or(cfg.backup_url.clone()) else {
-        bail!("BACKUP_URL is not set: add `BACKUP_URL = \"file:///path/to/backups\"` to /etc/lifeboat/lifeboat.toml or give --backup-url");
+    let recipe = if crate::recipe::is_internal(&cfg.backup) {
+        None
+    } else {
+        Some(crate::recipe::load(
+            &cfg.backup,
+            &cfg.external,
+            &crate::config::config_dir().join("recipes"),
+        )?)
     };
-    let medium = crate::url::local(&url, "BACKUP_URL")?;
-    let base = medium.path.clone();
+    let url = a.backup_url.clone().or(cfg.backup_url.clone());
+    if url.is_none() && recipe.is_none() {
+        bail!("BACKUP_URL is not set: add `BACKUP_URL = \"file:///path/to/backups\"` to /etc/lifeboat/lifeboat.toml or give --backup-url");
+    }
+    // Keeps a usb:// medium mounted until the end.
+    let medium = url
+        .as_deref()
+        .map(|u| crate::url::local(u, "BACKUP_URL"))
+        .transpose()?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
-    let dir = base.join(&host);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let loc = crate::backup::locate(&dir)?;
+    let dir = medium.as_ref().map(|m| m.path.join(&host));
+    if let Some(d) = &dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let loc = dir.as_deref().map(crate::backup::locate).transpose()?;
     let mut layout = crate::layout::capture(&[])?;
-    if let Some(disk) = disk_of(&loc.device) {
+    if let Some((loc, disk)) = loc
+        .as_ref()
+        .and_then(|l| disk_of(&l.device).map(|d| (l, d)))
+    {
+        let url = url.as_deref().unwrap_or_default();
         if layout
             .mounts
             .iter()
@@ -140,14 +196,37 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             .map(std::sync::Arc::new),
     };
     let quiet = g.quiet;
-    let manifest = crate::backup::create(&layout, &url, &dir, &opts, quiet, &mut |l| {
-        if !quiet {
-            println!("{l}");
+    let manifest = match (&recipe, &dir) {
+        (Some(r), _) => external_backup(
+            r,
+            &layout,
+            &host,
+            &opts.excludes,
+            url.as_deref(),
+            dir.as_deref(),
+            loc,
+        )?,
+        (None, Some(dir)) => {
+            let m = crate::backup::create(
+                &layout,
+                url.as_deref().unwrap_or_default(),
+                dir,
+                &opts,
+                quiet,
+                &mut |l| {
+                    if !quiet {
+                        println!("{l}");
+                    }
+                },
+            )?;
+            if !g.quiet {
+                println!("backup {} written to {}", m.id, dir.display());
+            }
+            m
         }
-    })?;
-    if !g.quiet {
-        println!("backup {} written to {}", manifest.id, dir.display());
-    }
+        (None, None) => unreachable!("checked above"),
+    };
+    drop(medium);
     if a.no_rescue {
         return Ok(());
     }

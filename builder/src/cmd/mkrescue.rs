@@ -41,6 +41,16 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
 pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Result<()> {
     let loaded = g.load_config()?;
     let mut cfg = loaded.config.clone();
+    // A backup tool run by a recipe must be in the rescue OS.
+    if !crate::recipe::is_internal(&cfg.backup) {
+        let r = crate::recipe::load(
+            &cfg.backup,
+            &cfg.external,
+            &crate::config::config_dir().join("recipes"),
+        )?;
+        cfg.rescue.programs.extend(r.programs);
+        cfg.rescue.copy_as_is.extend(r.copy_as_is);
+    }
     if let Some(o) = a.output {
         cfg.output = o;
     }

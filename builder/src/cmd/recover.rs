@@ -83,6 +83,15 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         mapping.push((s, d));
     }
     let grow = migrate::Grow::parse(a.grow.as_deref().unwrap_or(&cfg.recover.grow))?;
+    let recipe = if backup.method == "tar" {
+        None
+    } else {
+        Some(crate::recipe::load(
+            &backup.method,
+            &cfg.external,
+            &crate::config::config_dir().join("recipes"),
+        )?)
+    };
     recover::run(Options {
         layout,
         backup,
@@ -97,6 +106,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             .or(cfg.recover.keyfile.clone())
             .or_else(|| std::env::var_os("LIFEBOAT_KEYFILE").map(PathBuf::from)),
         rebuild_initramfs: cfg.recover.rebuild_initramfs.clone(),
+        recipe,
         backup_key: a
             .backup_key
             .or(cfg.backup_key_file.clone().filter(|p| p.is_file())),
