@@ -41,16 +41,7 @@ fn main() {
         schema_version: LAYOUT_SCHEMA_VERSION,
         hostname: "bench".into(),
         disks: vec![],
-        filesystems: vec![Filesystem {
-            device: "/dev/bench".into(),
-            fstype: "ext4".into(),
-            uuid: None,
-            label: None,
-            used_bytes: None,
-            params: Default::default(),
-            subvolumes: vec![],
-            default_subvolume: None,
-        }],
+        filesystems: vec![Filesystem::new("/dev/bench", "ext4")],
         mounts: vec![Mount {
             target: src.to_string_lossy().to_string(),
             source: "/dev/bench".into(),

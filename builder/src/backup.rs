@@ -1088,14 +1088,8 @@ mod tests {
         let target = src.to_string_lossy().to_string();
         Layout {
             filesystems: vec![Filesystem {
-                device: "/dev/lbtest".into(),
-                fstype: "ext4".into(),
                 uuid: Some("u".into()),
-                label: None,
-                used_bytes: None,
-                params: Default::default(),
-                subvolumes: vec![],
-                default_subvolume: None,
+                ..Filesystem::new("/dev/lbtest", "ext4")
             }],
             mounts: vec![Mount {
                 target,

@@ -118,14 +118,8 @@ mod tests {
 
     fn fs(device: &str, fstype: &str, uuid: &str) -> Filesystem {
         Filesystem {
-            device: device.into(),
-            fstype: fstype.into(),
             uuid: Some(uuid.into()),
-            label: None,
-            used_bytes: None,
-            params: Default::default(),
-            subvolumes: vec![],
-            default_subvolume: None,
+            ..Filesystem::new(device, fstype)
         }
     }
 

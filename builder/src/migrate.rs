@@ -748,14 +748,9 @@ mod tests {
         Layout {
             disks: vec![disk],
             filesystems: vec![Filesystem {
-                device: "/dev/vda3".into(),
-                fstype: "ext4".into(),
                 uuid: Some("u".into()),
-                label: None,
                 used_bytes: Some(GIB),
-                params: Default::default(),
-                subvolumes: vec![],
-                default_subvolume: None,
+                ..Filesystem::new("/dev/vda3", "ext4")
             }],
             mounts: vec![Mount {
                 target: "/".into(),

@@ -219,6 +219,19 @@ fn with_mounted<T>(dev: &str, fstype: &str, ro: bool, f: impl FnOnce(&Path) -> T
     Some(r)
 }
 
+/// The filesystem a group makes, when it carries the recovery marker.
+fn marked_fs(g: &plan::Group) -> Option<(&str, &str)> {
+    match &g.done {
+        Some(Done::Fs {
+            device,
+            fstype,
+            marked: true,
+            ..
+        }) => Some((device, fstype)),
+        _ => None,
+    }
+}
+
 /// Does the result of a group already exist?
 fn is_done(d: &Done, backup_id: &str, r: &mut Runner) -> bool {
     match d {
@@ -718,13 +731,7 @@ pub fn run(o: Options) -> Result<()> {
                 wait_partitions(&layout, &s.device);
             }
         }
-        if let Some(Done::Fs {
-            device,
-            fstype,
-            marked: true,
-            ..
-        }) = &g.done
-        {
+        if let Some((device, fstype)) = marked_fs(g) {
             r.say(&format!("+ mark {device} as made by recovery {id}"));
             if !o.dry_run {
                 with_mounted(device, fstype, false, |m| {
@@ -900,13 +907,7 @@ pub fn run(o: Options) -> Result<()> {
         }
     }
     for g in &groups {
-        if let Some(Done::Fs {
-            device,
-            fstype,
-            marked: true,
-            ..
-        }) = &g.done
-        {
+        if let Some((device, fstype)) = marked_fs(g) {
             r.say(&format!("+ remove the recovery marker from {device}"));
             if !o.dry_run {
                 with_mounted(device, fstype, false, |m| {

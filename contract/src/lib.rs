@@ -629,6 +629,22 @@ impl BackupManifest {
     }
 }
 
+impl Filesystem {
+    /// A filesystem with only its device and type known.
+    pub fn new(device: &str, fstype: &str) -> Filesystem {
+        Filesystem {
+            device: device.to_string(),
+            fstype: fstype.to_string(),
+            uuid: None,
+            label: None,
+            used_bytes: None,
+            params: BTreeMap::new(),
+            subvolumes: vec![],
+            default_subvolume: None,
+        }
+    }
+}
+
 impl Layout {
     pub fn from_json(text: &str) -> Result<Layout, ContractError> {
         let l: Layout = serde_json::from_str(text).map_err(ContractError::Parse)?;

@@ -266,16 +266,7 @@ mod tests {
             sector_size: 512,
             partitions: vec![part(1, node)],
         };
-        let fs = |d: &str| Filesystem {
-            device: d.into(),
-            fstype: "ext4".into(),
-            uuid: None,
-            label: None,
-            used_bytes: None,
-            params: Default::default(),
-            subvolumes: vec![],
-            default_subvolume: None,
-        };
+        let fs = |d: &str| Filesystem::new(d, "ext4");
         let mount = |t: &str, s: &str| Mount {
             target: t.into(),
             source: s.into(),
