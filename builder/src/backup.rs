@@ -522,6 +522,16 @@ impl Write for Volumes {
     }
 }
 
+/// Read a child's output to its end in a thread (so the child never
+/// blocks on a full pipe while we feed or read its other end).
+fn read_in_background(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
 /// Archive one mounted filesystem into volumes below `dir`.
 #[allow(clippy::too_many_arguments)]
 fn archive_one(
@@ -550,12 +560,8 @@ fn archive_one(
         .spawn()
         .context("cannot run tar (is GNU tar installed?)")?;
     let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let stderr = child.stderr.take().unwrap();
+    let err_thread = read_in_background(stderr);
     let vols = Volumes {
         dir: dir.to_path_buf(),
         rel: rel.to_string(),
@@ -922,17 +928,13 @@ pub fn verify_archive(
         .spawn()
         .context("cannot run tar")?;
     let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let counter = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s.lines().count()
-    });
+    let stdout = child.stdout.take().unwrap();
+    let listing = read_in_background(stdout);
     let copied = open_archive(dir, set, a, key, |r| Box::new(r))
         .and_then(|mut d| std::io::copy(&mut d, &mut stdin).map_err(Into::into));
     drop(stdin);
     let out = child.wait_with_output()?;
-    let members = counter.join().unwrap_or(0);
+    let members = listing.join().map(|s| s.lines().count()).unwrap_or(0);
     copied.with_context(|| {
         format!(
             "the archive of {} in set {} cannot be read",
@@ -977,12 +979,8 @@ pub fn extract(
         .spawn()
         .context("cannot run tar")?;
     let mut stdin = child.stdin.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let stderr = child.stderr.take().unwrap();
+    let err_thread = read_in_background(stderr);
     struct Counting<R> {
         inner: R,
         prog: Progress,

@@ -170,6 +170,24 @@ pub fn parse_findmnt(text: &str) -> Result<Vec<Mount>> {
     Ok(out)
 }
 
+/// The whole disk (kernel name) holding block device `dev` (`/dev/sda3`
+/// or `sda3` → `sda`), from sysfs.
+pub fn disk_of(dev: &str) -> Option<String> {
+    let name = dev.trim_start_matches("/dev/");
+    let real = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
+    let d = if real.join("partition").exists() {
+        real.parent()?
+    } else {
+        real.as_path()
+    };
+    d.file_name().map(|f| f.to_string_lossy().to_string())
+}
+
+/// This machine's hostname (None when the kernel reports none).
+pub fn hostname() -> Option<String> {
+    read(Path::new("/proc/sys/kernel/hostname"))
+}
+
 /// Is `cmd` on PATH?
 fn which(cmd: &str) -> bool {
     crate::elf::find_in_path(Path::new("/"), cmd).is_some()
@@ -401,7 +419,7 @@ pub fn capture(only: &[String]) -> Result<Layout> {
     }
     let mut bootloader = bootloader(&disks);
     bootloader.efi_loaders = efi_loaders(&bootloader.esps, &mounts);
-    let hostname = read(Path::new("/proc/sys/kernel/hostname")).unwrap_or_default();
+    let hostname = hostname().unwrap_or_default();
     Ok(Layout {
         schema_version: LAYOUT_SCHEMA_VERSION,
         hostname,

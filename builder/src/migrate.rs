@@ -479,7 +479,7 @@ pub fn device_size(l: &Layout, dev: &str) -> Option<u64> {
         });
     }
     if let Some(c) = l.luks.iter().find(|c| {
-        let name = c.name.clone().unwrap_or_else(|| format!("luks-{}", c.uuid));
+        let name = c.mapper_name();
         dev == format!("/dev/mapper/{name}")
     }) {
         return device_size(l, &c.device).map(|s| s.saturating_sub(16 * MIB));

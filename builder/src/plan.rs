@@ -414,7 +414,7 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
             stdin: None,
         });
         out.push(g);
-        let name = c.name.clone().unwrap_or_else(|| format!("luks-{}", c.uuid));
+        let name = c.mapper_name();
         let mut g = Group::new(
             format!("/dev/mapper/{name}"),
             Some(Done::Open { name: name.clone() }),

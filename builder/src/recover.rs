@@ -1,15 +1,18 @@
 //! The recovery engine: `lifeboat recover` in the rescue OS.
 //!
-//! Pre-flight first, before any byte is written: the backup is located and
-//! every archive checked against its sha256, the disks are mapped, the
-//! sizes checked, the key found, every command checked to write only mapped
-//! disks. Then the plan runs group by group; each group first checks
+//! Pre-flight first, before any byte is written: the backup is located,
+//! every volume checked for presence and size (the first and last of each
+//! archive against their sha256; the rest while they stream), the key
+//! checked, a recipe's own check run, the disks mapped, the sizes checked,
+//! every command checked to write only mapped disks. Then the plan runs group by group; each group first checks
 //! whether its result already exists (from an interrupted run) and is
 //! skipped if so. Filesystems made by a recovery carry a marker file until
 //! the end, so an old installation with the same UUIDs is never mistaken
-//! for a half-finished recovery. Then: mount, restore, finalize (bootloader,
-//! config patches, initramfs, logs), unmount.
+//! for a half-finished recovery. Then: restore (each filesystem mounted
+//! alone, or the whole tree for a recipe), mount the tree, finalize
+//! (bootloader, config patches, initramfs, logs), unmount.
 
+use crate::layout::disk_of;
 use crate::migrate::{self, Grow, Pair};
 use crate::plan::{self, Done, Step};
 use anyhow::{bail, Context, Result};
@@ -179,24 +182,12 @@ fn disks_with_mounts() -> BTreeSet<String> {
     {
         let src = l.split(' ').next().unwrap_or("");
         if let Some(n) = src.strip_prefix("/dev/") {
-            if let Some(d) = parent_disk(n) {
+            if let Some(d) = disk_of(n) {
                 out.insert(d);
             }
         }
     }
     out
-}
-
-/// The whole disk a block device belongs to (`sda3` → `sda`).
-fn parent_disk(name: &str) -> Option<String> {
-    let real = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
-    if real.join("partition").exists() {
-        real.parent()?
-            .file_name()
-            .map(|f| f.to_string_lossy().to_string())
-    } else {
-        real.file_name().map(|f| f.to_string_lossy().to_string())
-    }
 }
 
 /// Mount a filesystem somewhere private, run `f` on the mount point, unmount.
@@ -340,7 +331,7 @@ fn writable(l: &Layout) -> BTreeSet<String> {
         w.insert(m.device.clone());
     }
     for c in &l.luks {
-        let name = c.name.clone().unwrap_or_else(|| format!("luks-{}", c.uuid));
+        let name = c.mapper_name();
         w.insert(format!("/dev/mapper/{name}"));
     }
     for lv in &l.lvm.lvs {
@@ -406,7 +397,7 @@ pub fn find_backup(m: &BackupManifest) -> Result<(PathBuf, Option<String>)> {
     if dir.join(crate::backup::MANIFEST_FILE).is_file() {
         let disk = crate::backup::locate(&dir)
             .ok()
-            .and_then(|l| parent_disk(migrate::short(&l.device)));
+            .and_then(|l| disk_of(&l.device));
         return Ok((dir, disk));
     }
     let Some(loc) = &m.location else {
@@ -455,7 +446,7 @@ pub fn find_backup(m: &BackupManifest) -> Result<(PathBuf, Option<String>)> {
             dir.display()
         );
     }
-    Ok((dir, parent_disk(migrate::short(&dev))))
+    Ok((dir, disk_of(&dev)))
 }
 
 fn ask_line(prompt: &str) -> Option<String> {

@@ -685,9 +685,7 @@ fn plan_layer(
     kver: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Tree> {
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "rescue".into());
+    let hostname = crate::layout::hostname().unwrap_or_else(|| "rescue".into());
     let network = match &cfg.network.file {
         Some(f) => {
             let text = std::fs::read_to_string(f)

@@ -629,6 +629,15 @@ impl BackupManifest {
     }
 }
 
+impl Luks {
+    /// Name of its dm-crypt mapping: the captured one, else `luks-<uuid>`.
+    pub fn mapper_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("luks-{}", self.uuid))
+    }
+}
+
 impl Filesystem {
     /// A filesystem with only its device and type known.
     pub fn new(device: &str, fstype: &str) -> Filesystem {

@@ -29,9 +29,7 @@ fn backup_dir(g: &Global, dir: Option<PathBuf>) -> Result<PathBuf> {
     let Some(url) = cfg.backup_url else {
         bail!("BACKUP_URL is not set; give the backup directory as an argument");
     };
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
+    let host = crate::layout::hostname().unwrap_or_default();
     if url.starts_with("usb://") {
         bail!("BACKUP_URL is {url}: mount the medium and give the backup directory as an argument");
     }

@@ -2,6 +2,7 @@
 //! to BACKUP_URL, and build the rescue image with both inside.
 
 use super::mkrescue;
+use crate::layout::disk_of;
 use crate::Global;
 use anyhow::{bail, Context, Result};
 use lifeboat_contract::{Layout, RESCUE_BACKUP_PATH, RESCUE_LAYOUT_PATH};
@@ -21,16 +22,41 @@ pub struct Args {
     pub rescue: mkrescue::Args,
 }
 
-/// The whole disk (kernel name) holding block device `dev`.
-fn disk_of(dev: &str) -> Option<String> {
-    let name = dev.trim_start_matches("/dev/");
-    let real = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
-    let d = if real.join("partition").exists() {
-        real.parent()?
-    } else {
-        real.as_path()
+/// How the internal tar method works, from the configuration.
+fn tar_options(
+    cfg: &crate::config::Config,
+    excludes: Vec<String>,
+) -> Result<crate::backup::Options> {
+    let compression = match lifeboat_contract::Compression::parse(&cfg.backup_compression) {
+        Some(
+            c @ (lifeboat_contract::Compression::Zstd
+            | lifeboat_contract::Compression::Gzip
+            | lifeboat_contract::Compression::Xz),
+        ) => c,
+        _ => bail!(
+            "backup_compression = {:?} is not one of zstd, gzip, xz",
+            cfg.backup_compression
+        ),
     };
-    d.file_name().map(|f| f.to_string_lossy().to_string())
+    Ok(crate::backup::Options {
+        level: crate::backup::Level::parse(&cfg.backup_type)?,
+        full_days: cfg.backup_full_days,
+        compression,
+        compression_level: cfg.backup_compression_level,
+        volume_size: cfg
+            .backup_volume_size
+            .as_deref()
+            .map(crate::backup::parse_size)
+            .transpose()
+            .context("backup_volume_size")?,
+        excludes,
+        key: cfg
+            .backup_key_file
+            .as_deref()
+            .map(crate::backup::Key::from_file)
+            .transpose()?
+            .map(std::sync::Arc::new),
+    })
 }
 
 /// `BACKUP` = a recipe or `external`: run its backup command, record what
@@ -118,9 +144,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         .as_deref()
         .map(|u| crate::url::local(u, "BACKUP_URL"))
         .transpose()?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    let host = crate::layout::hostname().unwrap_or_else(|| "localhost".into());
     let dir = medium.as_ref().map(|m| m.path.join(&host));
     if let Some(d) = &dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -165,48 +189,19 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
     }
     excludes.push("/var/cache/lifeboat".into());
     crate::backup::require_root(&layout)?;
-    let compression = match lifeboat_contract::Compression::parse(&cfg.backup_compression) {
-        Some(
-            c @ (lifeboat_contract::Compression::Zstd
-            | lifeboat_contract::Compression::Gzip
-            | lifeboat_contract::Compression::Xz),
-        ) => c,
-        _ => bail!(
-            "backup_compression = {:?} is not one of zstd, gzip, xz",
-            cfg.backup_compression
-        ),
-    };
-    let opts = crate::backup::Options {
-        level: crate::backup::Level::parse(&cfg.backup_type)?,
-        full_days: cfg.backup_full_days,
-        compression,
-        compression_level: cfg.backup_compression_level,
-        volume_size: cfg
-            .backup_volume_size
-            .as_deref()
-            .map(crate::backup::parse_size)
-            .transpose()
-            .context("backup_volume_size")?,
-        excludes,
-        key: cfg
-            .backup_key_file
-            .as_deref()
-            .map(crate::backup::Key::from_file)
-            .transpose()?
-            .map(std::sync::Arc::new),
-    };
     let quiet = g.quiet;
     let manifest = match (&recipe, &dir) {
         (Some(r), _) => external_backup(
             r,
             &layout,
             &host,
-            &opts.excludes,
+            &excludes,
             url.as_deref(),
             dir.as_deref(),
             loc,
         )?,
         (None, Some(dir)) => {
+            let opts = tar_options(&cfg, excludes)?;
             let m = crate::backup::create(
                 &layout,
                 url.as_deref().unwrap_or_default(),
@@ -226,7 +221,6 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         (None, None) => unreachable!("checked above"),
     };
-    drop(medium);
     if a.no_rescue {
         return Ok(());
     }
