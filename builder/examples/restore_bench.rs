@@ -86,7 +86,16 @@ fn main() {
     for _ in 0..runs {
         fresh(target);
         let t = Instant::now();
-        backup::extract(&bdir, set, arch, &target.join("r"), false, true, None).expect("restore");
+        backup::extract(
+            &bdir.as_path().into(),
+            set,
+            arch,
+            &target.join("r"),
+            false,
+            true,
+            None,
+        )
+        .expect("restore");
         sh("sync");
         ours.push(t.elapsed().as_secs_f64());
         fresh(target);

@@ -21,6 +21,82 @@ use std::process::{Command, Stdio};
 /// Name of the manifest inside the backup directory.
 pub const MANIFEST_FILE: &str = "backup.json";
 
+/// Where the files of a backup are read from: a directory (local, USB or a
+/// mounted NFS/CIFS share) or an HTTP(S) directory.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Dir(PathBuf),
+    Http(crate::http::Remote),
+}
+
+impl From<&Path> for Store {
+    fn from(p: &Path) -> Store {
+        Store::Dir(p.to_path_buf())
+    }
+}
+
+impl Store {
+    /// `rel` as a path or URL, for messages.
+    pub fn show(&self, rel: &str) -> String {
+        match self {
+            Store::Dir(d) => d.join(rel).display().to_string(),
+            Store::Http(r) => r.url(rel),
+        }
+    }
+
+    pub fn open(&self, rel: &str) -> std::io::Result<Box<dyn Read + Send>> {
+        match self {
+            Store::Dir(d) => Ok(Box::new(std::fs::File::open(d.join(rel))?)),
+            Store::Http(r) => match r.get(rel) {
+                Ok(Some(b)) => Ok(b),
+                Ok(None) => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the server has no such file (HTTP 404)",
+                )),
+                Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+            },
+        }
+    }
+
+    /// The size of `rel`; `None` when it does not exist.
+    pub fn size(&self, rel: &str) -> Result<Option<u64>> {
+        match self {
+            Store::Dir(d) => match std::fs::metadata(d.join(rel)) {
+                Ok(m) => Ok(Some(m.len())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("cannot read {}", d.join(rel).display())),
+            },
+            Store::Http(r) => r.size(rel),
+        }
+    }
+
+    pub fn read_to_string(&self, rel: &str) -> Result<String> {
+        let mut t = String::new();
+        self.open(rel)
+            .and_then(|mut f| f.read_to_string(&mut t))
+            .with_context(|| format!("cannot read {}", self.show(rel)))?;
+        Ok(t)
+    }
+
+    fn sha256(&self, rel: &str) -> Result<String> {
+        let mut f = self
+            .open(rel)
+            .with_context(|| format!("cannot read {}", self.show(rel)))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("cannot read {}", self.show(rel)))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+}
+
 /// GNU tar options that keep everything a restored system needs.
 const TAR_KEEP: &[&str] = &[
     "--xattrs",
@@ -293,7 +369,7 @@ impl Sink {
 /// The readable stream of an archive: volumes (checked), decrypted,
 /// decompressed.
 fn open_archive<'a>(
-    dir: &Path,
+    dir: &Store,
     set: &BackupSet,
     a: &BackupArchive,
     key: Option<&Key>,
@@ -314,7 +390,7 @@ fn open_archive<'a>(
 }
 
 /// Check that `key` opens the backup (reads only the first volume's header).
-pub fn check_key(dir: &Path, m: &BackupManifest, key: Option<&Key>) -> Result<()> {
+pub fn check_key(dir: &Store, m: &BackupManifest, key: Option<&Key>) -> Result<()> {
     for set in m.sets.iter().filter(|s| s.encryption.is_some()) {
         if let Some(a) = set.archives.first() {
             open_archive(dir, set, a, key, |r| Box::new(r))?;
@@ -685,7 +761,10 @@ pub fn create(
     let dir = dir
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", dir.display()))?;
-    let location = locate(&dir)?;
+    // An http(s) backup is made in a staging directory and uploaded: the
+    // staging filesystem is not where the backup lives.
+    let remote = url.starts_with("http://") || url.starts_with("https://");
+    let location = if remote { None } else { Some(locate(&dir)?) };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -696,7 +775,7 @@ pub fn create(
     all_excludes.extend(["/tmp/*".to_string(), "/var/tmp/*".to_string()]);
     let mounts: Vec<_> = mounts_to_back_up(layout)
         .into_iter()
-        .filter(|m| m.source != location.device)
+        .filter(|m| Some(&m.source) != location.as_ref().map(|l| &l.device))
         .collect();
     if mounts.is_empty() {
         bail!("no local filesystem to back up was found in the layout");
@@ -800,8 +879,12 @@ pub fn create(
         hostname: layout.hostname.clone(),
         method: "tar".into(),
         url: url.to_string(),
-        dir: dir.to_string_lossy().to_string(),
-        location: Some(location),
+        dir: if remote {
+            format!("{}/{}", url.trim_end_matches('/'), layout.hostname)
+        } else {
+            dir.to_string_lossy().to_string()
+        },
+        location,
         sets,
     };
     crate::cmd::layout::write_atomic(&dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&m)?)?;
@@ -809,19 +892,90 @@ pub fn create(
     Ok(m)
 }
 
+/// Before an http(s) backup: fetch the manifest and snapshot files of the
+/// chain on the server into the staging directory `stage`, so the level
+/// decision and incremental snapshots work as for a local directory.
+pub fn prefetch(remote: &crate::http::Remote, stage: &Path, hostname: &str) -> Result<()> {
+    std::fs::create_dir_all(stage.join("snar"))
+        .with_context(|| format!("cannot create {}", stage.display()))?;
+    let Some(bytes) = remote.get_bytes(MANIFEST_FILE)? else {
+        return Ok(());
+    };
+    let m = BackupManifest::from_json(&String::from_utf8_lossy(&bytes)).with_context(|| {
+        format!(
+            "{} is not a valid backup manifest",
+            remote.url(MANIFEST_FILE)
+        )
+    })?;
+    if m.hostname != hostname {
+        return Ok(());
+    }
+    std::fs::write(stage.join(MANIFEST_FILE), &bytes)?;
+    for a in m.sets.first().map(|s| s.archives.as_slice()).unwrap_or(&[]) {
+        let base = archive_base(&a.mountpoint);
+        for suffix in [".snar", ".full.snar"] {
+            let rel = format!("snar/{base}{suffix}");
+            if let Some(b) = remote.get_bytes(&rel)? {
+                std::fs::write(stage.join(&rel), b)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After an http(s) backup: upload the newest set from `stage`, then the
+/// snapshot files, then the manifest (last: until it is there, the server
+/// keeps describing the previous chain).
+pub fn upload(
+    remote: &crate::http::Remote,
+    stage: &Path,
+    m: &BackupManifest,
+    quiet: bool,
+) -> Result<()> {
+    let set = m.sets.last().context("the manifest lists no set")?;
+    let mut files: Vec<String> = Vec::new();
+    for e in walkdir::WalkDir::new(stage.join(&set.id)).sort_by_file_name() {
+        let e = e?;
+        if e.file_type().is_file() {
+            let rel = e.path().strip_prefix(stage)?.to_string_lossy().to_string();
+            files.push(rel);
+        }
+    }
+    for e in std::fs::read_dir(stage.join("snar"))? {
+        let e = e?;
+        files.push(format!("snar/{}", e.file_name().to_string_lossy()));
+    }
+    files.sort();
+    files.push(MANIFEST_FILE.to_string());
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(stage.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let mut prog = Progress::new(
+        &format!("uploading to {}", remote.url("")),
+        Some(total),
+        quiet,
+    );
+    for f in &files {
+        remote.put_file(f, &stage.join(f), &mut |n| prog.add(n))?;
+    }
+    Ok(())
+}
+
 /// Reads the volumes of an archive in order, checking each one's size and
 /// sha256 when it ends; a mismatch is a read error naming the volume.
 pub struct VolumeReader {
-    dir: PathBuf,
+    dir: Store,
     vols: Vec<BackupVolume>,
     idx: usize,
-    cur: Option<(std::fs::File, Sha256, u64)>,
+    cur: Option<(Box<dyn Read + Send>, Sha256, u64)>,
 }
 
 impl VolumeReader {
-    pub fn new(dir: &Path, a: &BackupArchive) -> VolumeReader {
+    pub fn new(dir: &Store, a: &BackupArchive) -> VolumeReader {
         VolumeReader {
-            dir: dir.to_path_buf(),
+            dir: dir.clone(),
             vols: a.volumes.clone(),
             idx: 0,
             cur: None,
@@ -837,11 +991,13 @@ impl Read for VolumeReader {
             }
             let v = &self.vols[self.idx];
             if self.cur.is_none() {
-                let p = self.dir.join(&v.file);
-                let f = std::fs::File::open(&p).map_err(|e| {
+                let f = self.dir.open(&v.file).map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
-                        format!("backup volume {} cannot be opened: {e}", p.display()),
+                        format!(
+                            "backup volume {} cannot be opened: {e}",
+                            self.dir.show(&v.file)
+                        ),
                     )
                 })?;
                 self.cur = Some((f, Sha256::new(), 0));
@@ -858,7 +1014,7 @@ impl Read for VolumeReader {
             if n != v.bytes || sha != v.sha256 {
                 return Err(std::io::Error::other(format!(
                     "backup volume {} is damaged: {n} bytes with sha256 {sha}, the manifest recorded {} bytes with {}",
-                    self.dir.join(&v.file).display(),
+                    self.dir.show(&v.file),
                     v.bytes,
                     v.sha256
                 )));
@@ -868,28 +1024,23 @@ impl Read for VolumeReader {
     }
 }
 
-fn check_volume(dir: &Path, v: &BackupVolume, hash: bool) -> Result<()> {
-    let p = dir.join(&v.file);
-    let meta = std::fs::metadata(&p).with_context(|| {
-        format!(
-            "backup volume {} is missing (the backup is incomplete)",
-            p.display()
-        )
-    })?;
-    if meta.len() != v.bytes {
+fn check_volume(dir: &Store, v: &BackupVolume, hash: bool) -> Result<()> {
+    let p = dir.show(&v.file);
+    let Some(len) = dir.size(&v.file)? else {
+        bail!("backup volume {p} is missing (the backup is incomplete)");
+    };
+    if len != v.bytes {
         bail!(
-            "backup volume {} has {} bytes, the manifest says {}: it is truncated or was replaced",
-            p.display(),
-            meta.len(),
+            "backup volume {p} has {len} bytes, the manifest says {}: it is truncated or was replaced",
             v.bytes
         );
     }
     if hash {
-        let sha = crate::image::sha256_file(&p)?;
+        let sha = dir.sha256(&v.file)?;
         if sha != v.sha256 {
             bail!(
                 "backup volume {} is damaged: sha256 {} but the manifest recorded {}",
-                p.display(),
+                p,
                 sha,
                 v.sha256
             );
@@ -901,7 +1052,7 @@ fn check_volume(dir: &Path, v: &BackupVolume, hash: bool) -> Result<()> {
 /// Pre-flight check of an archive: every volume present with its size,
 /// the first and the last read in full against their sha256 (the others
 /// are checked while they are restored).
-pub fn preflight_archive(dir: &Path, a: &BackupArchive) -> Result<()> {
+pub fn preflight_archive(dir: &Store, a: &BackupArchive) -> Result<()> {
     let n = a.volumes.len();
     if n == 0 {
         bail!("the manifest lists no volume for {}", a.mountpoint);
@@ -915,7 +1066,7 @@ pub fn preflight_archive(dir: &Path, a: &BackupArchive) -> Result<()> {
 /// Read everything back: every volume's sha256, the compressed stream and
 /// the tar stream (`tar --list`). Returns the number of tar members.
 pub fn verify_archive(
-    dir: &Path,
+    dir: &Store,
     set: &BackupSet,
     a: &BackupArchive,
     key: Option<&Key>,
@@ -956,7 +1107,7 @@ pub fn verify_archive(
 /// `incremental`: apply it as a later set of the chain, which also
 /// removes what had been deleted since the previous set.
 pub fn extract(
-    dir: &Path,
+    dir: &Store,
     set: &BackupSet,
     a: &BackupArchive,
     target: &Path,
@@ -1114,7 +1265,7 @@ mod tests {
     fn restore_with(dir: &Path, m: &BackupManifest, dst: &Path, key: Option<&Key>) -> Result<()> {
         for (k, set) in m.sets.iter().enumerate() {
             for a in &set.archives {
-                extract(dir, set, a, dst, k > 0, true, key)?;
+                extract(&Store::from(dir), set, a, dst, k > 0, true, key)?;
             }
         }
         Ok(())
@@ -1161,20 +1312,25 @@ mod tests {
                 "volume not encrypted"
             );
             // Right key: restores; no key, or another key: refused before any data.
-            check_key(out.path(), &m, Some(&key)).unwrap();
+            check_key(&out.path().into(), &m, Some(&key)).unwrap();
             let dst = tempfile::tempdir().unwrap();
             restore_with(out.path(), &m, dst.path(), Some(&key)).unwrap();
             assert_eq!(
                 std::fs::read_to_string(dst.path().join("f")).unwrap(),
                 "payload"
             );
-            let e = check_key(out.path(), &m, None).unwrap_err().to_string();
+            let e = check_key(&out.path().into(), &m, None)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("is encrypted"), "{e}");
             let wrong = match &*key {
                 Key::X25519(_) => Key::X25519(age::x25519::Identity::generate()),
                 Key::Passphrase(_) => Key::parse("wrong horse").unwrap(),
             };
-            let e = format!("{:#}", check_key(out.path(), &m, Some(&wrong)).unwrap_err());
+            let e = format!(
+                "{:#}",
+                check_key(&out.path().into(), &m, Some(&wrong)).unwrap_err()
+            );
             assert!(e.contains("does not open this backup"), "{e}");
             assert!(!format!("{key:?}").contains(&secret), "Debug shows the key");
         }
@@ -1225,8 +1381,8 @@ mod tests {
         );
         for set in &m2.sets {
             for a in &set.archives {
-                preflight_archive(out.path(), a).unwrap();
-                assert!(verify_archive(out.path(), set, a, None).unwrap() > 0);
+                preflight_archive(&out.path().into(), a).unwrap();
+                assert!(verify_archive(&out.path().into(), set, a, None).unwrap() > 0);
             }
         }
         let dst = tempfile::tempdir().unwrap();
@@ -1333,17 +1489,17 @@ mod tests {
             volumes: vols,
         };
         let mut back = Vec::new();
-        VolumeReader::new(d.path(), &a)
+        VolumeReader::new(&d.path().into(), &a)
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, data);
-        preflight_archive(d.path(), &a).unwrap();
+        preflight_archive(&d.path().into(), &a).unwrap();
         // A flipped byte in the middle volume: found while reading.
         let mid = d.path().join("a.tar.001");
         let mut b = std::fs::read(&mid).unwrap();
         b[500] ^= 1;
         std::fs::write(&mid, &b).unwrap();
-        let e = VolumeReader::new(d.path(), &a)
+        let e = VolumeReader::new(&d.path().into(), &a)
             .read_to_end(&mut Vec::new())
             .unwrap_err()
             .to_string();
@@ -1351,10 +1507,106 @@ mod tests {
         // A truncated last volume: found by the pre-flight.
         let last = d.path().join("a.tar.002");
         std::fs::write(&last, &std::fs::read(&last).unwrap()[..1000]).unwrap();
-        let e = preflight_archive(d.path(), &a).unwrap_err().to_string();
+        let e = preflight_archive(&d.path().into(), &a)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("a.tar.002 has 1000 bytes") && e.contains("truncated"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn http_location_uploads_a_chain_and_restores_it_streamed() {
+        let srv = lifeboat_qemu::servers::nginx(
+            &std::env::temp_dir().join(format!("lifeboat-nginx-{}", std::process::id())),
+        );
+        let url = format!("http://127.0.0.1:{}/backups", srv.port);
+        let src = tempfile::tempdir().unwrap();
+        let s = src.path();
+        let l = dir_layout(s);
+        let remote = crate::http::Remote::new(&url, None)
+            .unwrap()
+            .join(&l.hostname);
+        let o = Options {
+            level: Level::Incremental,
+            volume_size: Some(8192),
+            compression: Compression::Gzip,
+            ..Default::default()
+        };
+        let mut noise = vec![0u8; 40_000];
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut noise)
+            .unwrap();
+        std::fs::write(s.join("big"), &noise).unwrap();
+        std::fs::write(s.join("a"), "a0").unwrap();
+        std::fs::write(s.join("gone"), "g").unwrap();
+        let stage_root = tempfile::tempdir().unwrap();
+        let mut run = || {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            let stage = stage_root.path().join("stage");
+            let _ = std::fs::remove_dir_all(&stage);
+            prefetch(&remote, &stage, &l.hostname).unwrap();
+            let m = create(&l, &url, &stage, &o, true, &mut |_| {}).unwrap();
+            upload(&remote, &stage, &m, true).unwrap();
+            m
+        };
+        let m0 = run();
+        assert_eq!(
+            m0.location, None,
+            "the staging disk is not the backup location"
+        );
+        assert_eq!(m0.dir, format!("{url}/{}", l.hostname));
+        assert!(
+            m0.sets[0].archives[0].volumes.len() > 1,
+            "split volumes expected"
+        );
+        std::fs::write(s.join("a"), "a1").unwrap();
+        std::fs::remove_file(s.join("gone")).unwrap();
+        let m1 = run();
+        assert_eq!(
+            m1.sets.iter().map(|x| x.level.as_str()).collect::<Vec<_>>(),
+            ["full", "incremental"],
+            "the snapshot files were fetched back from the server"
+        );
+        // What is on the server is what the manifest says.
+        let store = Store::Http(remote.clone());
+        let text = store.read_to_string(MANIFEST_FILE).unwrap();
+        assert_eq!(BackupManifest::from_json(&text).unwrap(), m1);
+        for set in &m1.sets {
+            for a in &set.archives {
+                preflight_archive(&store, a).unwrap();
+                assert!(verify_archive(&store, set, a, None).unwrap() > 0);
+            }
+        }
+        let dst = tempfile::tempdir().unwrap();
+        for (k, set) in m1.sets.iter().enumerate() {
+            for a in &set.archives {
+                extract(&store, set, a, dst.path(), k > 0, true, None).unwrap();
+            }
+        }
+        assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), noise);
+        assert_eq!(std::fs::read_to_string(dst.path().join("a")).unwrap(), "a1");
+        assert!(!dst.path().join("gone").exists());
+        // Damage on the server is found by the pre-flight.
+        let a = &m1.sets[0].archives[0];
+        let on_disk = |v: &BackupVolume| srv.root.join("backups").join(&l.hostname).join(&v.file);
+        let first = on_disk(&a.volumes[0]);
+        let mut b = std::fs::read(&first).unwrap();
+        b[100] ^= 0x20;
+        std::fs::write(&first, &b).unwrap();
+        let e = format!("{:#}", preflight_archive(&store, a).unwrap_err());
+        assert!(e.contains("is damaged") && e.contains(&url), "{e}");
+        b[100] ^= 0x20;
+        std::fs::write(&first, &b).unwrap();
+        let last = on_disk(a.volumes.last().unwrap());
+        let full = std::fs::read(&last).unwrap();
+        std::fs::write(&last, &full[..full.len() / 2]).unwrap();
+        let e = format!("{:#}", preflight_archive(&store, a).unwrap_err());
+        assert!(e.contains("truncated"), "{e}");
+        std::fs::remove_file(&last).unwrap();
+        let e = format!("{:#}", preflight_archive(&store, a).unwrap_err());
+        assert!(e.contains("is missing"), "{e}");
     }
 }

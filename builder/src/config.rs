@@ -53,6 +53,21 @@ pub struct Config {
     /// (`age-keygen` output) or a passphrase on its first line. Only the
     /// path is recorded; recovery asks for the key or takes `--backup-key`.
     pub backup_key_file: Option<PathBuf>,
+    /// Credentials for a `cifs://` share or an `http(s)://` server (Basic
+    /// auth): a file with `username=`, `password=` and optionally
+    /// `domain=` lines, as for mount.cifs. Never put passwords in the URL.
+    pub backup_credentials: Option<PathBuf>,
+    /// Copy the credentials file into the rescue image (plan layer, mode
+    /// 0600) so an unattended recovery can reach the share. Off: recovery
+    /// needs `lifeboat recover --credentials FILE`.
+    pub backup_credentials_in_image: bool,
+    /// Extra mount options for `nfs://` and `cifs://` (e.g. `vers=3`,
+    /// `nolock`, `vers=3.0`); ReaR's BACKUP_OPTIONS.
+    #[serde(alias = "BACKUP_OPTIONS")]
+    pub backup_mount_options: Option<String>,
+    /// Where an `http(s)://` backup is staged before it is uploaded (one
+    /// set must fit; left out of the backup; emptied afterwards).
+    pub backup_stage_dir: PathBuf,
     /// Settings of the rescue image.
     pub rescue: Rescue,
     /// The network setup the rescue OS brings up.
@@ -226,6 +241,10 @@ impl Default for Config {
             backup_compression_level: None,
             backup_volume_size: None,
             backup_key_file: None,
+            backup_credentials: None,
+            backup_credentials_in_image: false,
+            backup_mount_options: None,
+            backup_stage_dir: PathBuf::from("/var/tmp/lifeboat-upload"),
             recover: Recover::default(),
             external: Default::default(),
             rescue: Rescue::default(),
@@ -272,6 +291,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("BACKUP_PROG_EXCLUDE", "backup_exclude"),
     ("BACKUP_TYPE", "backup_type"),
     ("FULLBACKUP_OUTDATED_DAYS", "backup_full_days"),
+    ("BACKUP_OPTIONS", "backup_mount_options"),
 ];
 
 /// The merged configuration and where each value came from.

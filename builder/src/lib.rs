@@ -10,6 +10,7 @@ pub mod config;
 pub mod cpio;
 pub mod elf;
 pub mod fstab;
+pub mod http;
 pub mod image;
 pub mod kmod;
 pub mod layers;

@@ -12,6 +12,7 @@
 //! alone, or the whole tree for a recipe), mount the tree, finalize
 //! (bootloader, config patches, initramfs, logs), unmount.
 
+use crate::backup::Store;
 use crate::layout::disk_of;
 use crate::migrate::{self, Grow, Pair};
 use crate::plan::{self, Done, Step};
@@ -53,6 +54,10 @@ pub struct Options {
     pub backup_key: Option<PathBuf>,
     /// The backup tool's recipe, when BACKUP is not the internal tar method.
     pub recipe: Option<crate::recipe::Recipe>,
+    /// Credentials file for a cifs:// or http(s):// backup location.
+    pub credentials: Option<PathBuf>,
+    /// Extra mount options for nfs:// and cifs:// (backup_mount_options).
+    pub mount_options: Option<String>,
 }
 
 /// Runs commands (or only prints them under --dry-run) and logs all of it.
@@ -390,9 +395,82 @@ pub fn candidate_disks(exclude: &BTreeSet<String>) -> Result<Vec<Disk>> {
     Ok(v)
 }
 
-/// Find and mount (read-only) the filesystem holding the backup; returns
-/// the backup directory and the disk it is on.
-pub fn find_backup(m: &BackupManifest) -> Result<(PathBuf, Option<String>)> {
+/// Where the backup was found.
+pub struct Found {
+    pub store: Store,
+    /// The local disk holding it (never a recovery target).
+    pub disk: Option<String>,
+    /// A network share mounted for it (unmounted when dropped).
+    pub _share: Option<crate::url::Local>,
+}
+
+/// Find the backup: mount (read-only) the filesystem or network share
+/// holding it, or reach its HTTP server.
+pub fn find_backup(
+    m: &BackupManifest,
+    credentials: Option<&Path>,
+    options: Option<&str>,
+) -> Result<Found> {
+    let scheme = m.url.split_once("://").map(|x| x.0).unwrap_or("");
+    match scheme {
+        "http" | "https" => {
+            let remote = crate::http::Remote::new(&m.url, credentials)?.join(&m.hostname);
+            let size = remote.size(crate::backup::MANIFEST_FILE).with_context(|| {
+                format!(
+                    "the backup server of {} cannot be reached. Nothing was written.",
+                    m.url
+                )
+            })?;
+            if size.is_none() {
+                bail!(
+                    "{} has no backup of {} ({} is missing). Nothing was written.",
+                    m.url,
+                    m.hostname,
+                    remote.url(crate::backup::MANIFEST_FILE)
+                );
+            }
+            return Ok(Found {
+                store: Store::Http(remote),
+                disk: None,
+                _share: None,
+            });
+        }
+        "nfs" | "cifs" => {
+            let acc = crate::url::Access {
+                read_only: true,
+                credentials: credentials.map(Path::to_path_buf),
+                options: options.map(str::to_string),
+            };
+            let share = crate::url::local_with(&m.url, "BACKUP_URL", &acc)
+                .context("the backup cannot be reached. Nothing was written.")?;
+            let dir = share.path.join(&m.hostname);
+            if !dir.join(crate::backup::MANIFEST_FILE).is_file() {
+                bail!(
+                    "{} is mounted at {} but holds no backup of {} ({} is missing). Nothing was written.",
+                    m.url,
+                    share.path.display(),
+                    m.hostname,
+                    dir.join(crate::backup::MANIFEST_FILE).display()
+                );
+            }
+            return Ok(Found {
+                store: Store::Dir(dir),
+                disk: None,
+                _share: Some(share),
+            });
+        }
+        _ => {}
+    }
+    let (dir, disk) = find_local_backup(m)?;
+    Ok(Found {
+        store: Store::Dir(dir),
+        disk,
+        _share: None,
+    })
+}
+
+/// The backup on a local filesystem (file:// or usb://).
+fn find_local_backup(m: &BackupManifest) -> Result<(PathBuf, Option<String>)> {
     let dir = PathBuf::from(&m.dir);
     if dir.join(crate::backup::MANIFEST_FILE).is_file() {
         let disk = crate::backup::locate(&dir)
@@ -519,21 +597,31 @@ pub fn run(o: Options) -> Result<()> {
     }
 
     // ---- Pre-flight: nothing below writes a disk.
-    let (dir, backup_disk) = if o.backup.dir.is_empty() && o.backup.location.is_none() {
-        (PathBuf::new(), None)
+    let on_network = ["nfs://", "cifs://", "http://", "https://"]
+        .iter()
+        .any(|p| o.backup.url.starts_with(p));
+    let found = if o.backup.dir.is_empty() && o.backup.location.is_none() && !on_network {
+        Found {
+            store: Store::Dir(PathBuf::new()),
+            disk: None,
+            _share: None,
+        }
     } else {
-        find_backup(&o.backup)?
+        find_backup(
+            &o.backup,
+            o.credentials.as_deref(),
+            o.mount_options.as_deref(),
+        )?
     };
-    r.say(&format!("backup found in {}", dir.display()));
+    let backup_disk = found.disk.clone();
+    let dir = &found.store;
+    r.say(&format!("backup found in {}", dir.show("")));
     for set in &o.backup.sets {
         for a in &set.archives {
             if o.dry_run {
                 for v in &a.volumes {
-                    if !dir.join(&v.file).is_file() {
-                        r.say(&format!(
-                            "WARNING: {} is missing",
-                            dir.join(&v.file).display()
-                        ));
+                    if !matches!(dir.size(&v.file), Ok(Some(_))) {
+                        r.say(&format!("WARNING: {} is missing", dir.show(&v.file)));
                     }
                 }
                 continue;
@@ -545,7 +633,7 @@ pub fn run(o: Options) -> Result<()> {
                 a.volumes.len(),
                 a.bytes
             ));
-            crate::backup::preflight_archive(&dir, a)
+            crate::backup::preflight_archive(dir, a)
                 .context("the backup cannot be restored; nothing was written")?;
         }
     }
@@ -569,7 +657,7 @@ pub fn run(o: Options) -> Result<()> {
         );
     };
     if key.is_some() {
-        crate::backup::check_key(&dir, &o.backup, key.as_ref())
+        crate::backup::check_key(dir, &o.backup, key.as_ref())
             .context("the backup cannot be decrypted; nothing was written")?;
         r.say("backup key checked: it opens the backup");
     }
@@ -638,7 +726,10 @@ pub fn run(o: Options) -> Result<()> {
     // A backup tool's own check, before any disk is touched.
     let recipe_env = o.recipe.as_ref().map(|rc| {
         let m: Vec<String> = mounts.iter().map(|m| m.target.clone()).collect();
-        let d = (!dir.as_os_str().is_empty()).then_some(dir.as_path());
+        let d = match dir {
+            Store::Dir(d) if !d.as_os_str().is_empty() => Some(d.as_path()),
+            _ => None,
+        };
         crate::recipe::environment(rc, &o.backup.hostname, &m, &[], d, Some(&o.root))
     });
     if let (Some(rc), Some(env)) = (&o.recipe, &recipe_env) {
@@ -817,14 +908,14 @@ pub fn run(o: Options) -> Result<()> {
             ));
             r.say(&format!(
                 "+ cat {} | {} -dc | tar --extract --xattrs --acls --selinux --numeric-owner{} -C {RESTORE_MNT}",
-                a.volumes.iter().map(|v| dir.join(&v.file).display().to_string()).collect::<Vec<_>>().join(" "),
+                a.volumes.iter().map(|v| dir.show(&v.file)).collect::<Vec<_>>().join(" "),
                 set.compression,
                 if k > 0 { " --listed-incremental=/dev/null" } else { "" }
             ));
             if !o.dry_run {
                 let t = std::time::Instant::now();
                 crate::backup::extract(
-                    &dir,
+                    dir,
                     set,
                     a,
                     Path::new(RESTORE_MNT),

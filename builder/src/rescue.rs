@@ -384,6 +384,18 @@ pub fn select_modules(
         "none" => BTreeSet::new(),
         other => bail!("rescue.modules = {other:?} is not one of generic, hostonly, none"),
     };
+    // The kernel clients of a network BACKUP_URL.
+    let url = cfg.backup_url.as_deref().unwrap_or("");
+    let net: &[&str] = if url.starts_with("nfs://") {
+        &["nfsv4", "nfsv3"]
+    } else if url.starts_with("cifs://") {
+        &["cifs"]
+    } else {
+        &[]
+    };
+    for m in net {
+        roots.extend(db.resolve(m));
+    }
     for m in &r.add_modules {
         let hits = db.resolve(m);
         if hits.is_empty() {
@@ -762,6 +774,21 @@ fn plan_layer(
         t.add_dir("root", 0o700);
         t.add_dir("root/.ssh", 0o700);
         t.add_bytes("root/.ssh/authorized_keys", keys.into_bytes(), 0o600);
+    }
+    // Credentials of the backup location: only when configured so.
+    if let (true, Some(c)) = (cfg.backup_credentials_in_image, &cfg.backup_credentials) {
+        let text = std::fs::read(c).with_context(|| {
+            format!(
+                "backup_credentials: cannot read {} (backup_credentials_in_image is on)",
+                c.display()
+            )
+        })?;
+        crate::url::Credentials::parse(&String::from_utf8_lossy(&text))
+            .with_context(|| format!("backup_credentials {}", c.display()))?;
+        let rel = c.to_string_lossy().trim_start_matches('/').to_string();
+        t.add_bytes(&rel, text, 0o600);
+    } else if cfg.backup_credentials.is_some() {
+        warnings.push("backup_credentials are not put into the image (backup_credentials_in_image = false): recovery needs `lifeboat recover --credentials FILE`".into());
     }
     Ok(t)
 }

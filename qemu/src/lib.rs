@@ -3,6 +3,8 @@
 //! log file, wait for markers with a timeout, and type commands. QEMU is
 //! killed when the [`Vm`] is dropped, also when a test panics.
 
+pub mod servers;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};

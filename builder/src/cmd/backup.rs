@@ -1,5 +1,6 @@
 //! `lifeboat backup ls|verify`: inspect and check a backup chain.
 
+use crate::backup::Store;
 use crate::Global;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -8,48 +9,63 @@ use std::path::PathBuf;
 pub enum Command {
     /// List the sets, archives and volumes of a backup.
     Ls {
-        /// Backup directory (default: BACKUP_URL/<hostname>).
-        dir: Option<PathBuf>,
+        /// Backup directory, or a BACKUP_URL (file, nfs, cifs, http(s));
+        /// default: BACKUP_URL/<hostname>.
+        dir: Option<String>,
     },
     /// Read everything back: every volume's sha256, the compressed stream
     /// and the tar stream. Exit 1 when anything is wrong.
     Verify {
-        dir: Option<PathBuf>,
+        dir: Option<String>,
         /// Key of an encrypted backup (default: backup_key_file).
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
     },
 }
 
-fn backup_dir(g: &Global, dir: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(d) = dir {
-        return Ok(d);
-    }
+/// The backup to read: a directory, or a URL (then this host's directory
+/// below it), default BACKUP_URL. Network shares are mounted read-only
+/// while the returned guard lives.
+fn backup_store(g: &Global, dir: Option<String>) -> Result<(Store, Option<crate::url::Local>)> {
     let cfg = g.load_config()?.config;
-    let Some(url) = cfg.backup_url else {
-        bail!("BACKUP_URL is not set; give the backup directory as an argument");
+    let url = match dir {
+        Some(d) if !d.contains("://") => return Ok((Store::Dir(PathBuf::from(d)), None)),
+        Some(u) => u,
+        None => match cfg.backup_url.clone() {
+            Some(u) => u,
+            None => bail!("BACKUP_URL is not set; give the backup directory or URL as an argument"),
+        },
     };
     let host = crate::layout::hostname().unwrap_or_default();
-    if url.starts_with("usb://") {
-        bail!("BACKUP_URL is {url}: mount the medium and give the backup directory as an argument");
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let r = crate::http::Remote::new(&url, cfg.backup_credentials.as_deref())?;
+        return Ok((Store::Http(r.join(&host)), None));
     }
-    Ok(crate::url::local(&url, "BACKUP_URL")?.path.join(host))
+    let acc = crate::url::Access {
+        read_only: true,
+        credentials: cfg.backup_credentials.clone(),
+        options: cfg.backup_mount_options.clone(),
+    };
+    let l = crate::url::local_with(&url, "BACKUP_URL", &acc)?;
+    Ok((Store::Dir(l.path.join(host)), Some(l)))
 }
 
 pub fn run(g: &Global, c: Command) -> Result<()> {
     let (dir, verify, key) = match c {
-        Command::Ls { dir } => (backup_dir(g, dir)?, false, None),
+        Command::Ls { dir } => (backup_store(g, dir)?, false, None),
         Command::Verify { dir, key } => {
             let k = key.or(g.load_config()?.config.backup_key_file);
-            (backup_dir(g, dir)?, true, k)
+            (backup_store(g, dir)?, true, k)
         }
     };
-    let p = dir.join(crate::backup::MANIFEST_FILE);
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("cannot read {} (no backup there?)", p.display()))?;
+    let (dir, _share) = dir;
+    let p = dir.show(crate::backup::MANIFEST_FILE);
+    let text = dir
+        .read_to_string(crate::backup::MANIFEST_FILE)
+        .with_context(|| format!("cannot read {p} (no backup there?)"))?;
     let m = lifeboat_contract::BackupManifest::from_json(&text)
-        .with_context(|| format!("{} is not a valid backup manifest", p.display()))?;
-    println!("backup {} of {} in {}", m.id, m.hostname, dir.display());
+        .with_context(|| format!("{p} is not a valid backup manifest"))?;
+    println!("backup {} of {} in {}", m.id, m.hostname, dir.show(""));
     let encrypted = m.sets.iter().any(|s| s.encryption.is_some());
     let key = match key {
         Some(k) if verify && encrypted => Some(crate::backup::Key::from_file(&k)?),
@@ -91,7 +107,7 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
         }
     }
     if bad > 0 {
-        bail!("{bad} archive(s) of {} cannot be restored", dir.display());
+        bail!("{bad} archive(s) of {} cannot be restored", dir.show(""));
     }
     Ok(())
 }

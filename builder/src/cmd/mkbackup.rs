@@ -139,17 +139,47 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
     if url.is_none() && recipe.is_none() {
         bail!("BACKUP_URL is not set: add `BACKUP_URL = \"file:///path/to/backups\"` to /etc/lifeboat/lifeboat.toml or give --backup-url");
     }
-    // Keeps a usb:// medium mounted until the end.
-    let medium = url
-        .as_deref()
-        .map(|u| crate::url::local(u, "BACKUP_URL"))
-        .transpose()?;
     let host = crate::layout::hostname().unwrap_or_else(|| "localhost".into());
-    let dir = medium.as_ref().map(|m| m.path.join(&host));
+    // http(s): the set is made in a staging directory, then uploaded.
+    let remote = match url.as_deref() {
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+            if recipe.is_some() {
+                bail!("BACKUP_URL = {u:?}: http(s) locations hold the internal tar method's archives; \
+                       a backup tool ({}) keeps its own repository (give it in the tool's settings)", cfg.backup);
+            }
+            Some(crate::http::Remote::new(u, cfg.backup_credentials.as_deref())?.join(&host))
+        }
+        _ => None,
+    };
+    // Keeps a usb:// medium or a network share mounted until the end.
+    let acc = crate::url::Access {
+        read_only: false,
+        credentials: cfg.backup_credentials.clone(),
+        options: cfg.backup_mount_options.clone(),
+    };
+    let medium = match (&remote, url.as_deref()) {
+        (None, Some(u)) => Some(crate::url::local_with(u, "BACKUP_URL", &acc)?),
+        _ => None,
+    };
+    let stage = remote.as_ref().map(|_| cfg.backup_stage_dir.join(&host));
+    if let (Some(r), Some(st)) = (&remote, &stage) {
+        if st.exists() {
+            std::fs::remove_dir_all(st)
+                .with_context(|| format!("cannot empty the staging directory {}", st.display()))?;
+        }
+        crate::backup::prefetch(r, st, &host)?;
+    }
+    let dir = medium
+        .as_ref()
+        .map(|m| m.path.join(&host))
+        .or(stage.clone());
     if let Some(d) = &dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let loc = dir.as_deref().map(crate::backup::locate).transpose()?;
+    let loc = match &remote {
+        Some(_) => None,
+        None => dir.as_deref().map(crate::backup::locate).transpose()?,
+    };
     let mut layout = crate::layout::capture(&[])?;
     if let Some((loc, disk)) = loc
         .as_ref()
@@ -214,7 +244,14 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                     }
                 },
             )?;
-            if !g.quiet {
+            if let Some(r) = &remote {
+                let up = crate::backup::upload(r, dir, &m, quiet);
+                let _ = std::fs::remove_dir_all(dir);
+                up?;
+                if !g.quiet {
+                    println!("backup {} uploaded to {}", m.id, r.url(""));
+                }
+            } else if !g.quiet {
                 println!("backup {} written to {}", m.id, dir.display());
             }
             m

@@ -40,6 +40,10 @@ pub struct Args {
     /// Key of an encrypted backup (an age identity or a passphrase file).
     #[arg(long, value_name = "FILE")]
     pub backup_key: Option<PathBuf>,
+    /// Credentials (`username=`/`password=` lines) for a cifs:// or
+    /// http(s):// backup (default: backup_credentials when in the image).
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
 }
 
 fn read(p: &Path, what: &str) -> Result<String> {
@@ -111,5 +115,9 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             .backup_key
             .or(cfg.backup_key_file.clone().filter(|p| p.is_file())),
         keep_files: keep,
+        credentials: a
+            .credentials
+            .or(cfg.backup_credentials.clone().filter(|p| p.is_file())),
+        mount_options: cfg.backup_mount_options.clone(),
     })
 }

@@ -1,0 +1,194 @@
+//! Real file servers on 127.0.0.1 for the backup-location tests: nginx
+//! (HTTP with WebDAV PUT/MKCOL), nfs-ganesha (NFSv4) and samba (SMB3).
+//! A QEMU guest on user networking reaches them at 10.0.2.2:<port>.
+//!
+//! Each runs with a private configuration under its own directory and is
+//! stopped when dropped. `scripts/setup.sh` installs the packages.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running server; killed when dropped.
+pub struct Server {
+    pub port: u16,
+    /// Where it serves from (the web root, the export, the share).
+    pub root: PathBuf,
+    /// Its configuration and logs.
+    pub dir: PathBuf,
+    child: Option<Child>,
+    pidfile: Option<PathBuf>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(p) = &self.pidfile {
+            if let Ok(pid) = std::fs::read_to_string(p) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: plain kill(2) of the daemon we started.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
+    }
+}
+
+fn need(bin: &str, package: &str) {
+    let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(bin).exists());
+    assert!(
+        found,
+        "{bin} is not installed: apt-get install {package} (scripts/setup.sh installs it)"
+    );
+}
+
+fn wait_listening(port: u16, what: &str, log: &Path) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{what} did not listen on 127.0.0.1:{port} within 30 s; its log {}:\n{}",
+        log.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+fn fresh(dir: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    dir.to_path_buf()
+}
+
+/// nginx serving `dir/www` with PUT, DELETE and MKCOL (WebDAV) enabled.
+pub fn nginx(dir: &Path) -> Server {
+    need("nginx", "nginx-light");
+    let dir = fresh(dir);
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    let port = crate::free_port();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{\n    listen 127.0.0.1:{port};\n    root {};\n    client_max_body_size 0;\n\
+         dav_methods PUT DELETE MKCOL;\n    dav_access user:rw group:r all:r;\n    create_full_put_path on;\n  }}\n}}\n",
+        root.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start nginx");
+    wait_listening(port, "nginx", &dir.join("error.log"));
+    Server {
+        port,
+        root,
+        dir,
+        child: Some(child),
+        pidfile: None,
+    }
+}
+
+/// nfs-ganesha exporting `dir/export` as `/backup` (NFSv4 over TCP, root
+/// not squashed, no rpcbind needed).
+pub fn ganesha(dir: &Path) -> Server {
+    need("ganesha.nfsd", "nfs-ganesha nfs-ganesha-vfs");
+    let dir = fresh(dir);
+    let root = dir.join("export");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let port = crate::free_port();
+    let conf = format!(
+        "NFS_CORE_PARAM {{ NFS_Port = {port}; Protocols = 4; Enable_NLM = false; Enable_RQUOTA = false; Bind_addr = 127.0.0.1; }}\n\
+         NFSv4 {{ Graceless = true; RecoveryBackend = fs; RecoveryRoot = {state}; }}\n\
+         EXPORT {{ Export_Id = 1; Path = {root}; Pseudo = /backup; Access_Type = RW; Squash = No_Root_Squash; \
+         SecType = sys; Transports = TCP; Protocols = 4; FSAL {{ Name = VFS; }} }}\n\
+         LOG {{ Default_Log_Level = EVENT; }}\n",
+        state = dir.join("state").display(),
+        root = root.display()
+    );
+    std::fs::write(dir.join("ganesha.conf"), conf).unwrap();
+    let log = dir.join("ganesha.log");
+    let child = Command::new("ganesha.nfsd")
+        .arg("-F")
+        .arg("-L")
+        .arg(&log)
+        .arg("-f")
+        .arg(dir.join("ganesha.conf"))
+        .arg("-p")
+        .arg(dir.join("ganesha.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start ganesha.nfsd");
+    wait_listening(port, "nfs-ganesha", &log);
+    Server {
+        port,
+        root,
+        dir,
+        child: Some(child),
+        pidfile: None,
+    }
+}
+
+/// samba sharing `dir/share` as `backup`; user `root` with `password`.
+pub fn samba(dir: &Path, password: &str) -> Server {
+    need("smbd", "samba");
+    let dir = fresh(dir);
+    let root = dir.join("share");
+    for d in ["share", "priv", "lock", "state", "cache", "pid", "log"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let port = crate::free_port();
+    let d = dir.display();
+    let conf = format!(
+        "[global]\n  smb ports = {port}\n  interfaces = 127.0.0.1\n  bind interfaces only = yes\n  disable netbios = yes\n\
+         private dir = {d}/priv\n  lock directory = {d}/lock\n  state directory = {d}/state\n  cache directory = {d}/cache\n\
+         pid directory = {d}/pid\n  ncalrpc dir = {d}/lock/ncalrpc\n  passdb backend = tdbsam:{d}/priv/passdb.tdb\n\
+         log file = {d}/log/smbd.log\n  server min protocol = SMB2\n  server role = standalone server\n  map to guest = never\n\
+         [backup]\n  path = {}\n  read only = no\n",
+        root.display()
+    );
+    let conf_path = dir.join("smb.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut c = Command::new("smbpasswd")
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-s", "-a", "root"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("cannot run smbpasswd");
+    use std::io::Write;
+    writeln!(c.stdin.take().unwrap(), "{password}\n{password}").unwrap();
+    assert!(c.wait().unwrap().success(), "smbpasswd failed");
+    let st = Command::new("smbd")
+        .arg("-s")
+        .arg(&conf_path)
+        .arg("-D")
+        .status()
+        .expect("cannot start smbd");
+    assert!(st.success(), "smbd failed to start");
+    wait_listening(port, "smbd", &dir.join("log/smbd.log"));
+    Server {
+        port,
+        root,
+        pidfile: Some(dir.join("pid/smbd.pid")),
+        dir,
+        child: None,
+    }
+}
