@@ -1543,7 +1543,7 @@ mod tests {
         std::fs::write(s.join("a"), "a0").unwrap();
         std::fs::write(s.join("gone"), "g").unwrap();
         let stage_root = tempfile::tempdir().unwrap();
-        let mut run = || {
+        let run = || {
             std::thread::sleep(std::time::Duration::from_millis(1100));
             let stage = stage_root.path().join("stage");
             let _ = std::fs::remove_dir_all(&stage);
