@@ -684,3 +684,75 @@ fn the_backup_key_never_enters_the_image() {
         assert!(scanned > 500, "only {scanned} files scanned");
     }
 }
+
+#[test]
+fn share_credentials_enter_the_image_only_when_configured() {
+    // backup_credentials (cifs/http): by default only the path is kept;
+    // with backup_credentials_in_image they are in the plan layer, 0600.
+    let work = tempfile::tempdir().unwrap();
+    let password = "share-password-never-by-default";
+    let cred = work.path().join("cifs.cred");
+    std::fs::write(&cred, format!("username=backup\npassword={password}\n")).unwrap();
+    for in_image in [false, true] {
+        let out = work.path().join(format!("img-{in_image}"));
+        let o = build(
+            work.path(),
+            &out,
+            &format!(
+                "BACKUP_URL = \"cifs://10.0.2.2/backup\"\nbackup_credentials = \"{}\"\nbackup_credentials_in_image = {in_image}\n",
+                cred.display()
+            ),
+            &[],
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let tree = work.path().join(format!("tree-{in_image}"));
+        unpack(&out, &tree);
+        let holders: Vec<String> = walkdir::WalkDir::new(&tree)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .filter(|e| {
+                let d = std::fs::read(e.path()).unwrap();
+                d.windows(password.len()).any(|w| w == password.as_bytes())
+            })
+            .map(|e| e.path().strip_prefix(&tree).unwrap().display().to_string())
+            .collect();
+        let rel = cred
+            .display()
+            .to_string()
+            .trim_start_matches('/')
+            .to_string();
+        if !in_image {
+            assert!(holders.is_empty(), "the password is in {holders:?}");
+            assert!(
+                stderr.contains("recover --credentials"),
+                "a warning says how recovery gets them: {stderr}"
+            );
+            continue;
+        }
+        assert_eq!(holders, vec![rel.clone()]);
+        // GNU cpio lists it in the plan layer, with mode 0600, and in no other.
+        for layer in std::fs::read_dir(&out).unwrap().flatten() {
+            let name = layer.file_name().to_string_lossy().to_string();
+            if !name.ends_with(".cpio.zst") {
+                continue;
+            }
+            let listing = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "zstd -dc {} | cpio -itv --quiet",
+                    layer.path().display()
+                ))
+                .output()
+                .unwrap();
+            let listing = String::from_utf8_lossy(&listing.stdout);
+            let line = listing.lines().find(|l| l.ends_with(&rel));
+            if name.starts_with("plan") {
+                let line = line.unwrap_or_else(|| panic!("not in the plan layer:\n{listing}"));
+                assert!(line.starts_with("-rw-------"), "{line}");
+            } else {
+                assert!(line.is_none(), "{name} holds the credentials");
+            }
+        }
+    }
+}

@@ -19,6 +19,7 @@ const PROMPT: &str = "root@lbsrc:~#";
 const MIN: Duration = Duration::from_secs(60);
 
 /// A backed-up source system.
+#[derive(Clone)]
 struct Source {
     work: PathBuf,
     backup: PathBuf,
@@ -34,6 +35,47 @@ struct Source {
     cmdline: String,
     /// A command for the recovered system and what its output must hold.
     extra: Option<(&'static str, &'static str)>,
+    /// The rescue VM needs a NIC (the backup is on a server).
+    net: bool,
+    /// Other rescue images made by the same source (name → kernel, initrd).
+    images: Vec<(String, PathBuf, PathBuf)>,
+}
+
+impl Source {
+    /// The same source, recovered with another of its rescue images.
+    fn with_image(&self, name: &str) -> Source {
+        let (_, k, i) = self
+            .images
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("no rescue image {name}"));
+        Source {
+            kernel: k.clone(),
+            initrd: i.clone(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The file servers of the network variant, alive for the whole run.
+struct Servers {
+    nfs: lifeboat_qemu::servers::Server,
+    cifs: lifeboat_qemu::servers::Server,
+    http: lifeboat_qemu::servers::Server,
+}
+
+const SMB_PASSWORD: &str = "smb-harness-pw-0815";
+
+fn servers() -> &'static Servers {
+    static S: OnceLock<Servers> = OnceLock::new();
+    S.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("lifeboat-servers-{}", std::process::id()));
+        Servers {
+            nfs: lifeboat_qemu::servers::ganesha(&d.join("nfs")),
+            cifs: lifeboat_qemu::servers::samba(&d.join("cifs"), SMB_PASSWORD),
+            http: lifeboat_qemu::servers::nginx(&d.join("http")),
+        }
+    })
 }
 
 /// How the source is backed up.
@@ -48,6 +90,11 @@ enum Variant {
     Encrypted,
     /// BACKUP = "restic" (the shipped recipe), repository on the backup disk.
     Restic,
+    /// BACKUP = "borg" (the shipped recipe), repository on the backup disk.
+    Borg,
+    /// Three backups to servers on the host: nfs://, cifs://, http://,
+    /// each with its own rescue image.
+    Network,
 }
 
 const PASSPHRASE: &str = "harness passphrase 4711";
@@ -164,6 +211,8 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         match variant {
             Variant::Encrypted => "-enc",
             Variant::Restic => "-restic",
+            Variant::Borg => "-borg",
+            Variant::Network => "-net",
             _ => "",
         }
     ));
@@ -190,13 +239,16 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         b = backup.display(),
         s = work.join("stage").display()
     ));
-    let spec = BootSpec {
+    let mut spec = BootSpec {
         memory_mb: 1536,
         log: Some(work.join("source-console.log")),
         ..BootSpec::from_disks()
     }
     .with_disk(&overlay, "qcow2", Some("LBSRC0"))
     .with_disk(&backup, "raw", None);
+    if variant == Variant::Network {
+        spec = spec.with_user_net("");
+    }
     let mut vm = Vm::boot(&spec).unwrap();
     let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
     // Kernel messages must not land in the middle of command output.
@@ -224,7 +276,89 @@ fn make_source(layout: &str, variant: Variant) -> Source {
     let cmdline = prefixed(&run(&mut vm, &mut pos, CMDLINE, MIN), "cmdline: ").join("\n");
     assert!(cmdline.contains("root="), "{cmdline}");
     let mut extra = None;
-    if variant == Variant::Encrypted {
+    let mut images = vec![];
+    if variant == Variant::Network {
+        let sv = servers();
+        run(
+            &mut vm,
+            &mut pos,
+            "i=$(ls /sys/class/net | grep -v '^lo$' | head -1) && ip link set $i up && ip addr add 10.0.2.15/24 dev $i && \
+             ip route add default via 10.0.2.2 && mkdir -p /etc/lifeboat",
+            MIN,
+        );
+        run(
+            &mut vm,
+            &mut pos,
+            &format!("printf 'username=root\\npassword={SMB_PASSWORD}\\n' > /etc/lifeboat/cifs.cred && chmod 600 /etc/lifeboat/cifs.cred"),
+            MIN,
+        );
+        let urls = [
+            ("nfs", format!("nfs://10.0.2.2:{}/backup", sv.nfs.port), ""),
+            (
+                "cifs",
+                format!("cifs://10.0.2.2:{}/backup/lifeboat", sv.cifs.port),
+                "backup_credentials = \"/etc/lifeboat/cifs.cred\"\nbackup_credentials_in_image = true\n",
+            ),
+            ("http", format!("http://10.0.2.2:{}/backups", sv.http.port), ""),
+        ];
+        for (name, url, more) in &urls {
+            let toml = format!("BACKUP_URL = \"{url}\"\n{more}");
+            std::fs::write(work.join(format!("lb-{name}.toml")), &toml).unwrap();
+            run(
+                &mut vm,
+                &mut pos,
+                &format!(
+                    "printf '{}' > /root/lb-{name}.toml",
+                    toml.replace('\n', "\\n")
+                ),
+                MIN,
+            );
+            let out = run(
+                &mut vm,
+                &mut pos,
+                &format!(
+                    "/backup/bin/lifeboat -c /root/lb-{name}.toml mkbackup --output-dir /backup/rescue-{name} \
+                     > /backup/mkbackup-{name}.log 2>&1; s=$?; tail -25 /backup/mkbackup-{name}.log; test $s = 0"
+                ),
+                20 * MIN,
+            );
+            assert!(
+                !out.contains(SMB_PASSWORD),
+                "the share password is in mkbackup's output:\n{out}"
+            );
+        }
+        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+        for (name, _, _) in &urls {
+            let (k, i) = read_rescue(&backup, &work, &format!("rescue-{name}"));
+            images.push((name.to_string(), k, i));
+        }
+        // The backups are on the servers, not on the disk.
+        assert!(sv.nfs.root.join("lbsrc/backup.json").is_file());
+        assert!(sv.cifs.root.join("lifeboat/lbsrc/backup.json").is_file());
+        assert!(sv.http.root.join("backups/lbsrc/backup.json").is_file());
+        extra = Some((
+            "echo state: $(grep -rlF 'smb-harness-pw' /var/log/lifeboat || echo no-password-in-logs)",
+            "state: no-password-in-logs",
+        ));
+    } else if variant == Variant::Borg {
+        run(
+            &mut vm,
+            &mut pos,
+            "mkdir -p /etc/lifeboat && echo borg-pass > /etc/lifeboat/borg.pass && \
+             printf 'BACKUP = \"borg\"\\n[external]\\ncopy_as_is = [\"/etc/lifeboat/borg.pass\"]\\n\
+             [external.env]\\nBORG_PASSCOMMAND = \"cat /etc/lifeboat/borg.pass\"\\n' > /root/lb.toml",
+            MIN,
+        );
+        let out = run(
+            &mut vm,
+            &mut pos,
+            "/backup/bin/lifeboat -c /root/lb.toml mkbackup --backup-url file:///backup/store --output-dir /backup/rescue \
+             > /backup/mkbackup.log 2>&1; s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
+            30 * MIN,
+        );
+        assert!(out.contains("backup with borg"), "{out}");
+        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+    } else if variant == Variant::Encrypted {
         run(
             &mut vm,
             &mut pos,
@@ -319,25 +453,10 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         run(&mut vm, &mut pos, "umount /backup && sync", MIN);
     }
     drop(vm);
-    // Read the rescue image back from the backup disk.
-    let ls = sh_ok(&format!(
-        "debugfs -R 'ls -p /rescue' {} 2>/dev/null",
-        backup.display()
-    ));
-    let kname = ls
-        .split('/')
-        .find(|f| f.starts_with("vmlinuz-"))
-        .expect("no vmlinuz in /rescue of the backup disk")
-        .to_string();
-    let kernel = work.join(&kname);
-    let initrd = work.join("initrd.img");
-    sh_ok(&format!(
-        "debugfs -R 'dump /rescue/{kname} {}' {b} 2>/dev/null && debugfs -R 'dump /rescue/initrd.img {}' {b} 2>/dev/null",
-        kernel.display(),
-        initrd.display(),
-        b = backup.display()
-    ));
-    assert!(std::fs::metadata(&initrd).unwrap().len() > 1 << 20);
+    let (kernel, initrd) = match images.first() {
+        Some((_, k, i)) => (k.clone(), i.clone()),
+        None => read_rescue(&backup, &work, "rescue"),
+    };
     Source {
         work,
         backup,
@@ -348,7 +467,33 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         lvm_ids,
         cmdline,
         extra,
+        net: variant == Variant::Network,
+        images,
     }
+}
+
+/// Read a rescue image (kernel, initrd) back from directory `name` of the
+/// backup disk.
+fn read_rescue(backup: &Path, work: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let ls = sh_ok(&format!(
+        "debugfs -R 'ls -p /{name}' {} 2>/dev/null",
+        backup.display()
+    ));
+    let kname = ls
+        .split('/')
+        .find(|f| f.starts_with("vmlinuz-"))
+        .unwrap_or_else(|| panic!("no vmlinuz in /{name} of the backup disk"))
+        .to_string();
+    let kernel = work.join(format!("{name}-{kname}"));
+    let initrd = work.join(format!("{name}-initrd.img"));
+    sh_ok(&format!(
+        "debugfs -R 'dump /{name}/{kname} {}' {b} 2>/dev/null && debugfs -R 'dump /{name}/initrd.img {}' {b} 2>/dev/null",
+        kernel.display(),
+        initrd.display(),
+        b = backup.display()
+    ));
+    assert!(std::fs::metadata(&initrd).unwrap().len() > 1 << 20);
+    (kernel, initrd)
 }
 
 fn gpt_source() -> &'static Source {
@@ -369,6 +514,16 @@ fn enc_source() -> &'static Source {
 fn restic_source() -> &'static Source {
     static S: OnceLock<Source> = OnceLock::new();
     S.get_or_init(|| make_source("gpt-bios", Variant::Restic))
+}
+
+fn borg_source() -> &'static Source {
+    static S: OnceLock<Source> = OnceLock::new();
+    S.get_or_init(|| make_source("gpt-bios", Variant::Borg))
+}
+
+fn net_source() -> &'static Source {
+    static S: OnceLock<Source> = OnceLock::new();
+    S.get_or_init(|| make_source("gpt-bios", Variant::Network))
 }
 
 fn blank(path: &Path, size: &str) {
@@ -407,6 +562,9 @@ fn rescue_vm_with(
     };
     for (d, serial) in disks {
         spec = spec.with_disk(d, "raw", *serial);
+    }
+    if src.net {
+        spec = spec.with_user_net("");
     }
     spec = spec.with_disk(backup, "raw,readonly=on", None);
     Vm::boot(&spec).unwrap()
@@ -786,4 +944,64 @@ fn recovery_from_a_restic_repository_through_the_shipped_recipe() {
     );
     assert!(console.contains("lifeboat: restoring with restic"));
     check_recovered(src, &target, "boot-r.log");
+}
+
+#[test]
+fn recovery_from_a_borg_repository_through_the_shipped_recipe() {
+    let src = borg_source();
+    let target = src.work.join("target-borg.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover-borg.log");
+    assert!(
+        console.contains("checking the backup with borg"),
+        "the recipe's check must run first"
+    );
+    assert!(console.contains("lifeboat: restoring with borg"));
+    check_recovered(src, &target, "boot-borg.log");
+}
+
+/// Recovery over the network from `name` (nfs, cifs, http): the backup
+/// disk is still attached (it carries the rescue images), but the backup
+/// itself is only on the server.
+fn recover_from_server(name: &str, found: &str) {
+    let src = net_source().with_image(name);
+    let target = src.work.join(format!("target-{name}.raw"));
+    blank(&target, "3G");
+    let t0 = sha(&target);
+    let console = recover(
+        &src,
+        &[(&target, Some("LBSRC0"))],
+        "",
+        &format!("recover-{name}.log"),
+    );
+    assert_ne!(sha(&target), t0);
+    let line = console
+        .lines()
+        .find(|l| l.contains("backup found in"))
+        .unwrap_or_else(|| panic!("no 'backup found' line:\n{console}"));
+    assert!(line.contains(found), "{line}");
+    assert!(
+        !console.contains(SMB_PASSWORD),
+        "the share password is on the console"
+    );
+    check_recovered(&src, &target, &format!("boot-{name}.log"));
+}
+
+#[test]
+fn recovery_from_an_nfs_server() {
+    recover_from_server("nfs", "/run/lifeboat/net/nfs-10.0.2.2_backup/lbsrc");
+}
+
+#[test]
+fn recovery_from_a_samba_share() {
+    recover_from_server(
+        "cifs",
+        "/run/lifeboat/net/cifs-10.0.2.2_backup_lifeboat/lifeboat/lbsrc",
+    );
+}
+
+#[test]
+fn recovery_from_a_web_server_streamed() {
+    let port = servers().http.port;
+    recover_from_server("http", &format!("http://10.0.2.2:{port}/backups/lbsrc/"));
 }

@@ -28,8 +28,11 @@ pub struct Recipe {
     pub description: String,
     /// Programs the rescue OS needs (with their libraries).
     pub programs: Vec<String>,
-    /// Files and directories the rescue OS needs, copied as they are.
+    /// Files and directories the rescue OS needs, copied as they are
+    /// (path components may hold `*`, `?`, `[...]`).
     pub copy_as_is: Vec<String>,
+    /// Glob patterns of image paths to leave out of what the above brings.
+    pub exclude: Vec<String>,
     /// Run by `mkbackup` on the healthy machine.
     pub backup: String,
     /// Run by `recover` before any disk is touched: non-zero stops it.
@@ -43,6 +46,7 @@ const SHIPPED: &[(&str, &str)] = &[
     ("restic", include_str!("../../recipes/restic.toml")),
     ("borg", include_str!("../../recipes/borg.toml")),
     ("bareos-fd", include_str!("../../recipes/bareos-fd.toml")),
+    ("rsync", include_str!("../../recipes/rsync.toml")),
 ];
 
 /// Is this BACKUP value the internal tar method?
@@ -87,6 +91,7 @@ pub fn load(method: &str, external: &Recipe, dir: &Path) -> Result<Recipe> {
     over(&mut r.restore, &external.restore);
     r.programs.extend(external.programs.iter().cloned());
     r.copy_as_is.extend(external.copy_as_is.iter().cloned());
+    r.exclude.extend(external.exclude.iter().cloned());
     r.env.extend(external.env.clone());
     for (what, cmd) in [
         ("backup", &r.backup),
@@ -134,6 +139,56 @@ pub fn environment(
         e.insert(k.clone(), v.clone());
     }
     e
+}
+
+/// What the commands learn from BACKUP_URL: `LIFEBOAT_BACKUP_URL`, and for
+/// `rsync://` URLs the rsync destination of this host
+/// (`LIFEBOAT_RSYNC_TARGET`, ending in `/`) and `RSYNC_RSH`:
+/// `rsync://[user@]host[:port]/path` goes over ssh,
+/// `rsync://[user@]host[:port]::module[/path]` to an rsync daemon.
+pub fn url_environment(url: &str, hostname: &str) -> Result<BTreeMap<String, String>> {
+    let mut e = BTreeMap::new();
+    if url.is_empty() {
+        return Ok(e);
+    }
+    e.insert("LIFEBOAT_BACKUP_URL".to_string(), url.to_string());
+    let Some(rest) = url.strip_prefix("rsync://") else {
+        return Ok(e);
+    };
+    if let Some((auth, module)) = rest.split_once("::") {
+        let module = module.trim_matches('/');
+        if auth.is_empty() || module.is_empty() {
+            bail!("BACKUP_URL = {url:?}: the daemon form is rsync://[user@]host[:port]::module[/path]");
+        }
+        e.insert(
+            "LIFEBOAT_RSYNC_TARGET".into(),
+            format!("rsync://{auth}/{module}/{hostname}/"),
+        );
+        return Ok(e);
+    }
+    let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let path = path.trim_end_matches('/');
+    if auth.is_empty() || path.is_empty() {
+        bail!("BACKUP_URL = {url:?}: the ssh form is rsync://[user@]host[:port]/path");
+    }
+    let (userhost, port) = match auth.rsplit_once(':') {
+        Some((h, p)) => {
+            p.parse::<u16>()
+                .with_context(|| format!("BACKUP_URL = {url:?}: port {p:?} is not a number"))?;
+            (h, Some(p))
+        }
+        None => (auth, None),
+    };
+    e.insert(
+        "LIFEBOAT_RSYNC_TARGET".into(),
+        format!("{userhost}:/{path}/{hostname}/"),
+    );
+    let mut rsh = "ssh -o BatchMode=yes".to_string();
+    if let Some(p) = port {
+        rsh.push_str(&format!(" -p {p}"));
+    }
+    e.insert("RSYNC_RSH".into(), rsh);
+    Ok(e)
 }
 
 /// Run one of the recipe's commands; output goes to ours. The error names
@@ -242,5 +297,108 @@ mod tests {
             e.contains("check command failed") && e.contains("exit status: 3"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rsync_urls_become_targets() {
+        let e = url_environment("rsync://backup@srv:2222/srv/b/", "h1").unwrap();
+        assert_eq!(e["LIFEBOAT_RSYNC_TARGET"], "backup@srv:/srv/b/h1/");
+        assert_eq!(e["RSYNC_RSH"], "ssh -o BatchMode=yes -p 2222");
+        let e = url_environment("rsync://srv::backups/x", "h1").unwrap();
+        assert_eq!(e["LIFEBOAT_RSYNC_TARGET"], "rsync://srv/backups/x/h1/");
+        assert!(!e.contains_key("RSYNC_RSH"));
+        let e = url_environment("file:///b", "h1").unwrap();
+        assert_eq!(e["LIFEBOAT_BACKUP_URL"], "file:///b");
+        assert!(!e.contains_key("LIFEBOAT_RSYNC_TARGET"));
+        assert!(url_environment("rsync://srv", "h").is_err());
+        assert!(url_environment("rsync://srv:x/p", "h").is_err());
+        assert!(url_environment("rsync://::m", "h").is_err());
+    }
+
+    #[test]
+    fn the_rsync_recipe_mirrors_and_restores_through_a_real_daemon() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let srv = root.join("srv");
+        std::fs::create_dir_all(&srv).unwrap();
+        let port = lifeboat_qemu::free_port();
+        std::fs::write(
+            root.join("rsyncd.conf"),
+            format!(
+                "address = 127.0.0.1\nport = {port}\nuse chroot = no\npid file = {r}/rsyncd.pid\nlog file = {r}/rsyncd.log\n\
+                 [backups]\n  path = {s}\n  read only = no\n  uid = root\n  gid = root\n",
+                r = root.display(),
+                s = srv.display()
+            ),
+        )
+        .unwrap();
+        let mut daemon = Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--config"])
+            .arg(root.join("rsyncd.conf"))
+            .spawn()
+            .expect("rsync is needed (apt-get install rsync)");
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed().as_secs() < 20, "rsync daemon did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let src = root.join("src");
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::create_dir_all(src.join("skip")).unwrap();
+        std::fs::write(src.join("etc/a"), "a0").unwrap();
+        std::fs::write(src.join("gone"), "g").unwrap();
+        std::fs::write(src.join("skip/x"), "x").unwrap();
+        std::fs::hard_link(src.join("etc/a"), src.join("etc/a-link")).unwrap();
+        std::os::unix::fs::symlink("etc/a", src.join("sym")).unwrap();
+        let r = load("rsync", &Recipe::default(), root).unwrap();
+        let s = src.to_string_lossy().to_string();
+        let env_for = |target: Option<&Path>| {
+            let mut e = environment(
+                &r,
+                "h1",
+                std::slice::from_ref(&s),
+                &[format!("{s}/skip/*")],
+                None,
+                target,
+            );
+            e.extend(
+                url_environment(&format!("rsync://127.0.0.1:{port}::backups/mirror"), "h1")
+                    .unwrap(),
+            );
+            e
+        };
+        let backup_env = env_for(None);
+        let check = run("check", &r.check, &backup_env);
+        assert!(check.is_err(), "the check must fail before any backup");
+        run("backup", &r.backup, &backup_env).unwrap();
+        std::fs::remove_file(src.join("gone")).unwrap();
+        std::fs::write(src.join("etc/a"), "a1").unwrap();
+        run("backup", &r.backup, &backup_env).unwrap();
+        run("check", &r.check, &backup_env).unwrap();
+        let on_server = srv.join("mirror/h1").join(s.trim_start_matches('/'));
+        assert!(on_server.join("etc/a").is_file(), "{}", on_server.display());
+        assert!(
+            !on_server.join("gone").exists(),
+            "deleted files are deleted on the mirror"
+        );
+        let dst = root.join("dst");
+        std::fs::create_dir_all(&dst).unwrap();
+        run("restore", &r.restore, &env_for(Some(&dst))).unwrap();
+        let back = dst.join(s.trim_start_matches('/'));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::read_to_string(back.join("etc/a")).unwrap(), "a1");
+        assert_eq!(
+            std::fs::metadata(back.join("etc/a")).unwrap().ino(),
+            std::fs::metadata(back.join("etc/a-link")).unwrap().ino(),
+            "hard links kept"
+        );
+        assert_eq!(
+            std::fs::read_link(back.join("sym")).unwrap(),
+            Path::new("etc/a")
+        );
+        assert!(!back.join("skip/x").exists(), "excluded");
+        assert!(!back.join("gone").exists());
+        let _ = daemon.kill();
+        let _ = daemon.wait();
     }
 }

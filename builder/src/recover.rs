@@ -730,7 +730,11 @@ pub fn run(o: Options) -> Result<()> {
             Store::Dir(d) if !d.as_os_str().is_empty() => Some(d.as_path()),
             _ => None,
         };
-        crate::recipe::environment(rc, &o.backup.hostname, &m, &[], d, Some(&o.root))
+        let mut env = crate::recipe::environment(rc, &o.backup.hostname, &m, &[], d, Some(&o.root));
+        if let Ok(u) = crate::recipe::url_environment(&o.backup.url, &o.backup.hostname) {
+            env.extend(u);
+        }
+        env
     });
     if let (Some(rc), Some(env)) = (&o.recipe, &recipe_env) {
         r.say(&format!(

@@ -279,27 +279,77 @@ fn tools_layer(cfg: &Config, root: &Path, warnings: &mut Vec<String>) -> Result<
             t.add_host_tree(root, p)?;
         }
     }
-    for p in &r.copy_as_is {
-        if !root.join(p.trim_start_matches('/')).exists() {
-            bail!("rescue.copy_as_is: {p} does not exist (fix or remove it)");
+    for pat in &r.copy_as_is {
+        let found = expand_glob(root, pat);
+        if found.is_empty() {
+            bail!("rescue.copy_as_is: {pat} does not exist (fix or remove it)");
         }
-        t.add_host_tree(root, p)?;
-        // Programs copied as they are need their libraries too.
-        let execs: Vec<String> = t
-            .entries
-            .iter()
-            .filter(|(k, e)| {
-                matches!(e.node, Node::File { .. })
-                    && e.perm & 0o111 != 0
-                    && format!("/{k}").starts_with(p.as_str())
-            })
-            .map(|(k, _)| format!("/{k}"))
-            .collect();
-        for f in resolver.closure(&execs, &[])? {
-            t.add_host_path(root, &f)?;
+        for p in &found {
+            t.add_host_tree(root, p)?;
+            // Programs and shared objects (e.g. Python extension modules)
+            // copied as they are need their libraries too.
+            let elfs: Vec<String> = t
+                .entries
+                .iter()
+                .filter(|(k, e)| {
+                    matches!(e.node, Node::File { .. })
+                        && Path::new(&format!("/{k}")).starts_with(p)
+                        && is_elf(&root.join(k))
+                })
+                .map(|(k, _)| format!("/{k}"))
+                .collect();
+            for f in resolver.closure(&elfs, &[])? {
+                t.add_host_path(root, &f)?;
+            }
         }
     }
     Ok(t)
+}
+
+fn is_elf(p: &Path) -> bool {
+    let mut m = [0u8; 4];
+    std::fs::File::open(p)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut m))
+        .is_ok()
+        && m == *b"\x7fELF"
+}
+
+/// Absolute paths below `root` matching `pattern`, whose components may
+/// hold `*`, `?` and `[...]` (as in ReaR's COPY_AS_IS); sorted.
+pub fn expand_glob(root: &Path, pattern: &str) -> Vec<String> {
+    let mut found = vec![String::new()];
+    for comp in pattern.split('/').filter(|c| !c.is_empty()) {
+        let mut next = Vec::new();
+        for base in &found {
+            if !comp.contains(['*', '?', '[']) {
+                next.push(format!("{base}/{comp}"));
+                continue;
+            }
+            let dir = root.join(base.trim_start_matches('/'));
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if lifeboat_contract::alias_matches(comp, &n) {
+                    next.push(format!("{base}/{n}"));
+                }
+            }
+        }
+        found = next;
+    }
+    let mut v: Vec<String> = found
+        .into_iter()
+        .filter(|p| {
+            !p.is_empty()
+                && root
+                    .join(p.trim_start_matches('/'))
+                    .symlink_metadata()
+                    .is_ok()
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -1074,4 +1124,44 @@ fn swap_into_place(src: &Path, dst: &Path) -> Result<()> {
     std::fs::remove_dir_all(src)
         .with_context(|| format!("cannot remove the previous image at {}", src.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_as_is_globs_expand_per_component() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for p in [
+            "usr/lib/python3.11/os.py",
+            "usr/lib/python3.9/os.py",
+            "usr/lib/python3/dist-packages/borg/x.py",
+            "usr/lib/python3/dist-packages/borgbackup-1.2.4.egg-info/PKG-INFO",
+            "usr/lib/python3/dist-packages/msgpack-1.0.egg-info/x",
+        ] {
+            std::fs::create_dir_all(r.join(p).parent().unwrap()).unwrap();
+            std::fs::write(r.join(p), "").unwrap();
+        }
+        assert_eq!(
+            expand_glob(r, "/usr/lib/python3.[0-9]*"),
+            ["/usr/lib/python3.11", "/usr/lib/python3.9"]
+        );
+        assert_eq!(
+            expand_glob(r, "/usr/lib/python3/dist-packages/borg*"),
+            [
+                "/usr/lib/python3/dist-packages/borg",
+                "/usr/lib/python3/dist-packages/borgbackup-1.2.4.egg-info"
+            ]
+        );
+        assert_eq!(
+            expand_glob(r, "/usr/lib/python3/dist-packages/borg/x.py"),
+            ["/usr/lib/python3/dist-packages/borg/x.py"]
+        );
+        assert!(expand_glob(r, "/usr/lib/perl*").is_empty());
+        assert!(expand_glob(r, "/usr/lib/python3/nothing").is_empty());
+        assert!(is_elf(Path::new("/proc/self/exe")));
+        assert!(!is_elf(&r.join("usr/lib/python3.11/os.py")));
+    }
 }

@@ -18,7 +18,6 @@ pub struct Server {
     /// Its configuration and logs.
     pub dir: PathBuf,
     child: Option<Child>,
-    pidfile: Option<PathBuf>,
 }
 
 impl Drop for Server {
@@ -26,14 +25,6 @@ impl Drop for Server {
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
-        }
-        if let Some(p) = &self.pidfile {
-            if let Ok(pid) = std::fs::read_to_string(p) {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    // SAFETY: plain kill(2) of the daemon we started.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-            }
         }
     }
 }
@@ -63,6 +54,37 @@ fn wait_listening(port: u16, what: &str, log: &Path) {
     );
 }
 
+/// Start `cmd` so that it dies with this process (PR_SET_PDEATHSIG, from
+/// a thread that lives as long as the process: servers kept in statics
+/// are never dropped). Servers of an earlier, killed run with the same
+/// configuration are stopped first.
+fn spawn_tied(mut cmd: Command, conf: &Path) -> Child {
+    let _ = Command::new("pkill")
+        .arg("-f")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .status();
+    std::thread::sleep(Duration::from_millis(200));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let _ = tx.send(cmd.spawn());
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start a server ({}): {e}", conf.display()))
+}
+
 fn fresh(dir: &Path) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
@@ -86,20 +108,18 @@ pub fn nginx(dir: &Path) -> Server {
         root.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new("nginx")
-        .arg("-c")
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
         .arg(dir.join("nginx.conf"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cannot start nginx");
+        .stderr(Stdio::null());
+    let child = spawn_tied(cmd, &dir.join("nginx.conf"));
     wait_listening(port, "nginx", &dir.join("error.log"));
     Server {
         port,
         root,
         dir,
         child: Some(child),
-        pidfile: None,
     }
 }
 
@@ -123,8 +143,8 @@ pub fn ganesha(dir: &Path) -> Server {
     );
     std::fs::write(dir.join("ganesha.conf"), conf).unwrap();
     let log = dir.join("ganesha.log");
-    let child = Command::new("ganesha.nfsd")
-        .arg("-F")
+    let mut cmd = Command::new("ganesha.nfsd");
+    cmd.arg("-F")
         .arg("-L")
         .arg(&log)
         .arg("-f")
@@ -132,16 +152,14 @@ pub fn ganesha(dir: &Path) -> Server {
         .arg("-p")
         .arg(dir.join("ganesha.pid"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cannot start ganesha.nfsd");
+        .stderr(Stdio::null());
+    let child = spawn_tied(cmd, &dir.join("ganesha.conf"));
     wait_listening(port, "nfs-ganesha", &log);
     Server {
         port,
         root,
         dir,
         child: Some(child),
-        pidfile: None,
     }
 }
 
@@ -176,19 +194,18 @@ pub fn samba(dir: &Path, password: &str) -> Server {
     use std::io::Write;
     writeln!(c.stdin.take().unwrap(), "{password}\n{password}").unwrap();
     assert!(c.wait().unwrap().success(), "smbpasswd failed");
-    let st = Command::new("smbd")
-        .arg("-s")
+    let mut cmd = Command::new("smbd");
+    cmd.arg("-s")
         .arg(&conf_path)
-        .arg("-D")
-        .status()
-        .expect("cannot start smbd");
-    assert!(st.success(), "smbd failed to start");
+        .args(["--foreground", "--no-process-group"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = spawn_tied(cmd, &conf_path);
     wait_listening(port, "smbd", &dir.join("log/smbd.log"));
     Server {
         port,
         root,
-        pidfile: Some(dir.join("pid/smbd.pid")),
         dir,
-        child: None,
+        child: Some(child),
     }
 }

@@ -74,7 +74,8 @@ fn external_backup(
         .iter()
         .map(|m| m.target.clone())
         .collect();
-    let env = crate::recipe::environment(r, host, &mounts, excludes, dir, None);
+    let mut env = crate::recipe::environment(r, host, &mounts, excludes, dir, None);
+    env.extend(crate::recipe::url_environment(url.unwrap_or(""), host)?);
     println!("backup with {}: {}", r.name, r.backup);
     crate::recipe::run("backup", &r.backup, &env)?;
     let now = std::time::SystemTime::now()
@@ -100,6 +101,29 @@ fn external_backup(
         )?;
     }
     Ok(m)
+}
+
+/// The device of the filesystem the rescue image will be written to
+/// (--output-dir, or a file:// or usb:// OUTPUT_URL), when it is local.
+fn output_device(a: &mkrescue::Args, cfg: &crate::config::Config) -> Option<String> {
+    let dir = match &a.output_dir {
+        Some(d) => Some(d.clone()),
+        None => cfg
+            .output_url
+            .strip_prefix("file://")
+            .map(std::path::PathBuf::from),
+    };
+    if let Some(d) = dir {
+        std::fs::create_dir_all(&d).ok()?;
+        return crate::backup::locate(&d).ok().map(|l| l.device);
+    }
+    let (label, _) = crate::url::parse_usb(&cfg.output_url)?;
+    let out = std::process::Command::new("blkid")
+        .args(["-L", &label])
+        .output()
+        .ok()?;
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!dev.is_empty()).then_some(dev)
 }
 
 /// Leave the disk holding the backup out of the layout: it is not part of
@@ -157,8 +181,16 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         credentials: cfg.backup_credentials.clone(),
         options: cfg.backup_mount_options.clone(),
     };
+    // A backup tool may have its own kind of URL (rsync://…): it gets it as
+    // LIFEBOAT_BACKUP_URL, and nothing is mounted.
+    let own_url = |u: &str| {
+        recipe.is_some()
+            && !["file://", "usb://", "nfs://", "cifs://"]
+                .iter()
+                .any(|p| u.starts_with(p))
+    };
     let medium = match (&remote, url.as_deref()) {
-        (None, Some(u)) => Some(crate::url::local_with(u, "BACKUP_URL", &acc)?),
+        (None, Some(u)) if !own_url(u) => Some(crate::url::local_with(u, "BACKUP_URL", &acc)?),
         _ => None,
     };
     let stage = remote.as_ref().map(|_| cfg.backup_stage_dir.join(&host));
@@ -198,6 +230,27 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             );
         }
         without_disk(&mut layout, &disk);
+    }
+    // The disk the rescue image is written to is the rescue medium, not
+    // part of the system to recreate (unless it is the root disk itself).
+    if !a.no_rescue {
+        if let Some(dev) = output_device(&a.rescue, &cfg) {
+            if let Some(disk) = disk_of(&dev) {
+                let root_disk = layout
+                    .mounts
+                    .iter()
+                    .find(|m| m.target == "/")
+                    .and_then(|m| disk_of(&m.source));
+                if root_disk.as_deref() != Some(disk.as_str())
+                    && layout.disks.iter().any(|d| d.name == disk)
+                {
+                    if !g.quiet {
+                        println!("the rescue image goes to {dev}: its disk {disk} is left out of the layout");
+                    }
+                    without_disk(&mut layout, &disk);
+                }
+            }
+        }
     }
     if let Ok(t) = std::fs::read_to_string("/etc/fstab") {
         for w in crate::fstab::cross_check(&layout, &t) {

@@ -50,6 +50,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         )?;
         cfg.rescue.programs.extend(r.programs);
         cfg.rescue.copy_as_is.extend(r.copy_as_is);
+        cfg.rescue.exclude.extend(r.exclude);
     }
     if let Some(o) = a.output {
         cfg.output = o;
