@@ -15,6 +15,8 @@ PKGS=(
   qemu-system-x86 qemu-utils ovmf xorriso mtools
   # end-to-end recovery tests: a real Debian source system
   mmdebstrap debian-archive-keyring
+  # backup locations tested against real servers on 127.0.0.1
+  nginx-light nfs-ganesha nfs-ganesha-vfs samba
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -353,7 +353,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             &mut vm,
             &mut pos,
             "/backup/bin/lifeboat -c /root/lb.toml mkbackup --backup-url file:///backup/store --output-dir /backup/rescue \
-             > /backup/mkbackup.log 2>&1; s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
+             > /backup/mkbackup.log 2>&1; s=$?; grep 'backup with' /backup/mkbackup.log; tail -25 /backup/mkbackup.log; test $s = 0",
             30 * MIN,
         );
         assert!(out.contains("backup with borg"), "{out}");
@@ -881,6 +881,47 @@ fn encrypted_incremental_split_backup_needs_its_key_and_refuses_damage() {
     );
     drop(vm);
     assert_eq!(sha(&target), t0, "a damaged backup led to writes");
+    // 1b. A truncated last volume: the pre-flight stops, nothing written.
+    let cut = src.work.join("backup-cut.img");
+    std::fs::copy(&src.backup, &cut).unwrap();
+    let files = sh_ok(&format!(
+        "debugfs -R 'ls -p /store/lbsrc/{full}' {} 2>/dev/null",
+        cut.display()
+    ));
+    let last = files
+        .split('/')
+        .filter(|f| f.starts_with("root.tar"))
+        .max()
+        .expect("no root volumes")
+        .to_string();
+    assert!(
+        files
+            .split('/')
+            .filter(|f| f.starts_with("root.tar"))
+            .count()
+            > 1,
+        "split volumes expected: {files}"
+    );
+    sh_ok(&format!(
+        "debugfs -w -R 'sif /store/lbsrc/{full}/{last} size 1000' {} 2>&1",
+        cut.display()
+    ));
+    let mut vm = rescue_vm_with(
+        src,
+        &cut,
+        &[(&target, Some("LBSRC0"))],
+        "lifeboat.recover=auto",
+        "recover-e1b.log",
+    );
+    vm.wait_for("recovery failed", 10 * MIN).unwrap();
+    let c = vm.console();
+    assert!(
+        c.contains(&format!("{last} has 1000 bytes")) && c.contains("truncated"),
+        "{}",
+        &c[c.len().saturating_sub(3000)..]
+    );
+    drop(vm);
+    assert_eq!(sha(&target), t0, "a truncated backup led to writes");
     // 2. Unattended without the key: refused; 3. a wrong key: refused;
     // 4. the right key: the chain (full + incremental, split, encrypted) restores.
     let mut vm = rescue_vm(

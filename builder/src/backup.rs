@@ -27,6 +27,7 @@ pub const MANIFEST_FILE: &str = "backup.json";
 pub enum Store {
     Dir(PathBuf),
     Http(crate::http::Remote),
+    Sftp(crate::sftp::Remote),
 }
 
 impl From<&Path> for Store {
@@ -41,6 +42,56 @@ impl Store {
         match self {
             Store::Dir(d) => d.join(rel).display().to_string(),
             Store::Http(r) => r.url(rel),
+            Store::Sftp(r) => r.url(rel),
+        }
+    }
+
+    /// The remote store for an http(s):// or sftp:// URL (this host's
+    /// directory below it), `None` for other URLs.
+    pub fn remote(url: &str, acc: &crate::url::Access, host: &str) -> Result<Option<Store>> {
+        let cred = acc.credentials.as_deref();
+        if url.starts_with("http://") || url.starts_with("https://") {
+            return Ok(Some(Store::Http(
+                crate::http::Remote::new(url, cred)?.join(host),
+            )));
+        }
+        if url.starts_with("sftp://") {
+            return Ok(Some(Store::Sftp(
+                crate::sftp::Remote::new(url, cred, &acc.ssh_options)?.join(host),
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The whole of a small file; `None` when it does not exist.
+    pub fn get_bytes(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Store::Dir(d) => match std::fs::read(d.join(rel)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("cannot read {}", d.join(rel).display())),
+            },
+            Store::Http(r) => r.get_bytes(rel),
+            Store::Sftp(r) => r.get_bytes(rel),
+        }
+    }
+
+    /// Upload the local file `src` as `rel`.
+    pub fn put_file(&self, rel: &str, src: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        match self {
+            Store::Dir(d) => {
+                let dst = d.join(rel);
+                if let Some(p) = dst.parent() {
+                    std::fs::create_dir_all(p)?;
+                }
+                let n = std::fs::copy(src, &dst).with_context(|| {
+                    format!("cannot copy {} to {}", src.display(), dst.display())
+                })?;
+                progress(n);
+                Ok(())
+            }
+            Store::Http(r) => r.put_file(rel, src, progress),
+            Store::Sftp(r) => r.put_file(rel, src, progress),
         }
     }
 
@@ -52,6 +103,14 @@ impl Store {
                 Ok(None) => Err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "the server has no such file (HTTP 404)",
+                )),
+                Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+            },
+            Store::Sftp(r) => match r.get(rel) {
+                Ok(Some(b)) => Ok(b),
+                Ok(None) => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the server has no such file",
                 )),
                 Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
             },
@@ -67,6 +126,7 @@ impl Store {
                 Err(e) => Err(e).with_context(|| format!("cannot read {}", d.join(rel).display())),
             },
             Store::Http(r) => r.size(rel),
+            Store::Sftp(r) => r.size(rel),
         }
     }
 
@@ -763,7 +823,9 @@ pub fn create(
         .with_context(|| format!("cannot resolve {}", dir.display()))?;
     // An http(s) backup is made in a staging directory and uploaded: the
     // staging filesystem is not where the backup lives.
-    let remote = url.starts_with("http://") || url.starts_with("https://");
+    let remote = ["http://", "https://", "sftp://"]
+        .iter()
+        .any(|p| url.starts_with(p));
     let location = if remote { None } else { Some(locate(&dir)?) };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -895,7 +957,7 @@ pub fn create(
 /// Before an http(s) backup: fetch the manifest and snapshot files of the
 /// chain on the server into the staging directory `stage`, so the level
 /// decision and incremental snapshots work as for a local directory.
-pub fn prefetch(remote: &crate::http::Remote, stage: &Path, hostname: &str) -> Result<()> {
+pub fn prefetch(remote: &Store, stage: &Path, hostname: &str) -> Result<()> {
     std::fs::create_dir_all(stage.join("snar"))
         .with_context(|| format!("cannot create {}", stage.display()))?;
     let Some(bytes) = remote.get_bytes(MANIFEST_FILE)? else {
@@ -904,7 +966,7 @@ pub fn prefetch(remote: &crate::http::Remote, stage: &Path, hostname: &str) -> R
     let m = BackupManifest::from_json(&String::from_utf8_lossy(&bytes)).with_context(|| {
         format!(
             "{} is not a valid backup manifest",
-            remote.url(MANIFEST_FILE)
+            remote.show(MANIFEST_FILE)
         )
     })?;
     if m.hostname != hostname {
@@ -926,12 +988,7 @@ pub fn prefetch(remote: &crate::http::Remote, stage: &Path, hostname: &str) -> R
 /// After an http(s) backup: upload the newest set from `stage`, then the
 /// snapshot files, then the manifest (last: until it is there, the server
 /// keeps describing the previous chain).
-pub fn upload(
-    remote: &crate::http::Remote,
-    stage: &Path,
-    m: &BackupManifest,
-    quiet: bool,
-) -> Result<()> {
+pub fn upload(remote: &Store, stage: &Path, m: &BackupManifest, quiet: bool) -> Result<()> {
     let set = m.sets.last().context("the manifest lists no set")?;
     let mut files: Vec<String> = Vec::new();
     for e in walkdir::WalkDir::new(stage.join(&set.id)).sort_by_file_name() {
@@ -953,7 +1010,7 @@ pub fn upload(
         .map(|m| m.len())
         .sum();
     let mut prog = Progress::new(
-        &format!("uploading to {}", remote.url("")),
+        &format!("uploading to {}", remote.show("")),
         Some(total),
         quiet,
     );
@@ -1525,9 +1582,9 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let s = src.path();
         let l = dir_layout(s);
-        let remote = crate::http::Remote::new(&url, None)
+        let remote = Store::remote(&url, &Default::default(), &l.hostname)
             .unwrap()
-            .join(&l.hostname);
+            .unwrap();
         let o = Options {
             level: Level::Incremental,
             volume_size: Some(8192),
@@ -1571,7 +1628,7 @@ mod tests {
             "the snapshot files were fetched back from the server"
         );
         // What is on the server is what the manifest says.
-        let store = Store::Http(remote.clone());
+        let store = remote.clone();
         let text = store.read_to_string(MANIFEST_FILE).unwrap();
         assert_eq!(BackupManifest::from_json(&text).unwrap(), m1);
         for set in &m1.sets {
@@ -1608,5 +1665,99 @@ mod tests {
         std::fs::remove_file(&last).unwrap();
         let e = format!("{:#}", preflight_archive(&store, a).unwrap_err());
         assert!(e.contains("is missing"), "{e}");
+    }
+
+    #[test]
+    fn sftp_location_uploads_a_chain_and_restores_it_streamed() {
+        let srv = lifeboat_qemu::servers::sshd(
+            &std::env::temp_dir().join(format!("lifeboat-sshd-{}", std::process::id())),
+        );
+        let url = format!(
+            "sftp://root@127.0.0.1:{}{}/backups",
+            srv.port,
+            srv.root.display()
+        );
+        let acc = crate::url::Access {
+            credentials: Some(srv.dir.join("id_ed25519")),
+            ssh_options: vec![format!(
+                "UserKnownHostsFile={}",
+                srv.dir.join("known_hosts").display()
+            )],
+            ..Default::default()
+        };
+        let src = tempfile::tempdir().unwrap();
+        let s = src.path();
+        let l = dir_layout(s);
+        let remote = Store::remote(&url, &acc, &l.hostname).unwrap().unwrap();
+        let o = Options {
+            level: Level::Incremental,
+            volume_size: Some(100_000),
+            compression: Compression::Zstd,
+            ..Default::default()
+        };
+        // Bigger than the SFTP chunk times the requests in flight.
+        let mut noise = vec![0u8; 3 << 20];
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut noise)
+            .unwrap();
+        std::fs::write(s.join("big"), &noise).unwrap();
+        std::fs::write(s.join("a"), "a0").unwrap();
+        std::fs::write(s.join("gone"), "g").unwrap();
+        let stage_root = tempfile::tempdir().unwrap();
+        let run = || {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            let stage = stage_root.path().join("stage");
+            let _ = std::fs::remove_dir_all(&stage);
+            prefetch(&remote, &stage, &l.hostname).unwrap();
+            let m = create(&l, &url, &stage, &o, true, &mut |_| {}).unwrap();
+            upload(&remote, &stage, &m, true).unwrap();
+            m
+        };
+        let m0 = run();
+        assert_eq!(m0.location, None);
+        assert!(
+            m0.sets[0].archives[0].volumes.len() > 10,
+            "split volumes expected"
+        );
+        std::fs::write(s.join("a"), "a1").unwrap();
+        std::fs::remove_file(s.join("gone")).unwrap();
+        let m1 = run();
+        assert_eq!(
+            m1.sets.iter().map(|x| x.level.as_str()).collect::<Vec<_>>(),
+            ["full", "incremental"]
+        );
+        let on_server = srv.root.join("backups").join(&l.hostname);
+        assert!(on_server.join(MANIFEST_FILE).is_file());
+        let text = remote.read_to_string(MANIFEST_FILE).unwrap();
+        assert_eq!(BackupManifest::from_json(&text).unwrap(), m1);
+        for set in &m1.sets {
+            for a in &set.archives {
+                preflight_archive(&remote, a).unwrap();
+            }
+        }
+        let dst = tempfile::tempdir().unwrap();
+        for (k, set) in m1.sets.iter().enumerate() {
+            for a in &set.archives {
+                extract(&remote, set, a, dst.path(), k > 0, true, None).unwrap();
+            }
+        }
+        assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), noise);
+        assert_eq!(std::fs::read_to_string(dst.path().join("a")).unwrap(), "a1");
+        assert!(!dst.path().join("gone").exists());
+        // A truncated last volume, and a wrong key, are named.
+        let a = &m1.sets[0].archives[0];
+        let last = on_server.join(&a.volumes.last().unwrap().file);
+        let full = std::fs::read(&last).unwrap();
+        std::fs::write(&last, &full[..full.len() / 2]).unwrap();
+        let e = format!("{:#}", preflight_archive(&remote, a).unwrap_err());
+        assert!(e.contains("truncated") && e.contains("sftp://"), "{e}");
+        let wrong = crate::url::Access {
+            credentials: Some(srv.dir.join("host_key")),
+            ..acc.clone()
+        };
+        let bad = Store::remote(&url, &wrong, &l.hostname).unwrap().unwrap();
+        let e = format!("{:#}", bad.size(MANIFEST_FILE).unwrap_err());
+        assert!(e.contains("cannot start an SFTP session"), "{e}");
     }
 }

@@ -65,6 +65,9 @@ pub struct Config {
     /// `nolock`, `vers=3.0`); ReaR's BACKUP_OPTIONS.
     #[serde(alias = "BACKUP_OPTIONS")]
     pub backup_mount_options: Option<String>,
+    /// Extra `ssh -o` options for `sftp://` (e.g.
+    /// `"UserKnownHostsFile=/etc/lifeboat/known_hosts"`, `"ProxyJump=bastion"`).
+    pub backup_ssh_options: Vec<String>,
     /// Where an `http(s)://` backup is staged before it is uploaded (one
     /// set must fit; left out of the backup; emptied afterwards).
     pub backup_stage_dir: PathBuf,
@@ -244,6 +247,7 @@ impl Default for Config {
             backup_credentials: None,
             backup_credentials_in_image: false,
             backup_mount_options: None,
+            backup_ssh_options: vec![],
             backup_stage_dir: PathBuf::from("/var/tmp/lifeboat-upload"),
             recover: Recover::default(),
             external: Default::default(),

@@ -23,6 +23,7 @@ pub mod programs;
 pub mod recipe;
 pub mod recover;
 pub mod rescue;
+pub mod sftp;
 pub mod tree;
 pub mod url;
 

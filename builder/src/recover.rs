@@ -54,10 +54,9 @@ pub struct Options {
     pub backup_key: Option<PathBuf>,
     /// The backup tool's recipe, when BACKUP is not the internal tar method.
     pub recipe: Option<crate::recipe::Recipe>,
-    /// Credentials file for a cifs:// or http(s):// backup location.
-    pub credentials: Option<PathBuf>,
-    /// Extra mount options for nfs:// and cifs:// (backup_mount_options).
-    pub mount_options: Option<String>,
+    /// How to reach a network location: credentials (cifs/http user and
+    /// password, sftp key), mount and ssh options.
+    pub access: crate::url::Access,
 }
 
 /// Runs commands (or only prints them under --dry-run) and logs all of it.
@@ -406,15 +405,11 @@ pub struct Found {
 
 /// Find the backup: mount (read-only) the filesystem or network share
 /// holding it, or reach its HTTP server.
-pub fn find_backup(
-    m: &BackupManifest,
-    credentials: Option<&Path>,
-    options: Option<&str>,
-) -> Result<Found> {
+pub fn find_backup(m: &BackupManifest, acc: &crate::url::Access) -> Result<Found> {
     let scheme = m.url.split_once("://").map(|x| x.0).unwrap_or("");
     match scheme {
-        "http" | "https" => {
-            let remote = crate::http::Remote::new(&m.url, credentials)?.join(&m.hostname);
+        "http" | "https" | "sftp" => {
+            let remote = Store::remote(&m.url, acc, &m.hostname)?.context("not a remote URL")?;
             let size = remote.size(crate::backup::MANIFEST_FILE).with_context(|| {
                 format!(
                     "the backup server of {} cannot be reached. Nothing was written.",
@@ -426,11 +421,11 @@ pub fn find_backup(
                     "{} has no backup of {} ({} is missing). Nothing was written.",
                     m.url,
                     m.hostname,
-                    remote.url(crate::backup::MANIFEST_FILE)
+                    remote.show(crate::backup::MANIFEST_FILE)
                 );
             }
             return Ok(Found {
-                store: Store::Http(remote),
+                store: remote,
                 disk: None,
                 _share: None,
             });
@@ -438,8 +433,7 @@ pub fn find_backup(
         "nfs" | "cifs" => {
             let acc = crate::url::Access {
                 read_only: true,
-                credentials: credentials.map(Path::to_path_buf),
-                options: options.map(str::to_string),
+                ..acc.clone()
             };
             let share = crate::url::local_with(&m.url, "BACKUP_URL", &acc)
                 .context("the backup cannot be reached. Nothing was written.")?;
@@ -597,7 +591,7 @@ pub fn run(o: Options) -> Result<()> {
     }
 
     // ---- Pre-flight: nothing below writes a disk.
-    let on_network = ["nfs://", "cifs://", "http://", "https://"]
+    let on_network = ["nfs://", "cifs://", "http://", "https://", "sftp://"]
         .iter()
         .any(|p| o.backup.url.starts_with(p));
     let found = if o.backup.dir.is_empty() && o.backup.location.is_none() && !on_network {
@@ -607,11 +601,7 @@ pub fn run(o: Options) -> Result<()> {
             _share: None,
         }
     } else {
-        find_backup(
-            &o.backup,
-            o.credentials.as_deref(),
-            o.mount_options.as_deref(),
-        )?
+        find_backup(&o.backup, &o.access)?
     };
     let backup_disk = found.disk.clone();
     let dir = &found.store;

@@ -833,8 +833,16 @@ fn plan_layer(
                 c.display()
             )
         })?;
-        crate::url::Credentials::parse(&String::from_utf8_lossy(&text))
-            .with_context(|| format!("backup_credentials {}", c.display()))?;
+        // An ssh key for sftp://, else user and password lines.
+        if !cfg
+            .backup_url
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("sftp://")
+        {
+            crate::url::Credentials::parse(&String::from_utf8_lossy(&text))
+                .with_context(|| format!("backup_credentials {}", c.display()))?;
+        }
         let rel = c.to_string_lossy().trim_start_matches('/').to_string();
         t.add_bytes(&rel, text, 0o600);
     } else if cfg.backup_credentials.is_some() {

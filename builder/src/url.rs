@@ -128,6 +128,8 @@ pub struct Access {
     pub credentials: Option<PathBuf>,
     /// Extra mount options (comma separated), e.g. `vers=3` or `nolock`.
     pub options: Option<String>,
+    /// Extra `ssh -o` options for sftp:// (e.g. `UserKnownHostsFile=...`).
+    pub ssh_options: Vec<String>,
 }
 
 /// A parsed `scheme://[user@]host[:port]/path` URL.

@@ -209,3 +209,56 @@ pub fn samba(dir: &Path, password: &str) -> Server {
         child: Some(child),
     }
 }
+
+/// OpenSSH's sshd with its internal SFTP server; root logs in with the key
+/// `dir/id_ed25519` (made here). `dir/known_hosts` holds the host key, for
+/// `ssh -o UserKnownHostsFile=...`.
+pub fn sshd(dir: &Path) -> Server {
+    need("sshd", "openssh-server");
+    let dir = fresh(dir);
+    let root = dir.join("files");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let keygen = |path: &Path| {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path)
+            .status()
+            .expect("cannot run ssh-keygen");
+        assert!(st.success(), "ssh-keygen failed");
+    };
+    keygen(&dir.join("host_key"));
+    keygen(&dir.join("id_ed25519"));
+    std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys")).unwrap();
+    let port = crate::free_port();
+    let host_pub = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
+    std::fs::write(
+        dir.join("known_hosts"),
+        format!("[127.0.0.1]:{port} {host_pub}[10.0.2.2]:{port} {host_pub}"),
+    )
+    .unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+         AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\n"
+    );
+    let conf_path = dir.join("sshd_config");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut cmd = Command::new("/usr/sbin/sshd");
+    cmd.arg("-D")
+        .arg("-f")
+        .arg(&conf_path)
+        .arg("-E")
+        .arg(dir.join("sshd.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = spawn_tied(cmd, &conf_path);
+    wait_listening(port, "sshd", &dir.join("sshd.log"));
+    Server {
+        port,
+        root,
+        dir,
+        child: Some(child),
+    }
+}

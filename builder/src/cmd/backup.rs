@@ -37,15 +37,15 @@ fn backup_store(g: &Global, dir: Option<String>) -> Result<(Store, Option<crate:
         },
     };
     let host = crate::layout::hostname().unwrap_or_default();
-    if url.starts_with("http://") || url.starts_with("https://") {
-        let r = crate::http::Remote::new(&url, cfg.backup_credentials.as_deref())?;
-        return Ok((Store::Http(r.join(&host)), None));
-    }
     let acc = crate::url::Access {
         read_only: true,
         credentials: cfg.backup_credentials.clone(),
         options: cfg.backup_mount_options.clone(),
+        ssh_options: cfg.backup_ssh_options.clone(),
     };
+    if let Some(r) = Store::remote(&url, &acc, &host)? {
+        return Ok((r, None));
+    }
     let l = crate::url::local_with(&url, "BACKUP_URL", &acc)?;
     Ok((Store::Dir(l.path.join(host)), Some(l)))
 }

@@ -164,23 +164,18 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         bail!("BACKUP_URL is not set: add `BACKUP_URL = \"file:///path/to/backups\"` to /etc/lifeboat/lifeboat.toml or give --backup-url");
     }
     let host = crate::layout::hostname().unwrap_or_else(|| "localhost".into());
-    // http(s): the set is made in a staging directory, then uploaded.
-    let remote = match url.as_deref() {
-        Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
-            if recipe.is_some() {
-                bail!("BACKUP_URL = {u:?}: http(s) locations hold the internal tar method's archives; \
-                       a backup tool ({}) keeps its own repository (give it in the tool's settings)", cfg.backup);
-            }
-            Some(crate::http::Remote::new(u, cfg.backup_credentials.as_deref())?.join(&host))
-        }
-        _ => None,
-    };
-    // Keeps a usb:// medium or a network share mounted until the end.
     let acc = crate::url::Access {
         read_only: false,
         credentials: cfg.backup_credentials.clone(),
         options: cfg.backup_mount_options.clone(),
+        ssh_options: cfg.backup_ssh_options.clone(),
     };
+    // http(s), sftp: the set is made in a staging directory, then uploaded.
+    let remote = match url.as_deref() {
+        Some(u) if recipe.is_none() => crate::backup::Store::remote(u, &acc, &host)?,
+        _ => None,
+    };
+    // Keeps a usb:// medium or a network share mounted until the end.
     // A backup tool may have its own kind of URL (rsync://…): it gets it as
     // LIFEBOAT_BACKUP_URL, and nothing is mounted.
     let own_url = |u: &str| {
@@ -302,7 +297,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                 let _ = std::fs::remove_dir_all(dir);
                 up?;
                 if !g.quiet {
-                    println!("backup {} uploaded to {}", m.id, r.url(""));
+                    println!("backup {} uploaded to {}", m.id, r.show(""));
                 }
             } else if !g.quiet {
                 println!("backup {} written to {}", m.id, dir.display());

@@ -115,9 +115,13 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             .backup_key
             .or(cfg.backup_key_file.clone().filter(|p| p.is_file())),
         keep_files: keep,
-        credentials: a
-            .credentials
-            .or(cfg.backup_credentials.clone().filter(|p| p.is_file())),
-        mount_options: cfg.backup_mount_options.clone(),
+        access: crate::url::Access {
+            read_only: true,
+            credentials: a
+                .credentials
+                .or(cfg.backup_credentials.clone().filter(|p| p.is_file())),
+            options: cfg.backup_mount_options.clone(),
+            ssh_options: cfg.backup_ssh_options.clone(),
+        },
     })
 }
