@@ -24,6 +24,7 @@ pub mod recipe;
 pub mod recover;
 pub mod rescue;
 pub mod sftp;
+pub mod tape;
 pub mod tree;
 pub mod url;
 

@@ -430,6 +430,25 @@ pub fn find_backup(m: &BackupManifest, acc: &crate::url::Access) -> Result<Found
                 _share: None,
             });
         }
+        "tape" => {
+            let label = crate::tape::read_label(&m.url)
+                .context("the backup tape cannot be read. Nothing was written.")?;
+            if label.id != m.id {
+                bail!(
+                    "the tape in {} holds backup {} of {}, not {} of {}: load the right tape. Nothing was written.",
+                    m.url,
+                    label.id,
+                    label.hostname,
+                    m.id,
+                    m.hostname
+                );
+            }
+            return Ok(Found {
+                store: Store::Tape(crate::tape::Remote::new(&m.url, m)?),
+                disk: None,
+                _share: None,
+            });
+        }
         "nfs" | "cifs" => {
             let acc = crate::url::Access {
                 read_only: true,
@@ -591,9 +610,11 @@ pub fn run(o: Options) -> Result<()> {
     }
 
     // ---- Pre-flight: nothing below writes a disk.
-    let on_network = ["nfs://", "cifs://", "http://", "https://", "sftp://"]
-        .iter()
-        .any(|p| o.backup.url.starts_with(p));
+    let on_network = [
+        "nfs://", "cifs://", "http://", "https://", "sftp://", "tape://",
+    ]
+    .iter()
+    .any(|p| o.backup.url.starts_with(p));
     let found = if o.backup.dir.is_empty() && o.backup.location.is_none() && !on_network {
         Found {
             store: Store::Dir(PathBuf::new()),

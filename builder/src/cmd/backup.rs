@@ -46,6 +46,10 @@ fn backup_store(g: &Global, dir: Option<String>) -> Result<(Store, Option<crate:
     if let Some(r) = Store::remote(&url, &acc, &host)? {
         return Ok((r, None));
     }
+    if url.starts_with("tape://") {
+        let m = crate::tape::read_manifest(&url)?;
+        return Ok((Store::Tape(crate::tape::Remote::new(&url, &m)?), None));
+    }
     let l = crate::url::local_with(&url, "BACKUP_URL", &acc)?;
     Ok((Store::Dir(l.path.join(host)), Some(l)))
 }

@@ -175,6 +175,19 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         Some(u) if recipe.is_none() => crate::backup::Store::remote(u, &acc, &host)?,
         _ => None,
     };
+    // tape: the set is made in a staging directory, then written whole.
+    let tape = url
+        .clone()
+        .filter(|u| u.starts_with("tape://") && recipe.is_none());
+    if let Some(t) = &tape {
+        crate::tape::path_of(t)?;
+        if !cfg.backup_type.eq_ignore_ascii_case("full") {
+            bail!(
+                "BACKUP_URL = {t:?}: a tape holds one full backup; set BACKUP_TYPE = \"full\" (it is {:?})",
+                cfg.backup_type
+            );
+        }
+    }
     // Keeps a usb:// medium or a network share mounted until the end.
     // A backup tool may have its own kind of URL (rsync://…): it gets it as
     // LIFEBOAT_BACKUP_URL, and nothing is mounted.
@@ -185,10 +198,18 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                 .any(|p| u.starts_with(p))
     };
     let medium = match (&remote, url.as_deref()) {
-        (None, Some(u)) if !own_url(u) => Some(crate::url::local_with(u, "BACKUP_URL", &acc)?),
+        (None, Some(u)) if !own_url(u) && tape.is_none() => {
+            Some(crate::url::local_with(u, "BACKUP_URL", &acc)?)
+        }
         _ => None,
     };
-    let stage = remote.as_ref().map(|_| cfg.backup_stage_dir.join(&host));
+    let stage = (remote.is_some() || tape.is_some()).then(|| cfg.backup_stage_dir.join(&host));
+    if let (Some(st), Some(_)) = (&stage, &tape) {
+        if st.exists() {
+            std::fs::remove_dir_all(st)
+                .with_context(|| format!("cannot empty the staging directory {}", st.display()))?;
+        }
+    }
     if let (Some(r), Some(st)) = (&remote, &stage) {
         if st.exists() {
             std::fs::remove_dir_all(st)
@@ -203,9 +224,9 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
     if let Some(d) = &dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let loc = match &remote {
-        Some(_) => None,
-        None => dir.as_deref().map(crate::backup::locate).transpose()?,
+    let loc = match (&remote, &tape) {
+        (None, None) => dir.as_deref().map(crate::backup::locate).transpose()?,
+        _ => None,
     };
     let mut layout = crate::layout::capture(&[])?;
     if let Some((loc, disk)) = loc
@@ -298,6 +319,13 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                 up?;
                 if !g.quiet {
                     println!("backup {} uploaded to {}", m.id, r.show(""));
+                }
+            } else if let Some(t) = &tape {
+                let w = crate::tape::write_set(t, dir, &m, quiet);
+                let _ = std::fs::remove_dir_all(dir);
+                w?;
+                if !g.quiet {
+                    println!("backup {} written to the tape {t}", m.id);
                 }
             } else if !g.quiet {
                 println!("backup {} written to {}", m.id, dir.display());
