@@ -67,23 +67,15 @@ impl Store {
 
     /// The whole of a small file; `None` when it does not exist.
     pub fn get_bytes(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        match self {
-            Store::Dir(d) => match std::fs::read(d.join(rel)) {
-                Ok(b) => Ok(Some(b)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e).with_context(|| format!("cannot read {}", d.join(rel).display())),
-            },
-            Store::Http(r) => r.get_bytes(rel),
-            Store::Sftp(r) => r.get_bytes(rel),
-            Store::Tape(r) => match r.get(rel)? {
-                Some(mut f) => {
-                    let mut v = Vec::new();
-                    f.read_to_end(&mut v)?;
-                    Ok(Some(v))
-                }
-                None => Ok(None),
-            },
-        }
+        let mut v = Vec::new();
+        match self.open(rel) {
+            Ok(mut f) => f
+                .read_to_end(&mut v)
+                .with_context(|| format!("cannot read {}", self.show(rel)))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.show(rel))),
+        };
+        Ok(Some(v))
     }
 
     /// Upload the local file `src` as `rel`.
@@ -1595,29 +1587,30 @@ mod tests {
         );
     }
 
-    #[test]
-    fn http_location_uploads_a_chain_and_restores_it_streamed() {
-        let srv = lifeboat_qemu::servers::nginx(
-            &std::env::temp_dir().join(format!("lifeboat-nginx-{}", std::process::id())),
-        );
-        let url = format!("http://127.0.0.1:{}/backups", srv.port);
+    fn random_bytes(n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut v)
+            .unwrap();
+        v
+    }
+
+    /// A remote location end to end: a full and an incremental set are
+    /// staged and uploaded (the second fetches the first's manifest and
+    /// snapshots back), then pre-flighted, verified and restored streamed.
+    /// Returns the store and the manifest.
+    fn remote_chain(
+        url: &str,
+        acc: &crate::url::Access,
+        o: &Options,
+        big: usize,
+    ) -> (Store, BackupManifest) {
         let src = tempfile::tempdir().unwrap();
         let s = src.path();
         let l = dir_layout(s);
-        let remote = Store::remote(&url, &Default::default(), &l.hostname)
-            .unwrap()
-            .unwrap();
-        let o = Options {
-            level: Level::Incremental,
-            volume_size: Some(8192),
-            compression: Compression::Gzip,
-            ..Default::default()
-        };
-        let mut noise = vec![0u8; 40_000];
-        std::fs::File::open("/dev/urandom")
-            .unwrap()
-            .read_exact(&mut noise)
-            .unwrap();
+        let remote = Store::remote(url, acc, &l.hostname).unwrap().unwrap();
+        let noise = random_bytes(big);
         std::fs::write(s.join("big"), &noise).unwrap();
         std::fs::write(s.join("a"), "a0").unwrap();
         std::fs::write(s.join("gone"), "g").unwrap();
@@ -1627,7 +1620,7 @@ mod tests {
             let stage = stage_root.path().join("stage");
             let _ = std::fs::remove_dir_all(&stage);
             prefetch(&remote, &stage, &l.hostname).unwrap();
-            let m = create(&l, &url, &stage, &o, true, &mut |_| {}).unwrap();
+            let m = create(&l, url, &stage, o, true, &mut |_| {}).unwrap();
             upload(&remote, &stage, &m, true).unwrap();
             m
         };
@@ -1650,27 +1643,42 @@ mod tests {
             "the snapshot files were fetched back from the server"
         );
         // What is on the server is what the manifest says.
-        let store = remote.clone();
-        let text = store.read_to_string(MANIFEST_FILE).unwrap();
+        let text = remote.read_to_string(MANIFEST_FILE).unwrap();
         assert_eq!(BackupManifest::from_json(&text).unwrap(), m1);
         for set in &m1.sets {
             for a in &set.archives {
-                preflight_archive(&store, a).unwrap();
-                assert!(verify_archive(&store, set, a, None).unwrap() > 0);
+                preflight_archive(&remote, a).unwrap();
+                assert!(verify_archive(&remote, set, a, None).unwrap() > 0);
             }
         }
         let dst = tempfile::tempdir().unwrap();
         for (k, set) in m1.sets.iter().enumerate() {
             for a in &set.archives {
-                extract(&store, set, a, dst.path(), k > 0, true, None).unwrap();
+                extract(&remote, set, a, dst.path(), k > 0, true, None).unwrap();
             }
         }
         assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), noise);
         assert_eq!(std::fs::read_to_string(dst.path().join("a")).unwrap(), "a1");
         assert!(!dst.path().join("gone").exists());
+        (remote, m1)
+    }
+
+    #[test]
+    fn http_location_uploads_a_chain_and_restores_it_streamed() {
+        let srv = lifeboat_qemu::servers::nginx(
+            &std::env::temp_dir().join(format!("lifeboat-nginx-{}", std::process::id())),
+        );
+        let url = format!("http://127.0.0.1:{}/backups", srv.port);
+        let o = Options {
+            level: Level::Incremental,
+            volume_size: Some(8192),
+            compression: Compression::Gzip,
+            ..Default::default()
+        };
+        let (store, m1) = remote_chain(&url, &Default::default(), &o, 40_000);
         // Damage on the server is found by the pre-flight.
         let a = &m1.sets[0].archives[0];
-        let on_disk = |v: &BackupVolume| srv.root.join("backups").join(&l.hostname).join(&v.file);
+        let on_disk = |v: &BackupVolume| srv.root.join("backups").join(&m1.hostname).join(&v.file);
         let first = on_disk(&a.volumes[0]);
         let mut b = std::fs::read(&first).unwrap();
         b[100] ^= 0x20;
@@ -1707,10 +1715,6 @@ mod tests {
             )],
             ..Default::default()
         };
-        let src = tempfile::tempdir().unwrap();
-        let s = src.path();
-        let l = dir_layout(s);
-        let remote = Store::remote(&url, &acc, &l.hostname).unwrap().unwrap();
         let o = Options {
             level: Level::Incremental,
             volume_size: Some(100_000),
@@ -1718,57 +1722,11 @@ mod tests {
             ..Default::default()
         };
         // Bigger than the SFTP chunk times the requests in flight.
-        let mut noise = vec![0u8; 3 << 20];
-        std::fs::File::open("/dev/urandom")
-            .unwrap()
-            .read_exact(&mut noise)
-            .unwrap();
-        std::fs::write(s.join("big"), &noise).unwrap();
-        std::fs::write(s.join("a"), "a0").unwrap();
-        std::fs::write(s.join("gone"), "g").unwrap();
-        let stage_root = tempfile::tempdir().unwrap();
-        let run = || {
-            std::thread::sleep(std::time::Duration::from_millis(1100));
-            let stage = stage_root.path().join("stage");
-            let _ = std::fs::remove_dir_all(&stage);
-            prefetch(&remote, &stage, &l.hostname).unwrap();
-            let m = create(&l, &url, &stage, &o, true, &mut |_| {}).unwrap();
-            upload(&remote, &stage, &m, true).unwrap();
-            m
-        };
-        let m0 = run();
-        assert_eq!(m0.location, None);
-        assert!(
-            m0.sets[0].archives[0].volumes.len() > 10,
-            "split volumes expected"
-        );
-        std::fs::write(s.join("a"), "a1").unwrap();
-        std::fs::remove_file(s.join("gone")).unwrap();
-        let m1 = run();
-        assert_eq!(
-            m1.sets.iter().map(|x| x.level.as_str()).collect::<Vec<_>>(),
-            ["full", "incremental"]
-        );
-        let on_server = srv.root.join("backups").join(&l.hostname);
-        assert!(on_server.join(MANIFEST_FILE).is_file());
-        let text = remote.read_to_string(MANIFEST_FILE).unwrap();
-        assert_eq!(BackupManifest::from_json(&text).unwrap(), m1);
-        for set in &m1.sets {
-            for a in &set.archives {
-                preflight_archive(&remote, a).unwrap();
-            }
-        }
-        let dst = tempfile::tempdir().unwrap();
-        for (k, set) in m1.sets.iter().enumerate() {
-            for a in &set.archives {
-                extract(&remote, set, a, dst.path(), k > 0, true, None).unwrap();
-            }
-        }
-        assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), noise);
-        assert_eq!(std::fs::read_to_string(dst.path().join("a")).unwrap(), "a1");
-        assert!(!dst.path().join("gone").exists());
+        let (remote, m1) = remote_chain(&url, &acc, &o, 3 << 20);
+        assert!(m1.sets[0].archives[0].volumes.len() > 10);
         // A truncated last volume, and a wrong key, are named.
         let a = &m1.sets[0].archives[0];
+        let on_server = srv.root.join("backups").join(&m1.hostname);
         let last = on_server.join(&a.volumes.last().unwrap().file);
         let full = std::fs::read(&last).unwrap();
         std::fs::write(&last, &full[..full.len() / 2]).unwrap();
@@ -1778,7 +1736,7 @@ mod tests {
             credentials: Some(srv.dir.join("host_key")),
             ..acc.clone()
         };
-        let bad = Store::remote(&url, &wrong, &l.hostname).unwrap().unwrap();
+        let bad = Store::remote(&url, &wrong, &m1.hostname).unwrap().unwrap();
         let e = format!("{:#}", bad.size(MANIFEST_FILE).unwrap_err());
         assert!(e.contains("cannot start an SFTP session"), "{e}");
     }
@@ -1787,11 +1745,7 @@ mod tests {
     fn tape_holds_label_volumes_and_manifest_and_restores() {
         let src = tempfile::tempdir().unwrap();
         let s = src.path();
-        let mut noise = vec![0u8; 700_000];
-        std::fs::File::open("/dev/urandom")
-            .unwrap()
-            .read_exact(&mut noise)
-            .unwrap();
+        let noise = random_bytes(700_000);
         std::fs::write(s.join("big"), &noise).unwrap();
         std::fs::write(s.join("a"), "a0").unwrap();
         let l = dir_layout(s);

@@ -50,6 +50,17 @@ fn basic_auth(c: &crate::url::Credentials) -> String {
     out
 }
 
+/// What to do about an HTTP error status.
+fn status_hint(code: u16) -> &'static str {
+    match code {
+        401 | 403 => " (check backup_credentials and the server's access rules)",
+        405 | 501 => " (the server does not accept this method: enable PUT and MKCOL, e.g. nginx `dav_methods PUT MKCOL;`)",
+        409 => " (the parent collection is missing: enable MKCOL or nginx `create_full_put_path on;`)",
+        413 => " (raise the server's upload limit, e.g. nginx `client_max_body_size 0;`, or set backup_volume_size)",
+        _ => "",
+    }
+}
+
 impl Remote {
     /// `url` is `http://…` or `https://…`; `credentials` a mount.cifs
     /// style file for Basic auth.
@@ -117,12 +128,7 @@ impl Remote {
                 Ok(r) => return Ok(Some(r)),
                 Err(ureq::Error::Status(404, _)) => return Ok(None),
                 Err(ureq::Error::Status(code, r)) => {
-                    let hint = match code {
-                        401 | 403 => " (check backup_credentials and the server's access rules)",
-                        405 | 501 => " (the server does not accept this method: uploads need WebDAV or PUT enabled)",
-                        413 => " (the server limits upload sizes: raise it, e.g. nginx client_max_body_size 0, or set backup_volume_size)",
-                        _ => "",
-                    };
+                    let hint = status_hint(code);
                     bail!(
                         "{method} {} failed: HTTP {code} {}{hint}",
                         self.url(rel),
@@ -148,17 +154,6 @@ impl Remote {
         Ok(self
             .call("GET", rel)?
             .map(|r| Box::new(r.into_reader()) as Box<dyn Read + Send>))
-    }
-
-    /// The whole body of `rel` (small files: manifests, snapshots).
-    pub fn get_bytes(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        let Some(mut r) = self.get(rel)? else {
-            return Ok(None);
-        };
-        let mut v = Vec::new();
-        r.read_to_end(&mut v)
-            .with_context(|| format!("cannot read {}", self.url(rel)))?;
-        Ok(Some(v))
     }
 
     /// Size of `rel` from a HEAD request; `None` when it does not exist.
@@ -224,13 +219,7 @@ impl Remote {
             {
                 Ok(_) => return Ok(()),
                 Err(ureq::Error::Status(code, r)) => {
-                    let hint = match code {
-                        401 | 403 => " (check backup_credentials and the server's access rules)",
-                        405 | 501 => " (enable PUT on the server: nginx `dav_methods PUT MKCOL;`)",
-                        409 => " (the parent collection is missing: enable MKCOL or nginx `create_full_put_path on;`)",
-                        413 => " (raise the server's upload limit, e.g. nginx `client_max_body_size 0;`, or set backup_volume_size)",
-                        _ => "",
-                    };
+                    let hint = status_hint(code);
                     bail!(
                         "PUT {} failed: HTTP {code} {}{hint}",
                         self.url(rel),

@@ -372,7 +372,9 @@ mod tests {
         assert!(check.is_err(), "the check must fail before any backup");
         run("backup", &r.backup, &backup_env).unwrap();
         std::fs::remove_file(src.join("gone")).unwrap();
-        std::fs::write(src.join("etc/a"), "a1").unwrap();
+        // rsync compares size and mtime (seconds): a change within the same
+        // second needs another size to be seen.
+        std::fs::write(src.join("etc/a"), "a1 changed").unwrap();
         run("backup", &r.backup, &backup_env).unwrap();
         run("check", &r.check, &backup_env).unwrap();
         let on_server = srv.join("mirror/h1").join(s.trim_start_matches('/'));
@@ -386,7 +388,10 @@ mod tests {
         run("restore", &r.restore, &env_for(Some(&dst))).unwrap();
         let back = dst.join(s.trim_start_matches('/'));
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::read_to_string(back.join("etc/a")).unwrap(), "a1");
+        assert_eq!(
+            std::fs::read_to_string(back.join("etc/a")).unwrap(),
+            "a1 changed"
+        );
         assert_eq!(
             std::fs::metadata(back.join("etc/a")).unwrap().ino(),
             std::fs::metadata(back.join("etc/a-link")).unwrap().ino(),

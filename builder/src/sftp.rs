@@ -227,16 +227,6 @@ impl Remote {
         })))
     }
 
-    pub fn get_bytes(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        let Some(mut r) = self.get(rel)? else {
-            return Ok(None);
-        };
-        let mut v = Vec::new();
-        r.read_to_end(&mut v)
-            .with_context(|| format!("cannot read {}", self.url(rel)))?;
-        Ok(Some(v))
-    }
-
     /// Upload the local file `src` as `rel` (parent directories made).
     pub fn put_file(&self, rel: &str, src: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let cached = self.idle.lock().unwrap().take();
