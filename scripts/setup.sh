@@ -17,6 +17,8 @@ PKGS=(
   mmdebstrap debian-archive-keyring
   # backup locations tested against real servers on 127.0.0.1
   nginx-light nfs-ganesha nfs-ganesha-vfs samba
+  # backup tools whose remote repositories the recipe tests use
+  restic borgbackup
 )
 missing=()
 for p in "${PKGS[@]}"; do

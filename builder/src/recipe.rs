@@ -406,4 +406,85 @@ mod tests {
         let _ = daemon.kill();
         let _ = daemon.wait();
     }
+
+    /// The shipped restic and borg recipes with repositories on another
+    /// machine (restic over sftp, borg over ssh), against a real sshd: the
+    /// path for users who outgrow one box.
+    #[test]
+    fn restic_and_borg_recipes_with_repositories_over_ssh() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let srv = lifeboat_qemu::servers::sshd(&root.join("sshd"));
+        // ssh as root would run it, with the server's key and host key.
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let ssh = format!(
+            "/usr/bin/ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile={} -p {}",
+            srv.dir.join("id_ed25519").display(),
+            srv.dir.join("known_hosts").display(),
+            srv.port
+        );
+        std::fs::write(bin.join("ssh"), format!("#!/bin/sh\nexec {ssh} \"$@\"\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("ssh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let src = root.join("src");
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("etc/a"), "payload").unwrap();
+        let s = src.to_string_lossy().to_string();
+        let repo_dir = srv.root.display().to_string();
+        for (name, env) in [
+            (
+                "restic",
+                vec![
+                    (
+                        "RESTIC_REPOSITORY",
+                        format!("sftp:root@127.0.0.1:{repo_dir}/restic"),
+                    ),
+                    ("RESTIC_PASSWORD", "pw".to_string()),
+                ],
+            ),
+            (
+                "borg",
+                vec![
+                    ("BORG_REPO", format!("ssh://root@127.0.0.1{repo_dir}/borg")),
+                    ("BORG_PASSPHRASE", "pw".to_string()),
+                    ("BORG_RSH", ssh.clone()),
+                ],
+            ),
+        ] {
+            let r = load(name, &Recipe::default(), root).unwrap();
+            let env_for = |target: Option<&Path>| {
+                let mut e = environment(&r, "h1", std::slice::from_ref(&s), &[], None, target);
+                e.insert("PATH".into(), path.clone());
+                for (k, v) in &env {
+                    e.insert(k.to_string(), v.clone());
+                }
+                e
+            };
+            assert!(
+                run("check", &r.check, &env_for(None)).is_err(),
+                "{name}: the check must fail before any backup"
+            );
+            run("backup", &r.backup, &env_for(None)).unwrap();
+            run("check", &r.check, &env_for(None)).unwrap();
+            let dst = root.join(format!("dst-{name}"));
+            std::fs::create_dir_all(&dst).unwrap();
+            run("restore", &r.restore, &env_for(Some(&dst))).unwrap();
+            let back = dst.join(s.trim_start_matches('/')).join("etc/a");
+            assert_eq!(
+                std::fs::read_to_string(&back)
+                    .unwrap_or_else(|e| panic!("{name}: {}: {e}", back.display())),
+                "payload"
+            );
+            assert!(
+                srv.root.join(name).is_dir(),
+                "{name}: the repository is on the server"
+            );
+        }
+    }
 }
