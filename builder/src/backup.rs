@@ -54,7 +54,7 @@ impl Store {
         let cred = acc.credentials.as_deref();
         if url.starts_with("http://") || url.starts_with("https://") {
             return Ok(Some(Store::Http(
-                crate::http::Remote::new(url, cred)?.join(host),
+                crate::http::Remote::new(url, cred, acc.ca_file.as_deref())?.join(host),
             )));
         }
         if url.starts_with("sftp://") {
@@ -1695,6 +1695,32 @@ mod tests {
         std::fs::remove_file(&last).unwrap();
         let e = format!("{:#}", preflight_archive(&store, a).unwrap_err());
         assert!(e.contains("is missing"), "{e}");
+    }
+
+    #[test]
+    fn https_location_with_a_private_ca() {
+        let srv = lifeboat_qemu::servers::nginx_tls(
+            &std::env::temp_dir().join(format!("lifeboat-nginx-tls-{}", std::process::id())),
+        );
+        let url = format!("https://127.0.0.1:{}/backups", srv.port);
+        // Unknown CA: refused, and the message says what to do.
+        let plain = Store::remote(&url, &Default::default(), "h")
+            .unwrap()
+            .unwrap();
+        let e = format!("{:#}", plain.size(MANIFEST_FILE).unwrap_err());
+        assert!(e.contains("backup_ca_file"), "{e}");
+        let acc = crate::url::Access {
+            ca_file: Some(srv.dir.join("ca.pem")),
+            ..Default::default()
+        };
+        let o = Options {
+            level: Level::Incremental,
+            volume_size: Some(16384),
+            ..Default::default()
+        };
+        let (store, m1) = remote_chain(&url, &acc, &o, 50_000);
+        assert!(store.show("").starts_with("https://"));
+        assert_eq!(m1.sets.len(), 2);
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub struct Config {
     /// Extra `ssh -o` options for `sftp://` (e.g.
     /// `"UserKnownHostsFile=/etc/lifeboat/known_hosts"`, `"ProxyJump=bastion"`).
     pub backup_ssh_options: Vec<String>,
+    /// PEM file of a private CA for an `https://` backup server (trusted
+    /// besides the public web PKI roots; it goes into the rescue image,
+    /// it is not a secret).
+    pub backup_ca_file: Option<PathBuf>,
     /// Where an `http(s)://` backup is staged before it is uploaded (one
     /// set must fit; left out of the backup; emptied afterwards).
     pub backup_stage_dir: PathBuf,
@@ -248,6 +252,7 @@ impl Default for Config {
             backup_credentials_in_image: false,
             backup_mount_options: None,
             backup_ssh_options: vec![],
+            backup_ca_file: None,
             backup_stage_dir: PathBuf::from("/var/tmp/lifeboat-upload"),
             recover: Recover::default(),
             external: Default::default(),

@@ -50,6 +50,43 @@ fn basic_auth(c: &crate::url::Credentials) -> String {
     out
 }
 
+/// A TLS client configuration trusting the public roots and the CA
+/// certificates in `ca` (PEM).
+fn tls_with_ca(ca: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut n = 0;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("backup_ca_file: cannot read {}", ca.display()))?
+    {
+        let c = c.with_context(|| format!("backup_ca_file: {} is not PEM", ca.display()))?;
+        roots.add(c).with_context(|| {
+            format!(
+                "backup_ca_file: a certificate in {} is not usable",
+                ca.display()
+            )
+        })?;
+        n += 1;
+    }
+    if n == 0 {
+        bail!("backup_ca_file: {} holds no certificate", ca.display());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
+}
+
+/// A TLS failure that retrying cannot fix.
+fn is_tls_trust(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    e.contains("certificate") || e.contains("unknownissuer")
+}
+
 /// What to do about an HTTP error status.
 fn status_hint(code: u16) -> &'static str {
     match code {
@@ -63,8 +100,9 @@ fn status_hint(code: u16) -> &'static str {
 
 impl Remote {
     /// `url` is `http://…` or `https://…`; `credentials` a mount.cifs
-    /// style file for Basic auth.
-    pub fn new(url: &str, credentials: Option<&Path>) -> Result<Remote> {
+    /// style file for Basic auth; `ca_file` PEM certificates of a private
+    /// CA trusted besides the public web PKI roots.
+    pub fn new(url: &str, credentials: Option<&Path>, ca_file: Option<&Path>) -> Result<Remote> {
         crate::url::NetUrl::parse(url)?
             .filter(|n| n.scheme == "http" || n.scheme == "https")
             .with_context(|| format!("{url:?} is not an http:// or https:// URL"))?;
@@ -72,7 +110,11 @@ impl Remote {
             .map(crate::url::Credentials::from_file)
             .transpose()?
             .map(|c| basic_auth(&c));
-        let agent = ureq::AgentBuilder::new()
+        let mut builder = ureq::AgentBuilder::new();
+        if let Some(ca) = ca_file {
+            builder = builder.tls_config(tls_with_ca(ca)?);
+        }
+        let agent = builder
             .timeout_connect(Duration::from_secs(15))
             .timeout_read(Duration::from_secs(120))
             .timeout_write(Duration::from_secs(120))
@@ -137,6 +179,12 @@ impl Remote {
                 }
                 Err(e) => {
                     last = e.to_string();
+                    if is_tls_trust(&last) {
+                        bail!(
+                            "{} failed: {last} (the server's certificate is not trusted: give its CA in backup_ca_file)",
+                            self.url(rel)
+                        );
+                    }
                     if attempt < TRIES {
                         std::thread::sleep(Duration::from_secs(attempt as u64 * 2));
                     }
@@ -228,6 +276,12 @@ impl Remote {
                 }
                 Err(e) => {
                     last = e.to_string();
+                    if is_tls_trust(&last) {
+                        bail!(
+                            "{} failed: {last} (the server's certificate is not trusted: give its CA in backup_ca_file)",
+                            self.url(rel)
+                        );
+                    }
                     if attempt < TRIES {
                         std::thread::sleep(Duration::from_secs(attempt as u64 * 2));
                     }
@@ -252,7 +306,7 @@ mod tests {
 
     #[test]
     fn urls_are_escaped_and_joined() {
-        let r = Remote::new("http://10.0.2.2:8080/backups", None).unwrap();
+        let r = Remote::new("http://10.0.2.2:8080/backups", None, None).unwrap();
         assert_eq!(
             r.url("a b/c.tar"),
             "http://10.0.2.2:8080/backups/a%20b/c.tar"
@@ -261,6 +315,6 @@ mod tests {
             r.join("host").url("x"),
             "http://10.0.2.2:8080/backups/host/x"
         );
-        assert!(Remote::new("nfs://x/y", None).is_err());
+        assert!(Remote::new("nfs://x/y", None, None).is_err());
     }
 }

@@ -825,6 +825,12 @@ fn plan_layer(
         t.add_dir("root/.ssh", 0o700);
         t.add_bytes("root/.ssh/authorized_keys", keys.into_bytes(), 0o600);
     }
+    // A private CA of an https:// backup server (public, not a secret).
+    if let Some(ca) = &cfg.backup_ca_file {
+        let text = std::fs::read(ca)
+            .with_context(|| format!("backup_ca_file: cannot read {}", ca.display()))?;
+        t.add_bytes(ca.to_string_lossy().trim_start_matches('/'), text, 0o644);
+    }
     // Credentials of the backup location: only when configured so.
     if let (true, Some(c)) = (cfg.backup_credentials_in_image, &cfg.backup_credentials) {
         let text = std::fs::read(c).with_context(|| {

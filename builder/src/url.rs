@@ -130,6 +130,8 @@ pub struct Access {
     pub options: Option<String>,
     /// Extra `ssh -o` options for sftp:// (e.g. `UserKnownHostsFile=...`).
     pub ssh_options: Vec<String>,
+    /// PEM CA certificates trusted for https:// besides the public roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A parsed `scheme://[user@]host[:port]/path` URL.

@@ -93,8 +93,38 @@ fn fresh(dir: &Path) -> PathBuf {
 
 /// nginx serving `dir/www` with PUT, DELETE and MKCOL (WebDAV) enabled.
 pub fn nginx(dir: &Path) -> Server {
+    nginx_with(dir, false)
+}
+
+/// [`nginx`] over TLS, with a certificate for 127.0.0.1 and 10.0.2.2
+/// signed by a private CA made here: `dir/ca.pem`.
+pub fn nginx_tls(dir: &Path) -> Server {
+    nginx_with(dir, true)
+}
+
+fn nginx_with(dir: &Path, tls: bool) -> Server {
     need("nginx", "nginx-light");
     let dir = fresh(dir);
+    let mut listen_extra = String::new();
+    if tls {
+        need("openssl", "openssl");
+        let sh = format!(
+            "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
+             -out ca.pem -days 2 -subj /CN=lifeboat-test-ca 2>/dev/null && \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout srv.key -out srv.csr \
+             -subj /CN=127.0.0.1 2>/dev/null && \
+             printf 'subjectAltName=IP:127.0.0.1,IP:10.0.2.2\\nbasicConstraints=CA:FALSE\\n' > ext && \
+             openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 \
+             -extfile ext 2>/dev/null",
+            d = dir.display()
+        );
+        let st = Command::new("sh").args(["-c", &sh]).status().unwrap();
+        assert!(st.success(), "openssl could not make the test certificates");
+        listen_extra = format!(
+            " ssl;\n    ssl_certificate {d}/srv.pem;\n    ssl_certificate_key {d}/srv.key",
+            d = dir.display()
+        );
+    }
     let root = dir.join("www");
     std::fs::create_dir_all(&root).unwrap();
     let port = crate::free_port();
@@ -103,7 +133,7 @@ pub fn nginx(dir: &Path) -> Server {
         "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
          http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         server {{\n    listen 127.0.0.1:{port};\n    root {};\n    client_max_body_size 0;\n\
+         server {{\n    listen 127.0.0.1:{port}{listen_extra};\n    root {};\n    client_max_body_size 0;\n\
          dav_methods PUT DELETE MKCOL;\n    dav_access user:rw group:r all:r;\n    create_full_put_path on;\n  }}\n}}\n",
         root.display()
     );

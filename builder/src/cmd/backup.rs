@@ -42,6 +42,7 @@ fn backup_store(g: &Global, dir: Option<String>) -> Result<(Store, Option<crate:
         credentials: cfg.backup_credentials.clone(),
         options: cfg.backup_mount_options.clone(),
         ssh_options: cfg.backup_ssh_options.clone(),
+        ca_file: cfg.backup_ca_file.clone(),
     };
     if let Some(r) = Store::remote(&url, &acc, &host)? {
         return Ok((r, None));

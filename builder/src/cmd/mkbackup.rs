@@ -169,6 +169,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         credentials: cfg.backup_credentials.clone(),
         options: cfg.backup_mount_options.clone(),
         ssh_options: cfg.backup_ssh_options.clone(),
+        ca_file: cfg.backup_ca_file.clone(),
     };
     // http(s), sftp: the set is made in a staging directory, then uploaded.
     let remote = match url.as_deref() {

@@ -122,6 +122,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                 .or(cfg.backup_credentials.clone().filter(|p| p.is_file())),
             options: cfg.backup_mount_options.clone(),
             ssh_options: cfg.backup_ssh_options.clone(),
+            ca_file: cfg.backup_ca_file.clone(),
         },
     })
 }
