@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Kind of rescue medium `mkrescue` writes. Supported now: `initrd`
-    /// (kernel + layers + concatenated initrd.img in a directory).
+    /// Kind of rescue medium `mkrescue` writes: `initrd` (kernel + layers +
+    /// concatenated initrd.img in a directory) or `ISO` (the same, plus a
+    /// BIOS+UEFI isohybrid `lifeboat-<hostname>.iso`).
     #[serde(alias = "OUTPUT")]
     pub output: String,
     /// Where `mkrescue` writes its output. Supported now: `file:///path`.
@@ -75,6 +76,20 @@ pub struct Config {
     /// Where an `http(s)://` backup is staged before it is uploaded (one
     /// set must fit; left out of the backup; emptied afterwards).
     pub backup_stage_dir: PathBuf,
+    /// Volume label of the ISO (OUTPUT = "ISO").
+    #[serde(alias = "ISO_VOLID")]
+    pub iso_volid: String,
+    /// Boot menu default: `automatic` (recover unattended), `manual`
+    /// (recover interactively) or `shell`.
+    #[serde(alias = "ISO_DEFAULT")]
+    pub iso_default: String,
+    /// Seconds the boot menu waits before the default entry; -1: forever.
+    pub boot_timeout: i32,
+    /// `vga` or `serial`: the console of the default menu entry.
+    pub boot_console: String,
+    /// Extra kernel command line of every boot menu entry.
+    #[serde(alias = "KERNEL_CMDLINE")]
+    pub kernel_cmdline: String,
     /// Settings of the rescue image.
     pub rescue: Rescue,
     /// The network setup the rescue OS brings up.
@@ -253,6 +268,11 @@ impl Default for Config {
             backup_mount_options: None,
             backup_ssh_options: vec![],
             backup_ca_file: None,
+            iso_volid: "LIFEBOAT".into(),
+            iso_default: "manual".into(),
+            boot_timeout: 10,
+            boot_console: "vga".into(),
+            kernel_cmdline: String::new(),
             backup_stage_dir: PathBuf::from("/var/tmp/lifeboat-upload"),
             recover: Recover::default(),
             external: Default::default(),
@@ -301,6 +321,9 @@ const ALIASES: &[(&str, &str)] = &[
     ("BACKUP_TYPE", "backup_type"),
     ("FULLBACKUP_OUTDATED_DAYS", "backup_full_days"),
     ("BACKUP_OPTIONS", "backup_mount_options"),
+    ("ISO_VOLID", "iso_volid"),
+    ("ISO_DEFAULT", "iso_default"),
+    ("KERNEL_CMDLINE", "kernel_cmdline"),
 ];
 
 /// The merged configuration and where each value came from.

@@ -12,6 +12,7 @@ pub mod elf;
 pub mod fstab;
 pub mod http;
 pub mod image;
+pub mod iso;
 pub mod kmod;
 pub mod layers;
 pub mod layout;

@@ -55,9 +55,10 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     if let Some(o) = a.output {
         cfg.output = o;
     }
-    if !cfg.output.eq_ignore_ascii_case("initrd") {
+    let iso = cfg.output.eq_ignore_ascii_case("iso");
+    if !cfg.output.eq_ignore_ascii_case("initrd") && !iso {
         bail!(
-            "OUTPUT = {:?} is not supported by this version; supported: initrd",
+            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO",
             cfg.output
         );
     }
@@ -88,7 +89,28 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         plan_files,
     };
     let cfg_text = toml::to_string(&cfg)?;
-    let report = rescue::build(&cfg, &cfg_text, &inp)?;
+    let mut report = rescue::build(&cfg, &cfg_text, &inp)?;
+    let mut iso_path = None;
+    if iso {
+        let m = report.manifest.as_ref().unwrap();
+        let host = crate::layout::hostname().unwrap_or_else(|| "rescue".into());
+        let p = output_dir.join(format!("lifeboat-{host}.iso"));
+        let o = crate::iso::IsoOptions {
+            label: cfg.iso_volid.clone(),
+            default: cfg.iso_default.clone(),
+            console: cfg.boot_console.clone(),
+            timeout: cfg.boot_timeout,
+            cmdline: cfg.kernel_cmdline.clone(),
+        };
+        report.warnings.extend(crate::iso::write(
+            &output_dir,
+            &m.kernel,
+            &m.initrd,
+            &p,
+            &o,
+        )?);
+        iso_path = Some(p);
+    }
     for w in &report.warnings {
         if !g.quiet {
             eprintln!("lifeboat: warning: {w}");
@@ -113,6 +135,9 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
             );
         }
         println!("  {:<24} sha256 {}", m.initrd, m.initrd_sha256);
+        if let Some(p) = &iso_path {
+            println!("  ISO (BIOS + UEFI, isohybrid): {}", p.display());
+        }
         println!(
             "done in {:.2} s (collecting {:.2} s)",
             report.seconds, report.collect_seconds

@@ -1,0 +1,206 @@
+//! `OUTPUT = "ISO"`: a bootable ISO 9660 image of the rescue system, for
+//! BIOS (GRUB's i386-pc El Torito image) and UEFI (a FAT ESP image with
+//! GRUB for x86_64-efi), isohybrid so `dd` to a USB stick boots both ways.
+//! GRUB's own `grub-mkrescue` assembles it with xorriso (the proven ISO
+//! tool); the menu is ours.
+//!
+//! Menu: "Recover automatically" (`lifeboat.recover=auto`), "Recover
+//! interactively" (`ask`), "Rescue shell" (`no`), each also with the
+//! console on the first serial port; the default entry starts after
+//! `boot_timeout` seconds (`-1`: wait for a choice).
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// How the ISO is made.
+#[derive(Debug, Clone)]
+pub struct IsoOptions {
+    /// ISO volume label (ISO_VOLID), at most 32 characters.
+    pub label: String,
+    /// `automatic`, `manual` (interactive) or `shell`.
+    pub default: String,
+    /// `vga` or `serial`: which variant of the default entry.
+    pub console: String,
+    /// Seconds before the default entry starts; -1: never.
+    pub timeout: i32,
+    /// Extra kernel command line (KERNEL_CMDLINE).
+    pub cmdline: String,
+}
+
+const ENTRIES: &[(&str, &str, &str)] = &[
+    (
+        "automatic",
+        "Recover automatically",
+        "lifeboat.recover=auto",
+    ),
+    ("manual", "Recover interactively", "lifeboat.recover=ask"),
+    ("shell", "Rescue shell", "lifeboat.recover=no"),
+];
+
+/// The GRUB menu of the ISO.
+pub fn grub_cfg(o: &IsoOptions, kernel: &str, initrd: &str) -> Result<String> {
+    let Some(def) = ENTRIES.iter().position(|e| e.0 == o.default) else {
+        bail!(
+            "iso_default = {:?} is not one of automatic, manual, shell",
+            o.default
+        );
+    };
+    let serial_first = match o.console.as_str() {
+        "vga" => false,
+        "serial" => true,
+        other => bail!("boot_console = {other:?} is not one of vga, serial"),
+    };
+    let mut s = String::new();
+    s.push_str("# Lifeboat rescue ISO\n");
+    s.push_str("serial --unit=0 --speed=115200\n");
+    s.push_str("terminal_input console serial\nterminal_output console serial\n");
+    s.push_str(&format!(
+        "set default={}\n",
+        def * 2 + serial_first as usize
+    ));
+    s.push_str(&format!("set timeout={}\n", o.timeout));
+    s.push_str("insmod all_video\n");
+    let extra = if o.cmdline.trim().is_empty() {
+        String::new()
+    } else {
+        format!(" {}", o.cmdline.trim())
+    };
+    for (_, title, arg) in ENTRIES {
+        for serial in [false, true] {
+            // The last console= is /dev/console: the shell and messages go there.
+            let (t, consoles) = if serial {
+                (
+                    format!("{title} (serial console)"),
+                    "console=tty0 console=ttyS0,115200n8",
+                )
+            } else {
+                (title.to_string(), "console=ttyS0,115200n8 console=tty0")
+            };
+            s.push_str(&format!(
+                "menuentry '{t}' {{\n  linux /boot/{kernel} {arg} {consoles}{extra}\n  initrd /boot/{initrd}\n}}\n"
+            ));
+        }
+    }
+    Ok(s)
+}
+
+/// Which GRUB platforms this system can put on the ISO.
+pub fn platforms(grub_lib: &Path) -> Vec<&'static str> {
+    ["i386-pc", "x86_64-efi"]
+        .into_iter()
+        .filter(|p| grub_lib.join(p).join("modinfo.sh").is_file())
+        .collect()
+}
+
+/// Write `iso` from the kernel and initrd in `dir` (a rescue output
+/// directory). Returns the warnings.
+pub fn write(
+    dir: &Path,
+    kernel: &str,
+    initrd: &str,
+    iso: &Path,
+    o: &IsoOptions,
+) -> Result<Vec<String>> {
+    if o.label.is_empty() || o.label.len() > 32 {
+        bail!(
+            "iso_volid = {:?}: an ISO volume label has 1 to 32 characters",
+            o.label
+        );
+    }
+    let mut warnings = Vec::new();
+    for (tool, pkg) in [
+        ("grub-mkrescue", "grub-common"),
+        ("xorriso", "xorriso"),
+        ("mformat", "mtools"),
+    ] {
+        if crate::elf::find_in_path(Path::new("/"), tool).is_none() {
+            bail!("OUTPUT = \"ISO\" needs {tool} (apt-get install {pkg})");
+        }
+    }
+    let grub_lib = Path::new("/usr/lib/grub");
+    let plats = platforms(grub_lib);
+    if plats.is_empty() {
+        bail!("OUTPUT = \"ISO\" needs GRUB's platform files: /usr/lib/grub/i386-pc (grub-pc-bin) for BIOS and/or /usr/lib/grub/x86_64-efi (grub-efi-amd64-bin) for UEFI");
+    }
+    if !plats.contains(&"i386-pc") {
+        warnings.push("the ISO boots only with UEFI: /usr/lib/grub/i386-pc is missing (apt-get install grub-pc-bin)".into());
+    }
+    if !plats.contains(&"x86_64-efi") {
+        warnings.push("the ISO boots only with BIOS: /usr/lib/grub/x86_64-efi is missing (apt-get install grub-efi-amd64-bin)".into());
+    }
+    let stage = tempfile::Builder::new()
+        .prefix(".iso-stage-")
+        .tempdir_in(dir)
+        .with_context(|| format!("cannot make a staging directory in {}", dir.display()))?;
+    let boot = stage.path().join("boot");
+    std::fs::create_dir_all(boot.join("grub"))?;
+    for f in [kernel, initrd] {
+        // Hard links when possible: the staging tree is only read.
+        let (src, dst) = (dir.join(f), boot.join(f));
+        if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("cannot copy {} for the ISO", src.display()))?;
+        }
+    }
+    std::fs::write(boot.join("grub/grub.cfg"), grub_cfg(o, kernel, initrd)?)?;
+    let tmp: PathBuf = iso.with_extension("iso.part");
+    let mut c = Command::new("grub-mkrescue");
+    c.arg("-o").arg(&tmp);
+    // Without --directory grub-mkrescue puts every platform under
+    // /usr/lib/grub on the ISO (one --directory would limit it to one).
+    c.arg(stage.path())
+        .args(["--", "-volid", &o.label])
+        // Reproducible: fixed dates from SOURCE_DATE_EPOCH when set.
+        .env("LC_ALL", "C");
+    let out = c.output().context("cannot run grub-mkrescue")?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "grub-mkrescue failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::rename(&tmp, iso).with_context(|| format!("cannot write {}", iso.display()))?;
+    Ok(warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn menu_has_every_entry_twice_and_the_right_default() {
+        let o = IsoOptions {
+            label: "LIFEBOAT".into(),
+            default: "shell".into(),
+            console: "serial".into(),
+            timeout: 3,
+            cmdline: "quiet".into(),
+        };
+        let c = grub_cfg(&o, "vmlinuz-6.1", "initrd.img").unwrap();
+        assert_eq!(c.matches("menuentry").count(), 6);
+        assert!(
+            c.contains("set default=5\n") && c.contains("set timeout=3\n"),
+            "{c}"
+        );
+        assert!(c.contains(
+            "linux /boot/vmlinuz-6.1 lifeboat.recover=no console=tty0 console=ttyS0,115200n8 quiet"
+        ));
+        assert!(c.contains("linux /boot/vmlinuz-6.1 lifeboat.recover=auto console=ttyS0,115200n8 console=tty0 quiet"));
+        let bad = IsoOptions {
+            default: "boot".into(),
+            ..o.clone()
+        };
+        assert!(grub_cfg(&bad, "k", "i")
+            .unwrap_err()
+            .to_string()
+            .contains("automatic, manual, shell"));
+        let bad = IsoOptions {
+            console: "lpt".into(),
+            ..o
+        };
+        assert!(grub_cfg(&bad, "k", "i").is_err());
+    }
+}
