@@ -164,9 +164,22 @@ impl Remote {
 
     /// Run a request, retrying transport errors; `Ok(None)` for 404.
     fn call(&self, method: &str, rel: &str) -> Result<Option<ureq::Response>> {
+        self.retrying(method, rel, || {
+            self.req(method, rel).call().map_err(Box::new)
+        })
+    }
+
+    /// `send` up to [`TRIES`] times while the transport fails; an HTTP
+    /// error status or an untrusted certificate is final; `Ok(None)` for 404.
+    fn retrying(
+        &self,
+        method: &str,
+        rel: &str,
+        mut send: impl FnMut() -> std::result::Result<ureq::Response, Box<ureq::Error>>,
+    ) -> Result<Option<ureq::Response>> {
         let mut last = String::new();
         for attempt in 1..=TRIES {
-            match self.req(method, rel).call() {
+            match send().map_err(|e| *e) {
                 Ok(r) => return Ok(Some(r)),
                 Err(ureq::Error::Status(404, _)) => return Ok(None),
                 Err(ureq::Error::Status(code, r)) => {
@@ -181,7 +194,7 @@ impl Remote {
                     last = e.to_string();
                     if is_tls_trust(&last) {
                         bail!(
-                            "{} failed: {last} (the server's certificate is not trusted: give its CA in backup_ca_file)",
+                            "{method} {} failed: {last} (the server's certificate is not trusted: give its CA in backup_ca_file)",
                             self.url(rel)
                         );
                     }
@@ -255,40 +268,24 @@ impl Remote {
                 Ok(n)
             }
         }
-        let mut last = String::new();
-        for attempt in 1..=TRIES {
-            let f = std::fs::File::open(src)
-                .with_context(|| format!("cannot read {}", src.display()))?;
-            let body = Counting { f, cb: progress };
-            match self
-                .req("PUT", rel)
+        let put = self.retrying("PUT", rel, || {
+            let f = std::fs::File::open(src).map_err(|e| Box::new(ureq::Error::from(e)))?;
+            let body = Counting {
+                f,
+                cb: &mut *progress,
+            };
+            self.req("PUT", rel)
                 .set("Content-Length", &len.to_string())
                 .send(body)
-            {
-                Ok(_) => return Ok(()),
-                Err(ureq::Error::Status(code, r)) => {
-                    let hint = status_hint(code);
-                    bail!(
-                        "PUT {} failed: HTTP {code} {}{hint}",
-                        self.url(rel),
-                        r.status_text()
-                    );
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    if is_tls_trust(&last) {
-                        bail!(
-                            "{} failed: {last} (the server's certificate is not trusted: give its CA in backup_ca_file)",
-                            self.url(rel)
-                        );
-                    }
-                    if attempt < TRIES {
-                        std::thread::sleep(Duration::from_secs(attempt as u64 * 2));
-                    }
-                }
-            }
+                .map_err(Box::new)
+        })?;
+        if put.is_none() {
+            bail!(
+                "PUT {} failed: HTTP 404 (the server has no such directory: enable WebDAV MKCOL or nginx `create_full_put_path on;`)",
+                self.url(rel)
+            );
         }
-        bail!("PUT {} failed after {TRIES} tries: {last}", self.url(rel))
+        Ok(())
     }
 }
 
