@@ -206,12 +206,15 @@ fn dump_shows_values_and_their_origin() {
 fn unsupported_output_and_url_are_refused_clearly() {
     let w = tempfile::tempdir().unwrap();
     let out = w.path().join("img");
-    let err = fails(w.path(), &out, "OUTPUT = \"ISO\"\n", &[]);
-    assert!(err.contains("OUTPUT = \"ISO\" is not supported"), "{err}");
+    let err = fails(w.path(), &out, "OUTPUT = \"PXE\"\n", &[]);
+    assert!(
+        err.contains("OUTPUT = \"PXE\" is not supported") && err.contains("supported: initrd, ISO"),
+        "{err}"
+    );
     let confdir = w.path().join("c");
     std::fs::create_dir_all(&confdir).unwrap();
     let cfg = w.path().join("u.toml");
-    std::fs::write(&cfg, "OUTPUT_URL = \"nfs://server/export\"\n").unwrap();
+    std::fs::write(&cfg, "OUTPUT_URL = \"ftp://server/export\"\n").unwrap();
     let o = lifeboat(&confdir)
         .arg("-c")
         .arg(&cfg)
@@ -219,5 +222,9 @@ fn unsupported_output_and_url_are_refused_clearly() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("OUTPUT_URL = \"nfs://server/export\""));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("OUTPUT_URL = \"ftp://server/export\"") && err.contains("nfs://"),
+        "{err}"
+    );
 }
