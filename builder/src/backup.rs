@@ -101,32 +101,19 @@ impl Store {
     }
 
     pub fn open(&self, rel: &str) -> std::io::Result<Box<dyn Read + Send>> {
-        match self {
-            Store::Dir(d) => Ok(Box::new(std::fs::File::open(d.join(rel))?)),
-            Store::Http(r) => match r.get(rel) {
-                Ok(Some(b)) => Ok(b),
-                Ok(None) => Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "the server has no such file (HTTP 404)",
-                )),
-                Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
-            },
-            Store::Sftp(r) => match r.get(rel) {
-                Ok(Some(b)) => Ok(b),
-                Ok(None) => Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "the server has no such file",
-                )),
-                Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
-            },
-            Store::Tape(r) => match r.get(rel) {
-                Ok(Some(b)) => Ok(b),
-                Ok(None) => Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "not on this tape",
-                )),
-                Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
-            },
+        let got = match self {
+            Store::Dir(d) => return Ok(Box::new(std::fs::File::open(d.join(rel))?)),
+            Store::Http(r) => r.get(rel),
+            Store::Sftp(r) => r.get(rel),
+            Store::Tape(r) => r.get(rel),
+        };
+        match got {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the backup location has no such file",
+            )),
+            Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
         }
     }
 
@@ -157,16 +144,7 @@ impl Store {
             .open(rel)
             .with_context(|| format!("cannot read {}", self.show(rel)))?;
         let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f
-                .read(&mut buf)
-                .with_context(|| format!("cannot read {}", self.show(rel)))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", self.show(rel)))?;
         Ok(hex::encode(h.finalize()))
     }
 }
