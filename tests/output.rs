@@ -1,6 +1,7 @@
 //! Rescue media (OUTPUT): the ISO, checked with xorriso's own reports and
 //! booted in QEMU (TCG) as a CD and as a hard disk (isohybrid), under
-//! SeaBIOS and under OVMF, up to `lifeboat: ready`.
+//! SeaBIOS and under OVMF, up to `lifeboat: ready`; RAWDISK (raw and
+//! qcow2) and a USB stick made by `lifeboat format`, booted the same way.
 
 mod common;
 
@@ -135,4 +136,249 @@ fn iso_boots_as_a_disk_under_seabios() {
 #[test]
 fn iso_boots_as_a_disk_under_ovmf() {
     boot(false, true, "disk-uefi.log");
+}
+
+/// Boot a disk image (`raw` or `qcow2`) through its own GRUB to the
+/// rescue shell; returns the console.
+fn boot_disk(img: &Path, format: &str, uefi: bool, log: &Path) -> String {
+    let spec = BootSpec {
+        memory_mb: 1536,
+        uefi,
+        log: Some(log.to_path_buf()),
+        ..BootSpec::from_disks()
+    }
+    .with_disk(img, &format!("{format},readonly=on"), None);
+    let mut vm = Vm::boot(&spec).unwrap();
+    vm.wait_for("lifeboat: ready", BOOT).unwrap_or_else(|e| {
+        panic!(
+            "{} ({format}, {}) did not boot to the rescue system: {e}\n{}",
+            img.display(),
+            if uefi { "OVMF" } else { "SeaBIOS" },
+            vm.console()
+        )
+    });
+    vm.console()
+}
+
+const MENU: &str = "iso_default = \"shell\"\nboot_console = \"serial\"\nboot_timeout = 1\n[network]\ncapture = false\n";
+
+fn rawdisk(format: &str) -> (PathBuf, PathBuf) {
+    let work = tempfile::tempdir().unwrap().keep();
+    let out = work.join("img");
+    let o = build(
+        &work,
+        &out,
+        &format!("OUTPUT = \"RAWDISK\"\nrawdisk_format = \"{format}\"\nKERNEL_CMDLINE = \"lifeboat.test=rawdisk\"\n{MENU}"),
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("disk image (BIOS + UEFI)"), "{stdout}");
+    let img = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == format))
+        .unwrap_or_else(|| panic!("no .{format} written"));
+    (work, img)
+}
+
+#[test]
+fn rawdisk_boots_under_seabios_and_its_qcow2_under_ovmf() {
+    let (work, raw) = rawdisk("raw");
+    // sfdisk is the oracle for the partition table.
+    let (ok, out, err) = sh(&format!("sfdisk --json {}", raw.display()));
+    assert!(ok, "{err}");
+    for t in [
+        "21686148-6449-6E6F-744E-656564454649",
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+    ] {
+        assert!(out.contains(t), "partition type {t} missing: {out}");
+    }
+    let c = boot_disk(&raw, "raw", false, &work.join("raw-bios.log"));
+    assert!(
+        c.contains("lifeboat.test=rawdisk"),
+        "the disk's menu was not used"
+    );
+    let (work, q) = rawdisk("qcow2");
+    let (ok, info, err) = sh(&format!("qemu-img info --output=json {}", q.display()));
+    assert!(ok && info.contains("\"format\": \"qcow2\""), "{info}{err}");
+    boot_disk(&q, "qcow2", true, &work.join("qcow2-uefi.log"));
+}
+
+/// A loop device for `file` (whole, or from `offset` for `size` bytes).
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &Path, range: Option<(u64, u64)>) -> Loop {
+        let r = range
+            .map(|(o, s)| format!("-o {o} --sizelimit {s}"))
+            .unwrap_or_default();
+        let (ok, out, err) = sh(&format!("losetup -f --show {r} {}", file.display()));
+        assert!(ok, "losetup: {err}");
+        Loop(out.trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = sh(&format!("umount {0} 2>/dev/null; losetup -d {0}", self.0));
+    }
+}
+
+#[test]
+fn format_refuses_a_mounted_device_and_writes_the_documented_layout() {
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("etc");
+    std::fs::create_dir_all(&conf).unwrap();
+    let file = t.path().join("stick.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let dev = Loop::new(&file, None);
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let (ok, _, err) = sh(&format!(
+        "mkfs.ext4 -q {0} && mount {0} {1} && echo keep > {1}/data && umount {1} && mount -o ro {0} {1}",
+        dev.0,
+        mnt.display()
+    ));
+    assert!(ok, "{err}");
+    let before = sha256(Path::new(&dev.0));
+    let o = lifeboat(&conf)
+        .args(["format", "--yes", &dev.0])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "formatted a mounted device: {e}");
+    assert!(
+        e.contains("refusing to format")
+            && e.contains("is mounted on")
+            && e.contains(&*mnt.to_string_lossy()),
+        "{e}"
+    );
+    // Mounted read-only, so nothing but a format could change it.
+    assert_eq!(
+        sha256(Path::new(&dev.0)),
+        before,
+        "the refused device was written"
+    );
+    let (ok, _, err) = sh(&format!("umount {}", mnt.display()));
+    assert!(ok, "{err}");
+    // Not on a terminal and no --yes: refused, unchanged.
+    let o = lifeboat(&conf).args(["format", &dev.0]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--yes"), "{e}");
+    assert_eq!(sha256(Path::new(&dev.0)), before);
+    let o = run_ok(lifeboat(&conf).args(["format", "--yes", &dev.0]));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("label LIFEBOAT-000"), "{said}");
+    let (ok, j, err) = sh(&format!("sfdisk --json {}", dev.0));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    let parts = v["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(v["partitiontable"]["label"], "gpt");
+    let got: Vec<(u64, u64, String)> = parts
+        .iter()
+        .map(|p| {
+            (
+                p["start"].as_u64().unwrap(),
+                p["size"].as_u64().unwrap(),
+                p["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), 3, "{j}");
+    assert_eq!(
+        got[0],
+        (2048, 2048, "21686148-6449-6E6F-744E-656564454649".into())
+    );
+    assert_eq!(
+        got[1],
+        (4096, 131072, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B".into())
+    );
+    assert_eq!(got[2].0, 4096 + 131072);
+    assert_eq!(got[2].2, "0FC63DAF-8483-4772-8E79-3D69D8477DE4");
+    // blkid sees the data filesystem and the ESP at their offsets.
+    let (_, d, _) = sh(&format!(
+        "blkid -p -o export -O {} {}",
+        got[2].0 * 512,
+        dev.0
+    ));
+    assert!(
+        d.contains("LABEL=LIFEBOAT-000") && d.contains("TYPE=ext4"),
+        "{d}"
+    );
+    let (_, e, _) = sh(&format!("blkid -p -o export -O {} {}", 4096 * 512, dev.0));
+    assert!(e.contains("TYPE=vfat"), "{e}");
+    // A missing path is neither a device nor an image to create.
+    let o = lifeboat(&conf)
+        .args(["format", "--yes"])
+        .arg(t.path().join("nothing"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("does not exist") && e.contains("--size"),
+        "{e}"
+    );
+}
+
+#[test]
+fn usb_stick_lists_every_image_and_boots_under_seabios_and_ovmf() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let conf = work.join("etc");
+    std::fs::create_dir_all(&conf).unwrap();
+    let stick = work.join("stick.img");
+    run_ok(
+        lifeboat(&conf)
+            .args(["format", "--yes", "--size", "320M"])
+            .arg(&stick),
+    );
+    let (ok, j, err) = sh(&format!("sfdisk --json {}", stick.display()));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    let data = &v["partitiontable"]["partitions"][2];
+    let (start, size) = (
+        data["start"].as_u64().unwrap(),
+        data["size"].as_u64().unwrap(),
+    );
+    // Two images on the stick: the menu shows the newer at the top and
+    // the older in a submenu.
+    {
+        let part = Loop::new(&stick, Some((start * 512, size * 512)));
+        let mnt = work.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let (ok, _, err) = sh(&format!("mount {} {}", part.0, mnt.display()));
+        assert!(ok, "{err}");
+        let toml = format!("OUTPUT = \"USB\"\nKERNEL_CMDLINE = \"lifeboat.test=usb\"\n{MENU}");
+        for _ in 0..2 {
+            let o = build(&work, &mnt, &toml, &[]);
+            let s = String::from_utf8_lossy(&o.stdout);
+            assert!(s.contains("boot menu updated"), "{s}");
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        let cfg = std::fs::read_to_string(mnt.join("boot/grub/grub.cfg")).unwrap();
+        assert_eq!(cfg.matches("submenu").count(), 1, "{cfg}");
+        assert_eq!(cfg.matches("menuentry").count(), 12, "{cfg}");
+        // Without `lifeboat format` there is no stick to write to.
+        let bare = work.join("bare");
+        let o = lifeboat(&conf)
+            .arg("mkrescue")
+            .args(["--output", "USB", "--output-dir"])
+            .arg(&bare)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("lifeboat format"), "{e}");
+        let (ok, _, err) = sh(&format!("umount {}", mnt.display()));
+        assert!(ok, "{err}");
+    }
+    let c = boot_disk(&stick, "raw", false, &work.join("usb-bios.log"));
+    assert!(
+        c.contains("lifeboat.test=usb"),
+        "the stick's menu was not used"
+    );
+    boot_disk(&stick, "raw", true, &work.join("usb-uefi.log"));
 }

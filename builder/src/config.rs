@@ -90,6 +90,18 @@ pub struct Config {
     /// Extra kernel command line of every boot menu entry.
     #[serde(alias = "KERNEL_CMDLINE")]
     pub kernel_cmdline: String,
+    /// OUTPUT = "RAWDISK": `raw`, or `qcow2` (converted by qemu-img).
+    pub rawdisk_format: String,
+    /// OUTPUT = "PXE": MAC addresses to write pxelinux/GRUB configurations
+    /// for, besides those of the captured NICs.
+    pub pxe_macs: Vec<String>,
+    /// OUTPUT = "USB": rescue images kept per host on the stick (the
+    /// oldest beyond this are removed).
+    pub usb_retain: usize,
+    /// Workflow `lifeboat udev` runs when the Lifeboat stick is plugged in:
+    /// `mkrescue`, `mkbackup` or empty (nothing); ReaR's UDEV_WORKFLOW.
+    #[serde(alias = "UDEV_WORKFLOW")]
+    pub udev_workflow: String,
     /// Settings of the rescue image.
     pub rescue: Rescue,
     /// The network setup the rescue OS brings up.
@@ -274,6 +286,10 @@ impl Default for Config {
             boot_console: "vga".into(),
             kernel_cmdline: String::new(),
             backup_stage_dir: PathBuf::from("/var/tmp/lifeboat-upload"),
+            rawdisk_format: "raw".into(),
+            usb_retain: 3,
+            pxe_macs: vec![],
+            udev_workflow: String::new(),
             recover: Recover::default(),
             external: Default::default(),
             rescue: Rescue::default(),
@@ -324,6 +340,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("ISO_VOLID", "iso_volid"),
     ("ISO_DEFAULT", "iso_default"),
     ("KERNEL_CMDLINE", "kernel_cmdline"),
+    ("UDEV_WORKFLOW", "udev_workflow"),
 ];
 
 /// The merged configuration and where each value came from.

@@ -38,8 +38,31 @@ const ENTRIES: &[(&str, &str, &str)] = &[
     ("shell", "Rescue shell", "lifeboat.recover=no"),
 ];
 
+/// One rescue image in a boot menu: paths on the boot filesystem.
+#[derive(Debug, Clone)]
+pub struct MenuImage {
+    /// Shown after the entry names ("" for the only image of an ISO).
+    pub title: String,
+    pub kernel: String,
+    pub initrd: String,
+}
+
 /// The GRUB menu of the ISO.
 pub fn grub_cfg(o: &IsoOptions, kernel: &str, initrd: &str) -> Result<String> {
+    menu(
+        o,
+        "Lifeboat rescue ISO",
+        &[MenuImage {
+            title: String::new(),
+            kernel: format!("/boot/{kernel}"),
+            initrd: format!("/boot/{initrd}"),
+        }],
+    )
+}
+
+/// A GRUB menu: the six entries of the first image at the top (its
+/// default starts after the timeout), every other image in a submenu.
+pub fn menu(o: &IsoOptions, header: &str, images: &[MenuImage]) -> Result<String> {
     let Some(def) = ENTRIES.iter().position(|e| e.0 == o.default) else {
         bail!(
             "iso_default = {:?} is not one of automatic, manual, shell",
@@ -52,7 +75,7 @@ pub fn grub_cfg(o: &IsoOptions, kernel: &str, initrd: &str) -> Result<String> {
         other => bail!("boot_console = {other:?} is not one of vga, serial"),
     };
     let mut s = String::new();
-    s.push_str("# Lifeboat rescue ISO\n");
+    s.push_str(&format!("# {header}\n"));
     s.push_str("serial --unit=0 --speed=115200\n");
     s.push_str("terminal_input console serial\nterminal_output console serial\n");
     s.push_str(&format!(
@@ -66,20 +89,38 @@ pub fn grub_cfg(o: &IsoOptions, kernel: &str, initrd: &str) -> Result<String> {
     } else {
         format!(" {}", o.cmdline.trim())
     };
-    for (_, title, arg) in ENTRIES {
-        for serial in [false, true] {
-            // The last console= is /dev/console: the shell and messages go there.
-            let (t, consoles) = if serial {
-                (
-                    format!("{title} (serial console)"),
-                    "console=tty0 console=ttyS0,115200n8",
-                )
-            } else {
-                (title.to_string(), "console=ttyS0,115200n8 console=tty0")
-            };
-            s.push_str(&format!(
-                "menuentry '{t}' {{\n  linux /boot/{kernel} {arg} {consoles}{extra}\n  initrd /boot/{initrd}\n}}\n"
-            ));
+    let quote = |t: &str| t.replace('\'', "");
+    for (n, img) in images.iter().enumerate() {
+        let indent = if n == 0 {
+            ""
+        } else {
+            s.push_str(&format!("submenu '{}' {{\n", quote(&img.title)));
+            "  "
+        };
+        for (_, title, arg) in ENTRIES {
+            for serial in [false, true] {
+                // The last console= is /dev/console: the shell and messages go there.
+                let (mut t, consoles) = if serial {
+                    (
+                        format!("{title} (serial console)"),
+                        "console=tty0 console=ttyS0,115200n8",
+                    )
+                } else {
+                    (title.to_string(), "console=ttyS0,115200n8 console=tty0")
+                };
+                if !img.title.is_empty() {
+                    t = format!("{t} - {}", img.title);
+                }
+                s.push_str(&format!(
+                    "{indent}menuentry '{}' {{\n{indent}  linux {} {arg} {consoles}{extra}\n{indent}  initrd {}\n{indent}}}\n",
+                    quote(&t),
+                    img.kernel,
+                    img.initrd
+                ));
+            }
+        }
+        if n > 0 {
+            s.push_str("}\n");
         }
     }
     Ok(s)

@@ -4,6 +4,7 @@
 //! each CLI subcommand lives in [`cmd`] with a `run(args) -> Result<()>`.
 
 pub mod backup;
+pub mod bootdisk;
 pub mod cmd;
 pub mod compress;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod migrate;
 pub mod netcapture;
 pub mod plan;
 pub mod programs;
+pub mod pxe;
 pub mod recipe;
 pub mod recover;
 pub mod rescue;

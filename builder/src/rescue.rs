@@ -748,25 +748,7 @@ fn plan_layer(
     warnings: &mut Vec<String>,
 ) -> Result<Tree> {
     let hostname = crate::layout::hostname().unwrap_or_else(|| "rescue".into());
-    let network = match &cfg.network.file {
-        Some(f) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("network.file: cannot read {}", f.display()))?;
-            serde_json::from_str(&text).with_context(|| {
-                format!("network.file: {} is not a valid network.json", f.display())
-            })?
-        }
-        None if cfg.network.capture => {
-            match crate::netcapture::capture() {
-                Ok(n) => n,
-                Err(e) => {
-                    warnings.push(format!("cannot capture this host's network setup ({e:#}); the rescue OS will use DHCP"));
-                    Default::default()
-                }
-            }
-        }
-        None => Default::default(),
-    };
+    let network = network_config(cfg, warnings)?;
     let on_failure = match cfg.boot.on_failure.as_str() {
         "shell" => FailurePolicy::Shell,
         "reboot" => FailurePolicy::Reboot {
@@ -1138,6 +1120,33 @@ fn swap_into_place(src: &Path, dst: &Path) -> Result<()> {
     std::fs::remove_dir_all(src)
         .with_context(|| format!("cannot remove the previous image at {}", src.display()))?;
     Ok(())
+}
+
+/// The network setup the rescue OS brings up: `network.file`, else the
+/// captured one (when `network.capture`), else DHCP on every NIC.
+pub fn network_config(
+    cfg: &Config,
+    warnings: &mut Vec<String>,
+) -> Result<lifeboat_contract::NetworkConfig> {
+    Ok(match &cfg.network.file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("network.file: cannot read {}", f.display()))?;
+            serde_json::from_str(&text).with_context(|| {
+                format!("network.file: {} is not a valid network.json", f.display())
+            })?
+        }
+        None if cfg.network.capture => {
+            match crate::netcapture::capture() {
+                Ok(n) => n,
+                Err(e) => {
+                    warnings.push(format!("cannot capture this host's network setup ({e:#}); the rescue OS will use DHCP"));
+                    Default::default()
+                }
+            }
+        }
+        None => Default::default(),
+    })
 }
 
 #[cfg(test)]

@@ -2,12 +2,12 @@
 
 use crate::rescue::{self, BuildInputs};
 use crate::Global;
-use anyhow::{bail, Result};
-use std::path::PathBuf;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Output kind (overrides OUTPUT). Supported: initrd.
+    /// Output kind (overrides OUTPUT): initrd, ISO, USB, RAWDISK.
     #[arg(long)]
     pub output: Option<String>,
     /// Kernel image (default: /boot/vmlinuz-<kver>).
@@ -55,11 +55,17 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     if let Some(o) = a.output {
         cfg.output = o;
     }
-    let iso = cfg.output.eq_ignore_ascii_case("iso");
-    if !cfg.output.eq_ignore_ascii_case("initrd") && !iso {
+    let kind = cfg.output.to_ascii_uppercase();
+    if !["INITRD", "ISO", "USB", "RAWDISK", "PXE"].contains(&kind.as_str()) {
         bail!(
-            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO",
+            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO, USB, RAWDISK, PXE",
             cfg.output
+        );
+    }
+    if kind == "USB" && crate::url::parse_usb(&cfg.output_url).is_none() && a.output_dir.is_none() {
+        bail!(
+            "OUTPUT = \"USB\" needs OUTPUT_URL = \"usb://LABEL\" (the stick `lifeboat format` prepared; its label is LIFEBOAT-000 unless you chose another), not {:?}",
+            cfg.output_url
         );
     }
     if let Some(m) = a.modules {
@@ -70,15 +76,85 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     }
     // Keeps a usb:// medium mounted while the image is written.
     let mut _medium = None;
-    let output_dir = match a.output_dir {
-        Some(d) => d,
-        None => {
-            let l = crate::url::local(&cfg.output_url, "OUTPUT_URL")?;
+    let host = crate::layout::hostname().unwrap_or_else(|| "rescue".into());
+    // OUTPUT_URL is reached with BACKUP_URL's credentials and options.
+    let acc = crate::url::Access {
+        read_only: false,
+        credentials: cfg.backup_credentials.clone(),
+        options: cfg.backup_mount_options.clone(),
+        ssh_options: cfg.backup_ssh_options.clone(),
+        ca_file: cfg.backup_ca_file.clone(),
+    };
+    // http(s):// and sftp://: made in a staging directory, then uploaded
+    // (a PXE tree to the URL itself, everything else to URL/<host>/).
+    let remote = match &a.output_dir {
+        Some(_) => None,
+        None => crate::backup::Store::remote(
+            &cfg.output_url,
+            &acc,
+            if kind == "PXE" { "" } else { &host },
+        )?,
+    };
+    let mut stages = Vec::new();
+    let mut stage_dir = |what: &str| -> Result<PathBuf> {
+        let t = tempfile::Builder::new()
+            .prefix(&format!("lifeboat-{what}-"))
+            .tempdir_in(std::env::temp_dir())?;
+        let p = t.path().to_path_buf();
+        stages.push(t);
+        Ok(p)
+    };
+    let mut output_dir = match (a.output_dir, &remote) {
+        (Some(d), _) => d,
+        (None, Some(_)) => stage_dir("upload")?,
+        (None, None) => {
+            let l = crate::url::local_with(&cfg.output_url, "OUTPUT_URL", &acc)?;
             let p = l.path.clone();
             _medium = Some(l);
             p
         }
     };
+    // PXE: the tree goes to the output location, the image is built aside.
+    let mut pxe_tree = None;
+    if kind == "PXE" {
+        pxe_tree = Some(output_dir.clone());
+        output_dir = stage_dir("pxe")?;
+    }
+    // USB: the stick's root, the images directory on it, and this image's stamp.
+    let mut stick = None;
+    if kind == "USB" {
+        let images = crate::url::parse_usb(&cfg.output_url)
+            .map(|(_, d)| d)
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "lifeboat".into());
+        let root = if _medium.is_some() {
+            let depth = Path::new(&images).components().count();
+            output_dir
+                .ancestors()
+                .nth(depth)
+                .unwrap_or(&output_dir)
+                .to_path_buf()
+        } else {
+            // --output-dir: the stick's mount point itself.
+            output_dir.clone()
+        };
+        if !root.join(crate::bootdisk::MARKER).is_file() {
+            bail!(
+                "{} is not a stick prepared by `lifeboat format` (no {}); run `lifeboat format /dev/sdX` on it first",
+                root.display(),
+                crate::bootdisk::MARKER
+            );
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let stamp = crate::bootdisk::utc_stamp(now);
+        // Built off the stick; only the kernel, the initrd and the
+        // manifest go onto it.
+        output_dir = stage_dir("usb")?;
+        stick = Some((root, images, stamp));
+    }
     let inp = BuildInputs {
         kernel: a.kernel,
         kver: a.kver,
@@ -89,28 +165,108 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         plan_files,
     };
     let cfg_text = toml::to_string(&cfg)?;
+    let o = crate::iso::IsoOptions {
+        label: cfg.iso_volid.clone(),
+        default: cfg.iso_default.clone(),
+        console: cfg.boot_console.clone(),
+        timeout: cfg.boot_timeout,
+        cmdline: cfg.kernel_cmdline.clone(),
+    };
+    // Check the menu settings before the build, not after it.
+    crate::iso::grub_cfg(&o, "k", "i")?;
     let mut report = rescue::build(&cfg, &cfg_text, &inp)?;
-    let mut iso_path = None;
-    if iso {
-        let m = report.manifest.as_ref().unwrap();
-        let host = crate::layout::hostname().unwrap_or_else(|| "rescue".into());
-        let p = output_dir.join(format!("lifeboat-{host}.iso"));
-        let o = crate::iso::IsoOptions {
-            label: cfg.iso_volid.clone(),
-            default: cfg.iso_default.clone(),
-            console: cfg.boot_console.clone(),
-            timeout: cfg.boot_timeout,
-            cmdline: cfg.kernel_cmdline.clone(),
-        };
-        report.warnings.extend(crate::iso::write(
-            &output_dir,
-            &m.kernel,
-            &m.initrd,
-            &p,
-            &o,
-        )?);
-        iso_path = Some(p);
+    let mut medium_line = None;
+    let m = report.manifest.clone().unwrap();
+    match kind.as_str() {
+        "ISO" => {
+            let p = output_dir.join(format!("lifeboat-{host}.iso"));
+            report.warnings.extend(crate::iso::write(
+                &output_dir,
+                &m.kernel,
+                &m.initrd,
+                &p,
+                &o,
+            )?);
+            medium_line = Some(format!("ISO (BIOS + UEFI, isohybrid): {}", p.display()));
+        }
+        "RAWDISK" => {
+            let qcow2 = match cfg.rawdisk_format.as_str() {
+                "raw" => false,
+                "qcow2" => true,
+                other => bail!("rawdisk_format = {other:?} is not one of raw, qcow2"),
+            };
+            let p = output_dir.join(format!(
+                "lifeboat-{host}.{}",
+                if qcow2 { "qcow2" } else { "raw" }
+            ));
+            crate::bootdisk::write_rawdisk(&output_dir, &m.kernel, &m.initrd, &p, &o, qcow2)?;
+            medium_line = Some(format!("disk image (BIOS + UEFI): {}", p.display()));
+        }
+        "USB" => {
+            let (root, images, stamp) = stick.as_ref().unwrap();
+            let dest = root.join(images).join(&host).join("rescue").join(stamp);
+            let removed = crate::bootdisk::prune_stick(root, images, &host, cfg.usb_retain)?;
+            for r in removed {
+                report.warnings.push(format!(
+                    "removed the old rescue image {} (usb_retain = {})",
+                    r.display(),
+                    cfg.usb_retain
+                ));
+            }
+            let part = dest.with_file_name(format!(".{stamp}.part"));
+            let copied = crate::bootdisk::link_files(
+                &output_dir,
+                &part,
+                &[&m.kernel, &m.initrd, "manifest.json"],
+            )
+            .and_then(|_| {
+                crate::bootdisk::sync_dir(&part)?;
+                std::fs::rename(&part, &dest)
+                    .with_context(|| format!("cannot write {}", dest.display()))
+            });
+            if let Err(e) = copied {
+                // No half-written image stays on the stick.
+                let _ = std::fs::remove_dir_all(&part);
+                return Err(e.context(format!(
+                    "cannot put the rescue image on the stick {} (is it full? usb_retain = {} keeps that many per host)",
+                    root.display(),
+                    cfg.usb_retain
+                )));
+            }
+            output_dir = dest;
+            crate::bootdisk::write_stick_menu(root, images, &host, stamp, &o)?;
+            medium_line = Some(format!(
+                "USB stick {}: image {host} {stamp}, boot menu updated",
+                root.display()
+            ));
+        }
+        "PXE" => {
+            let tree = pxe_tree.as_ref().unwrap();
+            let mut macs = cfg.pxe_macs.clone();
+            if cfg.network.capture || cfg.network.file.is_some() {
+                let net = rescue::network_config(&cfg, &mut report.warnings)?;
+                macs.extend(net.interfaces.iter().filter_map(|i| i.mac.clone()));
+            }
+            let w = crate::pxe::write_tree(&output_dir, &m, tree, &host, &o, &macs)?;
+            report.warnings.extend(w.warnings);
+            medium_line = Some(format!(
+                "PXE tree (pxelinux, GRUB, iPXE): {}",
+                match &remote {
+                    Some(r) => r.show(""),
+                    None => tree.display().to_string(),
+                }
+            ));
+            output_dir = tree.clone();
+        }
+        _ => {}
     }
+    if let Some(r) = &remote {
+        upload_dir(r, &output_dir, g.quiet)?;
+    }
+    let shown = match &remote {
+        Some(r) => r.show(""),
+        None => output_dir.display().to_string(),
+    };
     for w in &report.warnings {
         if !g.quiet {
             eprintln!("lifeboat: warning: {w}");
@@ -118,11 +274,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     }
     if !g.quiet {
         let m = report.manifest.as_ref().unwrap();
-        println!(
-            "rescue image for kernel {} written to {}",
-            m.kver,
-            output_dir.display()
-        );
+        println!("rescue image for kernel {} written to {shown}", m.kver);
         for l in &m.layers {
             let how = if report.layers_from_cache.contains(&l.name) {
                 "cached"
@@ -135,13 +287,35 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
             );
         }
         println!("  {:<24} sha256 {}", m.initrd, m.initrd_sha256);
-        if let Some(p) = &iso_path {
-            println!("  ISO (BIOS + UEFI, isohybrid): {}", p.display());
+        if let Some(l) = &medium_line {
+            println!("  {l}");
         }
         println!(
             "done in {:.2} s (collecting {:.2} s)",
             report.seconds, report.collect_seconds
         );
+    }
+    Ok(())
+}
+
+/// Send every file below `dir` to `remote` (the manifest last, so a
+/// reader never sees a manifest without its files).
+fn upload_dir(remote: &crate::backup::Store, dir: &Path, quiet: bool) -> Result<()> {
+    let mut files = Vec::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e?;
+        if e.file_type().is_file() {
+            files.push(e.path().strip_prefix(dir)?.to_string_lossy().into_owned());
+        }
+    }
+    files.sort_by_key(|f| (f.ends_with("manifest.json"), f.clone()));
+    for f in &files {
+        if !quiet {
+            eprintln!("lifeboat: uploading {}", remote.show(f));
+        }
+        remote
+            .put_file(f, &dir.join(f), &mut |_| {})
+            .with_context(|| format!("cannot upload {} to OUTPUT_URL", f))?;
     }
     Ok(())
 }

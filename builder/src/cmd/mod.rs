@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 pub mod backup;
 pub mod dump;
+pub mod format;
 pub mod image;
 pub mod layout;
 pub mod mkbackup;
@@ -52,6 +53,9 @@ pub enum Command {
     /// Inspect a built image: ls, unpack, verify.
     #[command(subcommand)]
     Image(image::Command),
+    /// Prepare a USB stick (or an image file) for OUTPUT = "USB" and
+    /// usb:// backups: GPT, GRUB for BIOS and UEFI, ext4 data partition.
+    Format(format::Args),
     /// Capture the disk layout (save), show it, or check it for drift.
     #[command(subcommand)]
     Layout(layout::Command),
@@ -78,6 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Mkrescue(a) => mkrescue::run(&g, a),
         Command::Mkbackup(a) => mkbackup::run(&g, a),
+        Command::Format(a) => format::run(&g, a),
         Command::Recover(a) => recover::run(&g, a),
         Command::Backup(c) => backup::run(&g, c),
         Command::Dump(a) => dump::run(&g, a),
