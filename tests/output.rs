@@ -382,3 +382,122 @@ fn usb_stick_lists_every_image_and_boots_under_seabios_and_ovmf() {
     );
     boot_disk(&stick, "raw", true, &work.join("usb-uefi.log"));
 }
+
+/// The host name the images are built under (the tree's directory name).
+fn this_host() -> String {
+    let (_, h, _) = sh("hostname");
+    h.trim().to_string()
+}
+
+/// Network-boot the VM (no disks) with slirp's DHCP handing out `netdev`
+/// options (tftp=, bootfile=) to QEMU's built-in iPXE.
+fn boot_net(netdev: &str, log: &Path, what: &str) -> String {
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(log.to_path_buf()),
+        ..BootSpec::from_disks()
+    }
+    .with_user_net(netdev);
+    spec.extra_args
+        .extend(["-boot".to_string(), "n".to_string()]);
+    let mut vm = Vm::boot(&spec).unwrap();
+    vm.wait_for("lifeboat: ready", BOOT).unwrap_or_else(|e| {
+        panic!(
+            "{what} did not boot to the rescue system: {e}\n{}",
+            vm.console()
+        )
+    });
+    vm.console()
+}
+
+const PXE: &str = "OUTPUT = \"PXE\"\npxe_macs = [\"52:54:00:12:34:56\"]\nKERNEL_CMDLINE = \"lifeboat.test=pxe\"\n";
+
+#[test]
+fn pxe_tree_boots_with_pxelinux_over_tftp() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let tree = work.join("tftp");
+    let o = build(&work, &tree, &format!("{PXE}{MENU}"), &[]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("PXE tree"), "{said}");
+    let host = this_host();
+    let m = manifest(&tree.join("lifeboat").join(&host));
+    for f in [
+        "pxelinux.0".to_string(),
+        "ldlinux.c32".into(),
+        "pxelinux.cfg/01-52-54-00-12-34-56".into(),
+        "boot/grub/grub.cfg-01-52-54-00-12-34-56".into(),
+        format!("lifeboat/{host}/boot.ipxe"),
+        format!("lifeboat/{host}/{}", m.kernel),
+    ] {
+        assert!(tree.join(&f).is_file(), "{f} missing from the PXE tree");
+    }
+    let cfg = std::fs::read_to_string(tree.join("pxelinux.cfg/01-52-54-00-12-34-56")).unwrap();
+    let layers: Vec<String> = m
+        .layers
+        .iter()
+        .map(|l| format!("lifeboat/{host}/{}", l.file))
+        .collect();
+    assert!(
+        cfg.contains(&format!("INITRD {}\n", layers.join(","))),
+        "{cfg}"
+    );
+    let c = boot_net(
+        &format!("tftp={},bootfile=pxelinux.0", tree.display()),
+        &work.join("pxelinux.log"),
+        "pxelinux over TFTP",
+    );
+    assert!(
+        c.contains("lifeboat.test=pxe"),
+        "the pxelinux config was not used"
+    );
+    // IPAPPEND 2: the boot NIC is named on the command line.
+    assert!(c.contains("BOOTIF=01-52-54-00-12-34-56"), "no BOOTIF=");
+}
+
+#[test]
+fn pxe_tree_uploaded_to_a_web_server_boots_with_ipxe_over_http() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let srv = lifeboat_qemu::servers::nginx(&work.join("nginx"));
+    let conf = work.join("etc-lifeboat");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        work.join("test.toml"),
+        format!(
+            "{PXE}OUTPUT_URL = \"http://127.0.0.1:{}/\"\n{MENU}",
+            srv.port
+        ),
+    )
+    .unwrap();
+    let f = fixture();
+    let o = run_ok(
+        lifeboat(&conf)
+            .arg("-c")
+            .arg(work.join("test.toml"))
+            .arg("mkrescue")
+            .arg("--kernel")
+            .arg(f.kernel())
+            .args(["--kver", &f.kver, "--modules-dir"])
+            .arg(f.modules_dir()),
+    );
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains(&format!("http://127.0.0.1:{}/", srv.port)),
+        "{said}"
+    );
+    let host = this_host();
+    let script = srv.root.join("lifeboat").join(&host).join("boot.ipxe");
+    assert!(script.is_file(), "boot.ipxe was not uploaded: {said}");
+    assert!(srv.root.join("pxelinux.cfg/01-52-54-00-12-34-56").is_file());
+    let c = boot_net(
+        &format!(
+            "bootfile=http://10.0.2.2:{}/lifeboat/{host}/boot.ipxe",
+            srv.port
+        ),
+        &work.join("ipxe.log"),
+        "iPXE over HTTP",
+    );
+    assert!(
+        c.contains("lifeboat.test=pxe"),
+        "the iPXE script was not used"
+    );
+}
