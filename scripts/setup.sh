@@ -13,6 +13,9 @@ PKGS=(
   efibootmgr nano less tar util-linux udev iputils-ping
   # booting images
   qemu-system-x86 qemu-utils ovmf xorriso mtools
+  # outputs: PXE (pxelinux, QEMU's iPXE ROMs), UKI (systemd-boot's stub,
+  # objcopy, sbsign/sbverify, openssl for the test key)
+  pxelinux syslinux-common ipxe-qemu systemd-boot-efi binutils sbsigntool openssl
   # end-to-end recovery tests: a real Debian source system
   mmdebstrap debian-archive-keyring
   # backup locations tested against real servers on 127.0.0.1

@@ -501,3 +501,57 @@ fn pxe_tree_uploaded_to_a_web_server_boots_with_ipxe_over_http() {
         "the iPXE script was not used"
     );
 }
+
+#[test]
+fn signed_uki_has_its_sections_and_boots_under_ovmf() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let out = work.join("img");
+    let (ok, _, err) = sh(&format!(
+        "cd {} && openssl req -x509 -newkey rsa:2048 -nodes -keyout db.key -out db.crt -days 2 -subj /CN=lifeboat-test-db 2>&1",
+        work.display()
+    ));
+    assert!(ok, "{err}");
+    let o = build(
+        &work,
+        &out,
+        &format!(
+            "OUTPUT = \"UKI\"\nuki_sign_key = \"{0}/db.key\"\nuki_sign_cert = \"{0}/db.crt\"\n\
+             KERNEL_CMDLINE = \"lifeboat.test=uki\"\n{MENU}",
+            work.display()
+        ),
+        &[],
+    );
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("UKI (signed)"), "{said}");
+    let uki = out.join(format!("lifeboat-{}.efi", this_host()));
+    // objdump and sbverify are the oracles.
+    let (ok, h, err) = sh(&format!("objdump -h {}", uki.display()));
+    assert!(ok, "{err}");
+    for s in [".osrel", ".cmdline", ".linux", ".initrd"] {
+        assert!(h.contains(s), "section {s} missing: {h}");
+    }
+    let (ok, v, err) = sh(&format!(
+        "sbverify --cert {}/db.crt {} 2>&1",
+        work.display(),
+        uki.display()
+    ));
+    assert!(ok && v.contains("Signature verification OK"), "{v}{err}");
+    let (ok, v, _) = sh(&format!("sbverify --list {} 2>&1", uki.display()));
+    assert!(ok && v.contains("lifeboat-test-db"), "{v}");
+    // Booted as the removable-media loader of an ESP, with no boot manager.
+    let disk = work.join("esp.img");
+    let (ok, _, err) = sh(&format!(
+        "truncate -s 200M {d} && echo 'label: gpt\ntype=C12A7328-F81F-11D2-BA4B-00A0C93EC93B' | sfdisk -q {d} && \
+         mkfs.fat -F 32 --offset 2048 {d} 190000 >/dev/null && \
+         MTOOLS_SKIP_CHECK=1 mmd -i {d}@@1048576 ::/EFI ::/EFI/BOOT && \
+         MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1048576 {u} ::/EFI/BOOT/BOOTX64.EFI",
+        d = disk.display(),
+        u = uki.display()
+    ));
+    assert!(ok, "{err}");
+    let c = boot_disk(&disk, "raw", true, &work.join("uki-uefi.log"));
+    assert!(
+        c.contains("lifeboat.test=uki"),
+        "the UKI's .cmdline was not used"
+    );
+}

@@ -92,6 +92,11 @@ pub struct Config {
     pub kernel_cmdline: String,
     /// OUTPUT = "RAWDISK": `raw`, or `qcow2` (converted by qemu-img).
     pub rawdisk_format: String,
+    /// OUTPUT = "UKI": private key (PEM) to sign the UKI for Secure Boot
+    /// with sbsign; needs `uki_sign_cert`.
+    pub uki_sign_key: Option<PathBuf>,
+    /// OUTPUT = "UKI": the certificate (PEM) of `uki_sign_key`.
+    pub uki_sign_cert: Option<PathBuf>,
     /// OUTPUT = "PXE": MAC addresses to write pxelinux/GRUB configurations
     /// for, besides those of the captured NICs.
     pub pxe_macs: Vec<String>,
@@ -289,6 +294,8 @@ impl Default for Config {
             rawdisk_format: "raw".into(),
             usb_retain: 3,
             pxe_macs: vec![],
+            uki_sign_key: None,
+            uki_sign_cert: None,
             udev_workflow: String::new(),
             recover: Recover::default(),
             external: Default::default(),

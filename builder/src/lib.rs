@@ -29,6 +29,7 @@ pub mod rescue;
 pub mod sftp;
 pub mod tape;
 pub mod tree;
+pub mod uki;
 pub mod url;
 
 /// Global options shared by every subcommand.

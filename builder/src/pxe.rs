@@ -49,10 +49,10 @@ const ENTRIES: &[(&str, &str, &str)] = &[
 ];
 
 /// (label, title, kernel arguments) of one menu entry.
-type Entry = (String, String, String);
+pub type Entry = (String, String, String);
 
 /// The six entries, and the default's label.
-fn entries(o: &IsoOptions) -> Result<(Vec<Entry>, String)> {
+pub fn entries(o: &IsoOptions) -> Result<(Vec<Entry>, String)> {
     // The ISO menu checks the same settings; its errors name them.
     crate::iso::grub_cfg(o, "k", "i")?;
     let extra = if o.cmdline.trim().is_empty() {

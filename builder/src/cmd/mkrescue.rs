@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Output kind (overrides OUTPUT): initrd, ISO, USB, RAWDISK.
+    /// Output kind (overrides OUTPUT): initrd, ISO, USB, RAWDISK, PXE, UKI.
     #[arg(long)]
     pub output: Option<String>,
     /// Kernel image (default: /boot/vmlinuz-<kver>).
@@ -56,9 +56,9 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         cfg.output = o;
     }
     let kind = cfg.output.to_ascii_uppercase();
-    if !["INITRD", "ISO", "USB", "RAWDISK", "PXE"].contains(&kind.as_str()) {
+    if !["INITRD", "ISO", "USB", "RAWDISK", "PXE", "UKI"].contains(&kind.as_str()) {
         bail!(
-            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO, USB, RAWDISK, PXE",
+            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO, USB, RAWDISK, PXE, UKI",
             cfg.output
         );
     }
@@ -238,6 +238,22 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
             medium_line = Some(format!(
                 "USB stick {}: image {host} {stamp}, boot menu updated",
                 root.display()
+            ));
+        }
+        "UKI" => {
+            let sign = match (&cfg.uki_sign_key, &cfg.uki_sign_cert) {
+                (Some(k), Some(c)) => Some((k.as_path(), c.as_path())),
+                (None, None) => None,
+                _ => bail!("set both uki_sign_key and uki_sign_cert to sign the UKI (or neither)"),
+            };
+            let (es, def) = crate::pxe::entries(&o)?;
+            let args = &es.iter().find(|e| e.0 == def).unwrap().2;
+            let p = output_dir.join(format!("lifeboat-{host}.efi"));
+            crate::uki::write(&output_dir, &m.kernel, &m.initrd, args, &host, &p, sign)?;
+            medium_line = Some(format!(
+                "UKI ({}): {}",
+                if sign.is_some() { "signed" } else { "unsigned" },
+                p.display()
             ));
         }
         "PXE" => {
