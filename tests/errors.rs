@@ -206,9 +206,10 @@ fn dump_shows_values_and_their_origin() {
 fn unsupported_output_and_url_are_refused_clearly() {
     let w = tempfile::tempdir().unwrap();
     let out = w.path().join("img");
-    let err = fails(w.path(), &out, "OUTPUT = \"PXE\"\n", &[]);
+    let err = fails(w.path(), &out, "OUTPUT = \"FLOPPY\"\n", &[]);
     assert!(
-        err.contains("OUTPUT = \"PXE\" is not supported") && err.contains("supported: initrd, ISO"),
+        err.contains("OUTPUT = \"FLOPPY\" is not supported")
+            && err.contains("supported: initrd, ISO, USB, RAWDISK, PXE, UKI"),
         "{err}"
     );
     let confdir = w.path().join("c");

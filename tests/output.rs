@@ -555,3 +555,70 @@ fn signed_uki_has_its_sections_and_boots_under_ovmf() {
         "the UKI's .cmdline was not used"
     );
 }
+
+#[test]
+fn udev_rule_names_the_stick_and_udev_runs_the_configured_workflow() {
+    let work = tempfile::tempdir().unwrap();
+    let conf = work.path().join("etc");
+    std::fs::create_dir_all(&conf).unwrap();
+    let f = fixture();
+    let out = work.path().join("out");
+    let toml = work.path().join("l.toml");
+    let base = format!(
+        "OUTPUT_URL = \"file://{}\"\nBACKUP_URL = \"usb://MYSTICK\"\n[network]\ncapture = false\n\
+         [rescue]\nkernel = \"{}\"\nkver = \"{}\"\nmodules_dir = \"{}\"\n",
+        out.display(),
+        f.kernel().display(),
+        f.kver,
+        f.modules_dir().display()
+    );
+    std::fs::write(&toml, &base).unwrap();
+    let udev = |extra: &[&str]| {
+        let mut c = lifeboat(&conf);
+        c.arg("-c")
+            .arg(&toml)
+            .arg("udev")
+            .args(extra)
+            .env("LIFEBOAT_UDEV_LOCK", work.path().join("udev.lock"));
+        c.output().unwrap()
+    };
+    let o = udev(&["--rule"]);
+    let rule = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{rule}");
+    assert!(
+        rule.contains("ENV{ID_FS_LABEL}==\"MYSTICK\"")
+            && rule.contains("RUN+=\"/usr/bin/systemd-run --no-block")
+            && rule.contains(&format!("-c {} udev --device $devnode", toml.display())),
+        "{rule}"
+    );
+    // No workflow configured: nothing happens.
+    let o = udev(&["--device", "/dev/sdz1"]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && said.contains("udev_workflow is not set"),
+        "{said}"
+    );
+    assert!(!out.exists());
+    // A workflow that is not a backup/rescue one is refused.
+    std::fs::write(&toml, format!("UDEV_WORKFLOW = \"recover\"\n{base}")).unwrap();
+    let o = udev(&["--device", "/dev/sdz1"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("mkrescue, mkbackup"),
+        "{e}"
+    );
+    // mkrescue runs and writes the image.
+    std::fs::write(&toml, format!("UDEV_WORKFLOW = \"mkrescue\"\n{base}")).unwrap();
+    let o = udev(&["--device", "/dev/sdz1"]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        said.contains("running mkrescue") && said.contains("mkrescue done"),
+        "{said}"
+    );
+    assert!(manifest(&out).layers.len() > 1);
+}

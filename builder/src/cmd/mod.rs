@@ -14,6 +14,7 @@ pub mod layout;
 pub mod mkbackup;
 pub mod mkrescue;
 pub mod recover;
+pub mod udev;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +57,9 @@ pub enum Command {
     /// Prepare a USB stick (or an image file) for OUTPUT = "USB" and
     /// usb:// backups: GPT, GRUB for BIOS and UEFI, ext4 data partition.
     Format(format::Args),
+    /// Run udev_workflow when the Lifeboat stick is plugged in (called by
+    /// the udev rule that `--rule` prints).
+    Udev(udev::Args),
     /// Capture the disk layout (save), show it, or check it for drift.
     #[command(subcommand)]
     Layout(layout::Command),
@@ -83,6 +87,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mkrescue(a) => mkrescue::run(&g, a),
         Command::Mkbackup(a) => mkbackup::run(&g, a),
         Command::Format(a) => format::run(&g, a),
+        Command::Udev(a) => udev::run(&g, a),
         Command::Recover(a) => recover::run(&g, a),
         Command::Backup(c) => backup::run(&g, c),
         Command::Dump(a) => dump::run(&g, a),
