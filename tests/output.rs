@@ -622,3 +622,73 @@ fn udev_rule_names_the_stick_and_udev_runs_the_configured_workflow() {
     );
     assert!(manifest(&out).layers.len() > 1);
 }
+
+#[test]
+fn portable_tarball_carries_a_static_lifeboat_that_reads_its_own_config() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let o = build(
+        work.path(),
+        &out,
+        "OUTPUT = \"PORTABLE\"\nboot_timeout = 7\n[network]\ncapture = false\n",
+        &[],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    // mkrescue alone has no plan to carry: it says so.
+    assert!(e.contains("has no etc/lifeboat/layout.json"), "{e}");
+    let host = this_host();
+    let tgz = out.join(format!("lifeboat-portable-{host}.tar.gz"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&tgz).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // GNU tar is the oracle for the contents.
+    let (ok, list, err) = sh(&format!("tar tvzf {}", tgz.display()));
+    assert!(ok, "{err}");
+    for f in [
+        "lifeboat",
+        "lifeboat.toml",
+        "lifeboat-portable.json",
+        "README.txt",
+    ] {
+        assert!(
+            list.lines()
+                .any(|l| l.ends_with(&format!("lifeboat-portable-{host}/{f}"))),
+            "{f} missing: {list}"
+        );
+    }
+    assert!(list.contains("-rwxr-xr-x 0/0"), "{list}");
+    let (ok, _, err) = sh(&format!(
+        "cd {} && tar xzf {}",
+        work.path().display(),
+        tgz.display()
+    ));
+    assert!(ok, "{err}");
+    let dir = work.path().join(format!("lifeboat-portable-{host}"));
+    // Static: no program interpreter, so it runs on any live system.
+    let (_, file, _) = sh(&format!("file -L {}/lifeboat", dir.display()));
+    let (_, interp, _) = sh(&format!(
+        "readelf -l {}/lifeboat | grep -c 'program interpreter' || true",
+        dir.display()
+    ));
+    assert_eq!(interp.trim(), "0", "{file}");
+    // The extracted binary reads lifeboat.toml next to itself.
+    let (ok, dump, err) = sh(&format!(
+        "cd / && LIFEBOAT_CONFIG_DIR={0}/none {0}/lifeboat dump",
+        dir.display()
+    ));
+    assert!(ok, "{err}");
+    assert!(dump.contains("boot_timeout = 7"), "{dump}");
+    assert!(dump.contains("lifeboat.toml"), "{dump}");
+    // And recover looks for the plan there, naming the file it misses.
+    let (ok, _, err) = sh(&format!(
+        "LIFEBOAT_CONFIG_DIR={0}/none {0}/lifeboat recover --dry-run",
+        dir.display()
+    ));
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}/etc/lifeboat/layout.json", dir.display())),
+        "{err}"
+    );
+}

@@ -21,6 +21,7 @@ pub mod layout_parse;
 pub mod migrate;
 pub mod netcapture;
 pub mod plan;
+pub mod portable;
 pub mod programs;
 pub mod pxe;
 pub mod recipe;
@@ -44,7 +45,13 @@ pub struct Global {
 impl Global {
     /// Load the configuration for this invocation.
     pub fn load_config(&self) -> anyhow::Result<config::Loaded> {
-        let files = config::config_files(&self.config_files)?;
+        // A portable lifeboat reads the configuration it was made with first.
+        let mut extra: Vec<std::path::PathBuf> = portable::dir()
+            .map(|d| d.join("lifeboat.toml"))
+            .into_iter()
+            .collect();
+        extra.extend(self.config_files.iter().cloned());
+        let files = config::config_files(&extra)?;
         config::load(&files)
     }
 }

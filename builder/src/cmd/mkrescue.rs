@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Output kind (overrides OUTPUT): initrd, ISO, USB, RAWDISK, PXE, UKI.
+    /// Output kind (overrides OUTPUT): initrd, ISO, USB, RAWDISK, PXE, UKI, PORTABLE.
     #[arg(long)]
     pub output: Option<String>,
     /// Kernel image (default: /boot/vmlinuz-<kver>).
@@ -56,9 +56,9 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         cfg.output = o;
     }
     let kind = cfg.output.to_ascii_uppercase();
-    if !["INITRD", "ISO", "USB", "RAWDISK", "PXE", "UKI"].contains(&kind.as_str()) {
+    if !["INITRD", "ISO", "USB", "RAWDISK", "PXE", "UKI", "PORTABLE"].contains(&kind.as_str()) {
         bail!(
-            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO, USB, RAWDISK, PXE, UKI",
+            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO, USB, RAWDISK, PXE, UKI, PORTABLE",
             cfg.output
         );
     }
@@ -154,6 +154,27 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         // manifest go onto it.
         output_dir = stage_dir("usb")?;
         stick = Some((root, images, stamp));
+    }
+    if kind == "PORTABLE" {
+        // No boot image: the binary, the configuration and the plan.
+        let p = output_dir.join(format!("lifeboat-portable-{host}.tar.gz"));
+        let warnings = crate::portable::write(&p, &host, &toml::to_string(&cfg)?, &plan_files)?;
+        if let Some(r) = &remote {
+            upload_dir(r, &output_dir, g.quiet)?;
+        }
+        if !g.quiet {
+            for w in &warnings {
+                eprintln!("lifeboat: warning: {w}");
+            }
+            println!(
+                "portable lifeboat (run ./lifeboat recover from any live Linux): {}",
+                match &remote {
+                    Some(r) => r.show(&format!("lifeboat-portable-{host}.tar.gz")),
+                    None => p.display().to_string(),
+                }
+            );
+        }
+        return Ok(());
     }
     let inp = BuildInputs {
         kernel: a.kernel,

@@ -57,19 +57,18 @@ fn read(p: &Path, what: &str) -> Result<String> {
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
     let cfg = g.load_config()?.config;
-    let lp = a
-        .layout
-        .unwrap_or_else(|| Path::new("/").join(RESCUE_LAYOUT_PATH));
-    let bp = a
-        .backup
-        .unwrap_or_else(|| Path::new("/").join(RESCUE_BACKUP_PATH));
+    // In the rescue OS the plan is under /; a portable lifeboat has it
+    // next to itself.
+    let base = crate::portable::root();
+    let lp = a.layout.unwrap_or_else(|| base.join(RESCUE_LAYOUT_PATH));
+    let bp = a.backup.unwrap_or_else(|| base.join(RESCUE_BACKUP_PATH));
     let layout = Layout::from_json(&read(&lp, "layout")?)
         .with_context(|| format!("{} is not a valid layout.json", lp.display()))?;
     let backup = BackupManifest::from_json(&read(&bp, "backup")?)
         .with_context(|| format!("{} is not a valid backup.json", bp.display()))?;
     let mut mapping = Vec::new();
     let mut keep = vec![lp.clone(), bp.clone()];
-    let default_map = PathBuf::from("/etc/lifeboat/disk-mapping");
+    let default_map = base.join("etc/lifeboat/disk-mapping");
     let file = a
         .map
         .clone()
