@@ -450,6 +450,16 @@ fn make_source(layout: &str, variant: Variant) -> Source {
              s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
             20 * MIN,
         );
+        // A second full set, carried by a portable lifeboat instead of a
+        // rescue image (recovered from another live system).
+        let out = run(
+            &mut vm,
+            &mut pos,
+            "/backup/bin/lifeboat mkbackup --output PORTABLE --backup-url file:///backup/store --output-dir /backup/portable \
+             > /backup/portable.log 2>&1; s=$?; tail -5 /backup/portable.log; test $s = 0",
+            20 * MIN,
+        );
+        assert!(out.contains("portable lifeboat"), "{out}");
         run(&mut vm, &mut pos, "umount /backup && sync", MIN);
     }
     drop(vm);
@@ -1045,4 +1055,79 @@ fn recovery_from_a_samba_share() {
 fn recovery_from_a_web_server_streamed() {
     let port = servers().http.port;
     recover_from_server("http", &format!("http://10.0.2.2:{port}/backups/lbsrc/"));
+}
+
+/// PORTABLE: another live Linux (the LVM test system, booted from its own
+/// disk) recovers the GPT source onto a blank disk by running the
+/// extracted `./lifeboat recover`; its own disk is left alone.
+#[test]
+fn portable_lifeboat_recovers_from_another_live_system() {
+    let src = gpt_source();
+    let live_disk = debian_disk("mbr-lvm");
+    let work = &src.work;
+    let live = work.join("live.qcow2");
+    sh_ok(&format!(
+        "rm -f {o} && qemu-img create -q -f qcow2 -F raw -b {} {o}",
+        live_disk.display(),
+        o = live.display()
+    ));
+    // The tarball travels on a disk of its own.
+    let carry = work.join("carry");
+    std::fs::create_dir_all(&carry).unwrap();
+    sh_ok(&format!(
+        "debugfs -R 'dump /portable/lifeboat-portable-lbsrc.tar.gz {}/lifeboat-portable-lbsrc.tar.gz' {} 2>/dev/null && \
+         printf '[recover]\\nrebuild_initramfs = \"never\"\\n' > {}/fast.toml && \
+         rm -f {c}.img && truncate -s 256M {c}.img && mkfs.ext4 -q -F -d {c} {c}.img",
+        carry.display(),
+        src.backup.display(),
+        carry.display(),
+        c = carry.display()
+    ));
+    let target = work.join("target-portable.raw");
+    blank(&target, "3G");
+    let spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(work.join("portable-live.log")),
+        ..BootSpec::from_disks()
+    }
+    .with_disk(&live, "qcow2", Some("LBLIVE"))
+    .with_disk(&target, "raw", Some("LBSRC0"))
+    .with_disk(&work.join("carry.img"), "raw", None)
+    .with_disk(&src.backup, "raw,readonly=on", None);
+    let mut vm = Vm::boot(&spec).unwrap();
+    let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
+    run(&mut vm, &mut pos, "dmesg -n 1", MIN);
+    let before = run(
+        &mut vm,
+        &mut pos,
+        "echo live: $(lsblk -no UUID /dev/vda | sort | tr '\\n' ' ')",
+        MIN,
+    );
+    let out = run(
+        &mut vm,
+        &mut pos,
+        "mkdir -p /carry && mount /dev/vdc /carry && cd /root && tar xzf /carry/lifeboat-portable-lbsrc.tar.gz && \
+         cd lifeboat-portable-lbsrc && ./lifeboat -c /carry/fast.toml recover --auto > /root/recover.log 2>&1; s=$?; \
+         grep -E 'same serial|recovery finished|ERROR' /root/recover.log; tail -5 /root/recover.log; cd /; test $s = 0",
+        30 * MIN,
+    );
+    assert!(out.contains("lifeboat: recovery finished"), "{out}");
+    assert!(
+        out.contains("[same serial]"),
+        "mapping by serial expected: {out}"
+    );
+    let after = run(
+        &mut vm,
+        &mut pos,
+        "echo live: $(lsblk -no UUID /dev/vda | sort | tr '\\n' ' ')",
+        MIN,
+    );
+    assert_eq!(
+        prefixed(&before, "live: "),
+        prefixed(&after, "live: "),
+        "the live system's disk changed"
+    );
+    run(&mut vm, &mut pos, "sync", MIN);
+    drop(vm);
+    check_recovered(src, &target, "portable-boot.log");
 }

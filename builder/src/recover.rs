@@ -1128,6 +1128,9 @@ fn finalize(
             std::fs::create_dir_all(&dst)?;
         }
         r.cmd("", &["mount", "--rbind", fs, &dst])?;
+        // A slave copy: unmounting it later must not propagate back to
+        // the live system's own /sys, /dev, ... (systemd makes them shared).
+        r.cmd("", &["mount", "--make-rslave", &dst])?;
         m.insert(dst);
     }
     // Device names that changed.
