@@ -460,6 +460,18 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             20 * MIN,
         );
         assert!(out.contains("portable lifeboat"), "{out}");
+        // A third full set on the rescue ISO itself (BACKUP_URL = iso://),
+        // continued on data ISOs beyond 160 MiB.
+        let out = run(
+            &mut vm,
+            &mut pos,
+            "printf 'OUTPUT = \"ISO\"\\nISO_MAX_SIZE = 160\\nISO_VOLID = \"LBISO\"\\niso_default = \"automatic\"\\n\
+             boot_console = \"serial\"\\nboot_timeout = 1\\n' > /root/iso.toml && \
+             /backup/bin/lifeboat -c /root/iso.toml mkbackup --backup-url iso:///backup --output-dir /backup/iso \
+             > /backup/iso.log 2>&1; s=$?; tail -8 /backup/iso.log; test $s = 0",
+            20 * MIN,
+        );
+        assert!(out.contains("backup continued on ISO"), "{out}");
         run(&mut vm, &mut pos, "umount /backup && sync", MIN);
     }
     drop(vm);
@@ -1130,4 +1142,89 @@ fn portable_lifeboat_recovers_from_another_live_system() {
     run(&mut vm, &mut pos, "sync", MIN);
     drop(vm);
     check_recovered(src, &target, "portable-boot.log");
+}
+
+/// BACKUP_URL = iso://: the rescue ISO carries the backup, continued on
+/// data ISOs (ISO_MAX_SIZE); booted as a CD with the others in more
+/// drives, its automatic entry recovers the disk.
+#[test]
+fn iso_with_the_backup_on_several_discs_recovers_unattended() {
+    let src = gpt_source();
+    let work = &src.work;
+    let ls = sh_ok(&format!(
+        "debugfs -R 'ls -p /iso' {} 2>/dev/null",
+        src.backup.display()
+    ));
+    let mut isos: Vec<String> = ls
+        .split('/')
+        .filter(|f| f.ends_with(".iso"))
+        .map(String::from)
+        .collect();
+    isos.sort();
+    assert!(isos.len() >= 2, "one ISO only: {ls}");
+    assert_eq!(isos[0], "lifeboat-lbsrc.iso");
+    let mut drives = Vec::new();
+    for (i, name) in isos.iter().enumerate() {
+        let p = work.join(name);
+        sh_ok(&format!(
+            "debugfs -R 'dump /iso/{name} {}' {} 2>/dev/null",
+            p.display(),
+            src.backup.display()
+        ));
+        let max = 160u64 << 20;
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert!(len <= max, "{name} has {len} bytes, over ISO_MAX_SIZE");
+        // xorriso: the first is bootable (El Torito), the others are data.
+        let (ok, et, _) = sh(&format!(
+            "xorriso -indev {} -report_el_torito plain 2>&1",
+            p.display()
+        ));
+        assert!(ok, "{et}");
+        let label = if i == 0 {
+            "LBISO".to_string()
+        } else {
+            format!("LBISO_{:02}", i + 1)
+        };
+        assert!(et.contains(&format!("Volume id    : '{label}'")), "{et}");
+        assert_eq!(et.contains("El Torito boot img"), i == 0, "{et}");
+        drives.extend([
+            "-drive".to_string(),
+            format!(
+                "file={},media=cdrom,readonly=on,if=ide,index={i}",
+                p.display()
+            ),
+        ]);
+    }
+    let target = work.join("target-iso.raw");
+    blank(&target, "3G");
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(work.join("recover-iso.log")),
+        ..BootSpec::from_disks()
+    }
+    .with_disk(&target, "raw", Some("LBSRC0"));
+    spec.extra_args.extend(drives);
+    spec.extra_args
+        .extend(["-boot".to_string(), "d".to_string()]);
+    let mut vm = Vm::boot(&spec).unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let c = vm.console();
+        if c.contains("rebooting into the recovered system") {
+            break;
+        }
+        if let Some(i) = c.find("ERROR: recovery failed") {
+            let from = c[..i].rfind("lifeboat: recover:").unwrap_or(0);
+            panic!("recovery from the ISOs failed:\n{}", &c[from..]);
+        }
+        assert!(
+            t0.elapsed() < 30 * MIN,
+            "recovery did not finish in 30 min:\n{c}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let c = vm.console();
+    assert!(c.contains("backup found in /run/lifeboat/iso/LBISO"), "{c}");
+    vm.wait_exit(2 * MIN).unwrap();
+    check_recovered(src, &target, "boot-iso.log");
 }

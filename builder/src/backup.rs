@@ -29,6 +29,9 @@ pub enum Store {
     Http(crate::http::Remote),
     Sftp(crate::sftp::Remote),
     Tape(crate::tape::Remote),
+    /// The backup directory on each of several media (the ISOs of an
+    /// `iso://` backup): a file is read from the first that has it.
+    Media(Vec<PathBuf>),
 }
 
 impl From<&Path> for Store {
@@ -45,7 +48,18 @@ impl Store {
             Store::Http(r) => r.url(rel),
             Store::Sftp(r) => r.url(rel),
             Store::Tape(r) => r.url(rel),
+            Store::Media(v) => v
+                .iter()
+                .find(|d| d.join(rel).exists())
+                .or(v.first())
+                .map(|d| d.join(rel).display().to_string())
+                .unwrap_or_default(),
         }
+    }
+
+    /// The medium directory holding `rel` (Media), or `None`.
+    fn medium_of(v: &[PathBuf], rel: &str) -> Option<PathBuf> {
+        v.iter().find(|d| d.join(rel).exists()).map(|d| d.join(rel))
     }
 
     /// The remote store for an http(s):// or sftp:// URL (this host's
@@ -97,6 +111,7 @@ impl Store {
             Store::Tape(_) => {
                 bail!("a tape is written whole (crate::tape::write_set), not file by file")
             }
+            Store::Media(_) => bail!("the ISOs of an iso:// backup are written by mkrescue"),
         }
     }
 
@@ -106,6 +121,10 @@ impl Store {
             Store::Http(r) => r.get(rel),
             Store::Sftp(r) => r.get(rel),
             Store::Tape(r) => r.get(rel),
+            Store::Media(v) => match Store::medium_of(v, rel) {
+                Some(p) => return Ok(Box::new(std::fs::File::open(p)?)),
+                None => Ok(None),
+            },
         };
         match got {
             Ok(Some(b)) => Ok(b),
@@ -128,6 +147,10 @@ impl Store {
             Store::Http(r) => r.size(rel),
             Store::Sftp(r) => r.size(rel),
             Store::Tape(r) => r.size(rel),
+            Store::Media(v) => match Store::medium_of(v, rel) {
+                Some(p) => Ok(Some(std::fs::metadata(&p)?.len())),
+                None => Ok(None),
+            },
         }
     }
 
@@ -815,7 +838,7 @@ pub fn create(
         .with_context(|| format!("cannot resolve {}", dir.display()))?;
     // An http(s) backup is made in a staging directory and uploaded: the
     // staging filesystem is not where the backup lives.
-    let remote = ["http://", "https://", "sftp://", "tape://"]
+    let remote = ["http://", "https://", "sftp://", "tape://", "iso://"]
         .iter()
         .any(|p| url.starts_with(p));
     let location = if remote { None } else { Some(locate(&dir)?) };

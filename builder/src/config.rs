@@ -79,6 +79,10 @@ pub struct Config {
     /// Volume label of the ISO (OUTPUT = "ISO").
     #[serde(alias = "ISO_VOLID")]
     pub iso_volid: String,
+    /// BACKUP_URL = "iso://": the largest ISO in MiB; a bigger backup is
+    /// continued on further data ISOs (`<volid>_02`, ...). Unset: one ISO.
+    #[serde(alias = "ISO_MAX_SIZE")]
+    pub iso_max_size: Option<u64>,
     /// Boot menu default: `automatic` (recover unattended), `manual`
     /// (recover interactively) or `shell`.
     #[serde(alias = "ISO_DEFAULT")]
@@ -287,6 +291,7 @@ impl Default for Config {
             backup_ca_file: None,
             iso_volid: "LIFEBOAT".into(),
             iso_default: "manual".into(),
+            iso_max_size: None,
             boot_timeout: 10,
             boot_console: "vga".into(),
             kernel_cmdline: String::new(),
@@ -346,6 +351,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("BACKUP_OPTIONS", "backup_mount_options"),
     ("ISO_VOLID", "iso_volid"),
     ("ISO_DEFAULT", "iso_default"),
+    ("ISO_MAX_SIZE", "iso_max_size"),
     ("KERNEL_CMDLINE", "kernel_cmdline"),
     ("UDEV_WORKFLOW", "udev_workflow"),
 ];

@@ -126,6 +126,20 @@ pub fn menu(o: &IsoOptions, header: &str, images: &[MenuImage]) -> Result<String
     Ok(s)
 }
 
+/// The programs an ISO is made with; checked before the image is built.
+pub fn check_tools() -> Result<()> {
+    for (tool, pkg) in [
+        ("grub-mkrescue", "grub-common"),
+        ("xorriso", "xorriso"),
+        ("mformat", "mtools"),
+    ] {
+        if crate::elf::find_in_path(Path::new("/"), tool).is_none() {
+            bail!("OUTPUT = \"ISO\" needs {tool} (apt-get install {pkg})");
+        }
+    }
+    Ok(())
+}
+
 /// Which GRUB platforms this system can put on the ISO.
 pub fn platforms(grub_lib: &Path) -> Vec<&'static str> {
     ["i386-pc", "x86_64-efi"]
@@ -142,6 +156,7 @@ pub fn write(
     initrd: &str,
     iso: &Path,
     o: &IsoOptions,
+    maps: &[(PathBuf, String)],
 ) -> Result<Vec<String>> {
     if o.label.is_empty() || o.label.len() > 32 {
         bail!(
@@ -150,15 +165,7 @@ pub fn write(
         );
     }
     let mut warnings = Vec::new();
-    for (tool, pkg) in [
-        ("grub-mkrescue", "grub-common"),
-        ("xorriso", "xorriso"),
-        ("mformat", "mtools"),
-    ] {
-        if crate::elf::find_in_path(Path::new("/"), tool).is_none() {
-            bail!("OUTPUT = \"ISO\" needs {tool} (apt-get install {pkg})");
-        }
-    }
+    check_tools()?;
     let grub_lib = Path::new("/usr/lib/grub");
     let plats = platforms(grub_lib);
     if plats.is_empty() {
@@ -190,8 +197,12 @@ pub fn write(
     c.arg("-o").arg(&tmp);
     // Without --directory grub-mkrescue puts every platform under
     // /usr/lib/grub on the ISO (one --directory would limit it to one).
-    c.arg(stage.path())
-        .args(["--", "-volid", &o.label])
+    c.arg(stage.path()).args(["--", "-volid", &o.label]);
+    // Extra files (an iso:// backup), grafted without copying.
+    for (src, dst) in maps {
+        c.arg("-map").arg(src).arg(dst);
+    }
+    c
         // Reproducible: fixed dates from SOURCE_DATE_EPOCH when set.
         .env("LC_ALL", "C");
     let out = c.output().context("cannot run grub-mkrescue")?;
@@ -210,6 +221,46 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn media_split_keeps_the_manifest_first_and_volumes_whole() {
+        const M: u64 = 1 << 20;
+        let files = vec![
+            ("h/backup.json".to_string(), 2000),
+            ("h/s1/root.tar.zst.000".to_string(), 40 * M),
+            ("h/s1/root.tar.zst.001".to_string(), 40 * M),
+            ("h/s1/root.tar.zst.002".to_string(), 10 * M),
+            ("h/s1/root.snar".to_string(), 3000),
+        ];
+        let all = split_media(&files, 30 * M, None).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].len(), 5);
+        // 100 MiB media, 30 MiB of rescue system on the first.
+        let m = split_media(&files, 30 * M, Some(100 * M)).unwrap();
+        assert_eq!(
+            m,
+            vec![
+                vec![
+                    "h/backup.json".to_string(),
+                    "h/s1/root.snar".into(),
+                    "h/s1/root.tar.zst.000".into()
+                ],
+                vec![
+                    "h/s1/root.tar.zst.001".to_string(),
+                    "h/s1/root.tar.zst.002".into()
+                ],
+            ]
+        );
+        let e = split_media(&files, 30 * M, Some(40 * M))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backup_volume_size"), "{e}");
+        assert_eq!(url_dir("iso:///backup").as_deref(), Some("backup"));
+        assert_eq!(url_dir("iso://").as_deref(), Some("backup"));
+        assert_eq!(url_dir("iso:///x/y/").as_deref(), Some("x/y"));
+        assert_eq!(media_label("LB", 1), "LB");
+        assert_eq!(media_label("LB", 2), "LB_02");
+    }
 
     #[test]
     fn menu_has_every_entry_twice_and_the_right_default() {
@@ -244,4 +295,139 @@ mod tests {
         };
         assert!(grub_cfg(&bad, "k", "i").is_err());
     }
+}
+
+/// `BACKUP_URL = "iso:///backup"`: the directory on the ISO (default `backup`).
+pub fn url_dir(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("iso://")?;
+    let d = rest.trim_matches('/');
+    Some(if d.is_empty() {
+        "backup".into()
+    } else {
+        d.into()
+    })
+}
+
+/// Volume label of medium `n` (1-based) of a set labelled `volid`.
+pub fn media_label(volid: &str, n: usize) -> String {
+    if n <= 1 {
+        volid.to_string()
+    } else {
+        format!("{volid}_{n:02}")
+    }
+}
+
+/// Make a data-only ISO (no boot images) `out` labelled `label`, with
+/// each `(source, path on the ISO)` of `maps`.
+pub fn write_data(out: &Path, label: &str, maps: &[(PathBuf, String)]) -> Result<()> {
+    let tmp = out.with_extension("iso.part");
+    let _ = std::fs::remove_file(&tmp);
+    let mut c = Command::new("xorriso");
+    c.arg("-outdev").arg(&tmp).args(["-volid", label]);
+    for (src, dst) in maps {
+        c.arg("-map").arg(src).arg(dst);
+    }
+    let o = c
+        .output()
+        .context("cannot run xorriso (apt-get install xorriso)")?;
+    if !o.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "xorriso could not write {}: {}",
+            out.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}
+
+/// Which files of an `iso://` backup (paths relative to `stage`) go on
+/// which medium: the manifest and everything that is not a volume on the
+/// first with the rescue system (`first_used` bytes), volumes in order
+/// while they fit, then further media of `max` bytes each.
+pub fn split_media(
+    files: &[(String, u64)],
+    first_used: u64,
+    max: Option<u64>,
+) -> Result<Vec<Vec<String>>> {
+    let Some(max) = max else {
+        return Ok(vec![files.iter().map(|f| f.0.clone()).collect()]);
+    };
+    // ISO 9660 metadata, rounding to 2 KiB blocks, and a margin.
+    let room = |used: u64| max.saturating_sub(used + (4 << 20));
+    let is_volume = |f: &str| f.contains(".tar");
+    let mut media: Vec<Vec<String>> = vec![vec![]];
+    let mut used = first_used;
+    for (f, n) in files.iter().filter(|f| !is_volume(&f.0)) {
+        media[0].push(f.clone());
+        used += n.div_ceil(2048) * 2048;
+    }
+    if used > room(0) {
+        bail!(
+            "ISO_MAX_SIZE = {} MiB cannot hold the rescue system and the backup manifest ({} MiB)",
+            max >> 20,
+            used >> 20
+        );
+    }
+    for (f, n) in files.iter().filter(|f| is_volume(&f.0)) {
+        let n = n.div_ceil(2048) * 2048;
+        if n > room(0) {
+            bail!(
+                "the backup volume {f} has {} MiB, more than fits an ISO of ISO_MAX_SIZE = {} MiB: \
+                 set a smaller backup_volume_size",
+                n >> 20,
+                max >> 20
+            );
+        }
+        if used + n > room(0) {
+            media.push(vec![]);
+            used = 0;
+        }
+        media.last_mut().unwrap().push(f.clone());
+        used += n;
+    }
+    Ok(media)
+}
+
+/// Mount (read-only) every attached ISO 9660 filesystem of the set
+/// labelled `volid` (`volid`, `volid_02`, ...) below /run/lifeboat/iso.
+/// Returns (label, mount point) in label order.
+pub fn mount_media(volid: &str) -> Result<Vec<(String, PathBuf)>> {
+    let out = Command::new("blkid")
+        .args(["-c", "/dev/null", "-t", "TYPE=iso9660", "-o", "device"])
+        .output()
+        .context("cannot run blkid")?;
+    let mut found: Vec<(String, String)> = Vec::new();
+    for dev in String::from_utf8_lossy(&out.stdout).lines() {
+        let l = Command::new("blkid")
+            .args(["-c", "/dev/null", "-s", "LABEL", "-o", "value", dev])
+            .output()
+            .context("cannot run blkid")?;
+        let label = String::from_utf8_lossy(&l.stdout).trim().to_string();
+        let ours = label == volid
+            || label
+                .strip_prefix(volid)
+                .and_then(|r| r.strip_prefix('_'))
+                .is_some_and(|n| n.len() == 2 && n.chars().all(|c| c.is_ascii_digit()));
+        if ours && !found.iter().any(|(l, _)| *l == label) {
+            found.push((label, dev.to_string()));
+        }
+    }
+    found.sort();
+    let mut v = Vec::new();
+    for (label, dev) in found {
+        let m = Path::new("/run/lifeboat/iso").join(&label);
+        std::fs::create_dir_all(&m)?;
+        let st = Command::new("mount")
+            .args(["-t", "iso9660", "-o", "ro", &dev])
+            .arg(&m)
+            .status()
+            .context("cannot run mount")?;
+        if !st.success() {
+            bail!("cannot mount the ISO {label} ({dev}) at {}", m.display());
+        }
+        v.push((label, m));
+    }
+    Ok(v)
 }

@@ -449,6 +449,45 @@ pub fn find_backup(m: &BackupManifest, acc: &crate::url::Access) -> Result<Found
                 _share: None,
             });
         }
+        "iso" => {
+            let label = m
+                .location
+                .as_ref()
+                .and_then(|l| l.label.clone())
+                .context("the backup manifest does not name the ISO's volume label")?;
+            let on_iso = crate::iso::url_dir(&m.url).unwrap_or_default();
+            let media = crate::iso::mount_media(&label)
+                .context("the backup ISOs cannot be read. Nothing was written.")?;
+            let guard = crate::url::Local::mounted(
+                PathBuf::from("/run/lifeboat/iso"),
+                media.iter().map(|(_, p)| p.clone()).collect(),
+            );
+            let dirs: Vec<PathBuf> = media
+                .iter()
+                .map(|(_, p)| p.join(&on_iso).join(&m.hostname))
+                .collect();
+            if !dirs
+                .iter()
+                .any(|d| d.join(crate::backup::MANIFEST_FILE).is_file())
+            {
+                bail!(
+                    "no ISO labelled {label} with the backup of {} is attached (found: {}): attach lifeboat-{}.iso \
+                     (and its _02, _03, ... companions). Nothing was written.",
+                    m.hostname,
+                    if media.is_empty() {
+                        "none".to_string()
+                    } else {
+                        media.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>().join(", ")
+                    },
+                    m.hostname
+                );
+            }
+            return Ok(Found {
+                store: Store::Media(dirs),
+                disk: None,
+                _share: Some(guard),
+            });
+        }
         "nfs" | "cifs" => {
             let acc = crate::url::Access {
                 read_only: true,
@@ -611,7 +650,7 @@ pub fn run(o: Options) -> Result<()> {
 
     // ---- Pre-flight: nothing below writes a disk.
     let on_network = [
-        "nfs://", "cifs://", "http://", "https://", "sftp://", "tape://",
+        "nfs://", "cifs://", "http://", "https://", "sftp://", "tape://", "iso://",
     ]
     .iter()
     .any(|p| o.backup.url.starts_with(p));

@@ -22,13 +22,25 @@ use std::process::Command;
 #[derive(Debug)]
 pub struct Local {
     pub path: PathBuf,
-    mounted: Option<PathBuf>,
+    mounted: Vec<PathBuf>,
+}
+
+impl Local {
+    /// `path`, on filesystems mounted at `mounts` (unmounted when dropped).
+    pub fn mounted(path: PathBuf, mounts: Vec<PathBuf>) -> Local {
+        Local {
+            path,
+            mounted: mounts,
+        }
+    }
 }
 
 impl Drop for Local {
     fn drop(&mut self) {
-        if let Some(m) = self.mounted.take() {
+        if !self.mounted.is_empty() {
             let _ = Command::new("sync").status();
+        }
+        for m in self.mounted.drain(..) {
             let _ = Command::new("umount").arg(&m).status();
         }
     }
@@ -56,7 +68,7 @@ pub fn local_with(url: &str, key: &str, acc: &Access) -> Result<Local> {
         if p.starts_with('/') {
             return Ok(Local {
                 path: PathBuf::from(p),
-                mounted: None,
+                mounted: vec![],
             });
         }
     }
@@ -89,7 +101,7 @@ pub fn local_with(url: &str, key: &str, acc: &Access) -> Result<Local> {
         if !mp.is_empty() {
             return Ok(Local {
                 path: Path::new(&mp).join(dir),
-                mounted: None,
+                mounted: vec![],
             });
         }
         let m = PathBuf::from("/run/lifeboat/usb").join(&label);
@@ -107,7 +119,7 @@ pub fn local_with(url: &str, key: &str, acc: &Access) -> Result<Local> {
         }
         return Ok(Local {
             path: m.join(dir),
-            mounted: Some(m),
+            mounted: vec![m],
         });
     }
     if let Some(n) = NetUrl::parse(url)? {
@@ -384,7 +396,7 @@ fn mount_share(n: &NetUrl, url: &str, key: &str, acc: &Access) -> Result<Local> 
     if already {
         return Ok(Local {
             path: mp.join(sub),
-            mounted: None,
+            mounted: vec![],
         });
     }
     let ip = n.ip().with_context(|| format!("{key} = {url:?}"))?;
@@ -438,7 +450,7 @@ fn mount_share(n: &NetUrl, url: &str, key: &str, acc: &Access) -> Result<Local> 
     }
     Ok(Local {
         path,
-        mounted: Some(mp),
+        mounted: vec![mp],
     })
 }
 

@@ -439,10 +439,12 @@ fn main() {
     let has_plan = std::path::Path::new("/")
         .join(lifeboat_contract::RESCUE_BACKUP_PATH)
         .is_file();
-    // Unattended recovery runs on the first console instead of its shell.
+    // Unattended recovery runs instead of a shell on the primary console:
+    // the last console= (the kernel's /dev/console), so a boot menu's
+    // "serial console" entry shows it on the serial line.
     let mut recovery: Option<(libc::pid_t, String)> = None;
     if cmd.recover == Recover::Auto && has_plan && !failed {
-        if let Some(c) = consoles.first() {
+        if let Some(c) = consoles.last() {
             log(&format!(
                 "lifeboat.recover=auto: starting `lifeboat recover --auto` on {c}"
             ));

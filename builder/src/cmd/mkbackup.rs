@@ -149,7 +149,7 @@ pub fn without_disk(l: &mut Layout, disk: &str) {
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
-    let cfg = g.load_config()?.config;
+    let mut cfg = g.load_config()?.config;
     let recipe = if crate::recipe::is_internal(&cfg.backup) {
         None
     } else {
@@ -189,6 +189,29 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             );
         }
     }
+    // iso: the set is made in a staging directory and goes onto the ISO(s).
+    let iso = url
+        .clone()
+        .filter(|u| u.starts_with("iso://") && recipe.is_none());
+    if let Some(u) = &iso {
+        let out = a.rescue.output.clone().unwrap_or(cfg.output.clone());
+        if a.no_rescue || !out.eq_ignore_ascii_case("iso") {
+            bail!(
+                "BACKUP_URL = {u:?} puts the backup on the rescue ISO: set OUTPUT = \"ISO\" (it is {out:?}) and do not use --no-rescue"
+            );
+        }
+        if !cfg.backup_type.eq_ignore_ascii_case("full") {
+            bail!(
+                "BACKUP_URL = {u:?}: an ISO holds one full backup; set BACKUP_TYPE = \"full\" (it is {:?})",
+                cfg.backup_type
+            );
+        }
+        crate::iso::check_tools()?;
+        // Volumes small enough to spread over several ISOs.
+        if let (Some(mb), None) = (cfg.iso_max_size, &cfg.backup_volume_size) {
+            cfg.backup_volume_size = Some(format!("{}M", (mb / 4).max(1)));
+        }
+    }
     // Keeps a usb:// medium or a network share mounted until the end.
     // A backup tool may have its own kind of URL (rsync://…): it gets it as
     // LIFEBOAT_BACKUP_URL, and nothing is mounted.
@@ -199,13 +222,14 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                 .any(|p| u.starts_with(p))
     };
     let medium = match (&remote, url.as_deref()) {
-        (None, Some(u)) if !own_url(u) && tape.is_none() => {
+        (None, Some(u)) if !own_url(u) && tape.is_none() && iso.is_none() => {
             Some(crate::url::local_with(u, "BACKUP_URL", &acc)?)
         }
         _ => None,
     };
-    let stage = (remote.is_some() || tape.is_some()).then(|| cfg.backup_stage_dir.join(&host));
-    if let (Some(st), Some(_)) = (&stage, &tape) {
+    let stage = (remote.is_some() || tape.is_some() || iso.is_some())
+        .then(|| cfg.backup_stage_dir.join(&host));
+    if let (Some(st), true) = (&stage, tape.is_some() || iso.is_some()) {
         if st.exists() {
             std::fs::remove_dir_all(st)
                 .with_context(|| format!("cannot empty the staging directory {}", st.display()))?;
@@ -226,7 +250,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let loc = match (&remote, &tape) {
-        (None, None) => dir.as_deref().map(crate::backup::locate).transpose()?,
+        (None, None) if iso.is_none() => dir.as_deref().map(crate::backup::locate).transpose()?,
         _ => None,
     };
     let mut layout = crate::layout::capture(&[])?;
@@ -328,6 +352,10 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                 if !g.quiet {
                     println!("backup {} written to the tape {t}", m.id);
                 }
+            } else if iso.is_some() {
+                if !g.quiet {
+                    println!("backup {} staged in {} for the ISO", m.id, dir.display());
+                }
             } else if !g.quiet {
                 println!("backup {} written to {}", m.id, dir.display());
             }
@@ -335,6 +363,23 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         (None, None) => unreachable!("checked above"),
     };
+    let mut manifest = manifest;
+    if iso.is_some() {
+        // Recovery finds the ISOs by their volume label.
+        manifest.location = Some(lifeboat_contract::BackupLocation {
+            mountpoint: String::new(),
+            fstype: "iso9660".into(),
+            uuid: None,
+            label: Some(cfg.iso_volid.clone()),
+            device: String::new(),
+        });
+        if let Some(d) = &dir {
+            std::fs::write(
+                d.join(crate::backup::MANIFEST_FILE),
+                serde_json::to_vec_pretty(&manifest)?,
+            )?;
+        }
+    }
     if a.no_rescue {
         return Ok(());
     }
@@ -345,7 +390,15 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             serde_json::to_vec_pretty(&manifest)?,
         ),
     ];
-    mkrescue::run_with(g, a.rescue, files)
+    let mut rescue = a.rescue;
+    if let (Some(u), Some(st)) = (&iso, &stage) {
+        let on_iso = format!("{}/{host}", crate::iso::url_dir(u).unwrap_or_default());
+        rescue.iso_backup = Some((st.clone(), on_iso));
+        let r = mkrescue::run_with(g, rescue, files);
+        let _ = std::fs::remove_dir_all(st);
+        return r;
+    }
+    mkrescue::run_with(g, rescue, files)
 }
 
 #[cfg(test)]

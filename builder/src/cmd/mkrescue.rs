@@ -31,6 +31,10 @@ pub struct Args {
     /// Ignore and do not fill the layer cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// An `iso://` backup to put on the ISO(s): its staging directory and
+    /// its directory on the ISO (set by mkbackup).
+    #[arg(skip)]
+    pub iso_backup: Option<(PathBuf, String)>,
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
@@ -70,6 +74,13 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     }
     if let Some(m) = a.modules {
         cfg.rescue.modules = m;
+    }
+    let iso_backup = a.iso_backup.clone();
+    if iso_backup.is_some() && kind != "ISO" {
+        bail!(
+            "BACKUP_URL = \"iso://...\" puts the backup on the rescue ISO: it needs OUTPUT = \"ISO\" (it is {:?})",
+            cfg.output
+        );
     }
     if let Some(c) = a.compression {
         cfg.rescue.compression = c;
@@ -193,22 +204,84 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         timeout: cfg.boot_timeout,
         cmdline: cfg.kernel_cmdline.clone(),
     };
-    // Check the menu settings before the build, not after it.
+    // Check the menu settings and the tools before the build, not after it.
     crate::iso::grub_cfg(&o, "k", "i")?;
+    if kind == "ISO" {
+        crate::iso::check_tools()?;
+    }
     let mut report = rescue::build(&cfg, &cfg_text, &inp)?;
     let mut medium_line = None;
     let m = report.manifest.clone().unwrap();
     match kind.as_str() {
         "ISO" => {
             let p = output_dir.join(format!("lifeboat-{host}.iso"));
+            // Media of an earlier, bigger backup must not linger.
+            let prefix = format!("lifeboat-{host}_");
+            if let Ok(rd) = std::fs::read_dir(&output_dir) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with(&prefix) && n.ends_with(".iso") {
+                        std::fs::remove_file(e.path())?;
+                    }
+                }
+            }
+            let mut maps = Vec::new();
+            let mut more = Vec::new();
+            if let Some((stage, on_iso)) = &iso_backup {
+                let mut files = Vec::new();
+                for e in walkdir::WalkDir::new(stage).sort_by_file_name() {
+                    let e = e?;
+                    if e.file_type().is_file() {
+                        let rel = e.path().strip_prefix(stage)?.to_string_lossy().into_owned();
+                        files.push((rel, e.metadata()?.len()));
+                    }
+                }
+                // The rescue system and GRUB's files for both platforms.
+                let first_used = std::fs::metadata(output_dir.join(&m.kernel))?.len()
+                    + std::fs::metadata(output_dir.join(&m.initrd))?.len()
+                    + (24 << 20);
+                let media = crate::iso::split_media(
+                    &files,
+                    first_used,
+                    cfg.iso_max_size.map(|mb| mb << 20),
+                )?;
+                if media.len() > 1 && cfg.iso_volid.len() > 29 {
+                    bail!(
+                        "iso_volid = {:?}: with several ISOs the labels get a _NN suffix; use at most 29 characters",
+                        cfg.iso_volid
+                    );
+                }
+                for (i, list) in media.iter().enumerate() {
+                    let mapped: Vec<(PathBuf, String)> = list
+                        .iter()
+                        .map(|f| (stage.join(f), format!("/{on_iso}/{f}")))
+                        .collect();
+                    if i == 0 {
+                        maps = mapped;
+                    } else {
+                        let q = output_dir.join(format!("lifeboat-{host}_{:02}.iso", i + 1));
+                        let label = crate::iso::media_label(&cfg.iso_volid, i + 1);
+                        crate::iso::write_data(&q, &label, &mapped)?;
+                        more.push(format!("{} ({label})", q.display()));
+                    }
+                }
+            }
             report.warnings.extend(crate::iso::write(
                 &output_dir,
                 &m.kernel,
                 &m.initrd,
                 &p,
                 &o,
+                &maps,
             )?);
-            medium_line = Some(format!("ISO (BIOS + UEFI, isohybrid): {}", p.display()));
+            let mut line = format!("ISO (BIOS + UEFI, isohybrid): {}", p.display());
+            if iso_backup.is_some() {
+                line.push_str(" with the backup");
+            }
+            for q in &more {
+                line.push_str(&format!("\n  backup continued on ISO {q}"));
+            }
+            medium_line = Some(line);
         }
         "RAWDISK" => {
             let qcow2 = match cfg.rawdisk_format.as_str() {
