@@ -218,85 +218,6 @@ pub fn write(
     Ok(warnings)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn media_split_keeps_the_manifest_first_and_volumes_whole() {
-        const M: u64 = 1 << 20;
-        let files = vec![
-            ("h/backup.json".to_string(), 2000),
-            ("h/s1/root.tar.zst.000".to_string(), 40 * M),
-            ("h/s1/root.tar.zst.001".to_string(), 40 * M),
-            ("h/s1/root.tar.zst.002".to_string(), 10 * M),
-            ("h/s1/root.snar".to_string(), 3000),
-        ];
-        let all = split_media(&files, 30 * M, None).unwrap();
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].len(), 5);
-        // 100 MiB media, 30 MiB of rescue system on the first.
-        let m = split_media(&files, 30 * M, Some(100 * M)).unwrap();
-        assert_eq!(
-            m,
-            vec![
-                vec![
-                    "h/backup.json".to_string(),
-                    "h/s1/root.snar".into(),
-                    "h/s1/root.tar.zst.000".into()
-                ],
-                vec![
-                    "h/s1/root.tar.zst.001".to_string(),
-                    "h/s1/root.tar.zst.002".into()
-                ],
-            ]
-        );
-        let e = split_media(&files, 30 * M, Some(40 * M))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("backup_volume_size"), "{e}");
-        assert_eq!(url_dir("iso:///backup").as_deref(), Some("backup"));
-        assert_eq!(url_dir("iso://").as_deref(), Some("backup"));
-        assert_eq!(url_dir("iso:///x/y/").as_deref(), Some("x/y"));
-        assert_eq!(media_label("LB", 1), "LB");
-        assert_eq!(media_label("LB", 2), "LB_02");
-    }
-
-    #[test]
-    fn menu_has_every_entry_twice_and_the_right_default() {
-        let o = IsoOptions {
-            label: "LIFEBOAT".into(),
-            default: "shell".into(),
-            console: "serial".into(),
-            timeout: 3,
-            cmdline: "quiet".into(),
-        };
-        let c = grub_cfg(&o, "vmlinuz-6.1", "initrd.img").unwrap();
-        assert_eq!(c.matches("menuentry").count(), 6);
-        assert!(
-            c.contains("set default=5\n") && c.contains("set timeout=3\n"),
-            "{c}"
-        );
-        assert!(c.contains(
-            "linux /boot/vmlinuz-6.1 lifeboat.recover=no console=tty0 console=ttyS0,115200n8 quiet"
-        ));
-        assert!(c.contains("linux /boot/vmlinuz-6.1 lifeboat.recover=auto console=ttyS0,115200n8 console=tty0 quiet"));
-        let bad = IsoOptions {
-            default: "boot".into(),
-            ..o.clone()
-        };
-        assert!(grub_cfg(&bad, "k", "i")
-            .unwrap_err()
-            .to_string()
-            .contains("automatic, manual, shell"));
-        let bad = IsoOptions {
-            console: "lpt".into(),
-            ..o
-        };
-        assert!(grub_cfg(&bad, "k", "i").is_err());
-    }
-}
-
 /// `BACKUP_URL = "iso:///backup"`: the directory on the ISO (default `backup`).
 pub fn url_dir(url: &str) -> Option<String> {
     let rest = url.strip_prefix("iso://")?;
@@ -430,4 +351,83 @@ pub fn mount_media(volid: &str) -> Result<Vec<(String, PathBuf)>> {
         v.push((label, m));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_split_keeps_the_manifest_first_and_volumes_whole() {
+        const M: u64 = 1 << 20;
+        let files = vec![
+            ("h/backup.json".to_string(), 2000),
+            ("h/s1/root.tar.zst.000".to_string(), 40 * M),
+            ("h/s1/root.tar.zst.001".to_string(), 40 * M),
+            ("h/s1/root.tar.zst.002".to_string(), 10 * M),
+            ("h/s1/root.snar".to_string(), 3000),
+        ];
+        let all = split_media(&files, 30 * M, None).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].len(), 5);
+        // 100 MiB media, 30 MiB of rescue system on the first.
+        let m = split_media(&files, 30 * M, Some(100 * M)).unwrap();
+        assert_eq!(
+            m,
+            vec![
+                vec![
+                    "h/backup.json".to_string(),
+                    "h/s1/root.snar".into(),
+                    "h/s1/root.tar.zst.000".into()
+                ],
+                vec![
+                    "h/s1/root.tar.zst.001".to_string(),
+                    "h/s1/root.tar.zst.002".into()
+                ],
+            ]
+        );
+        let e = split_media(&files, 30 * M, Some(40 * M))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backup_volume_size"), "{e}");
+        assert_eq!(url_dir("iso:///backup").as_deref(), Some("backup"));
+        assert_eq!(url_dir("iso://").as_deref(), Some("backup"));
+        assert_eq!(url_dir("iso:///x/y/").as_deref(), Some("x/y"));
+        assert_eq!(media_label("LB", 1), "LB");
+        assert_eq!(media_label("LB", 2), "LB_02");
+    }
+
+    #[test]
+    fn menu_has_every_entry_twice_and_the_right_default() {
+        let o = IsoOptions {
+            label: "LIFEBOAT".into(),
+            default: "shell".into(),
+            console: "serial".into(),
+            timeout: 3,
+            cmdline: "quiet".into(),
+        };
+        let c = grub_cfg(&o, "vmlinuz-6.1", "initrd.img").unwrap();
+        assert_eq!(c.matches("menuentry").count(), 6);
+        assert!(
+            c.contains("set default=5\n") && c.contains("set timeout=3\n"),
+            "{c}"
+        );
+        assert!(c.contains(
+            "linux /boot/vmlinuz-6.1 lifeboat.recover=no console=tty0 console=ttyS0,115200n8 quiet"
+        ));
+        assert!(c.contains("linux /boot/vmlinuz-6.1 lifeboat.recover=auto console=ttyS0,115200n8 console=tty0 quiet"));
+        let bad = IsoOptions {
+            default: "boot".into(),
+            ..o.clone()
+        };
+        assert!(grub_cfg(&bad, "k", "i")
+            .unwrap_err()
+            .to_string()
+            .contains("automatic, manual, shell"));
+        let bad = IsoOptions {
+            console: "lpt".into(),
+            ..o
+        };
+        assert!(grub_cfg(&bad, "k", "i").is_err());
+    }
 }
