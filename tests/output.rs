@@ -692,3 +692,50 @@ fn portable_tarball_carries_a_static_lifeboat_that_reads_its_own_config() {
         "{err}"
     );
 }
+
+#[test]
+fn obdr_mkrescue_writes_label_area_and_iso_to_the_tape() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let tap = work.path().join("drive.tap");
+    let url = format!("tape://{}", tap.display());
+    let o = build(
+        work.path(),
+        &out,
+        &format!("OUTPUT = \"OBDR\"\nBACKUP_URL = \"{url}\"\n{MENU}"),
+        &[],
+    );
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("bootable ISO from block 20"), "{said}");
+    assert_eq!(
+        lifeboat::tape::obdr_label(&url).unwrap().as_deref(),
+        Some("LIFEBOAT-000")
+    );
+    let iso = work.path().join("from-tape.iso");
+    lifeboat::tape::read_obdr_iso(&url, &iso).unwrap();
+    let host = this_host();
+    assert_eq!(
+        sha256(&iso),
+        sha256(&out.join(format!("lifeboat-{host}.iso"))),
+        "the tape's ISO differs from the one written"
+    );
+    let et = xorriso(&iso, "el_torito");
+    assert_eq!(et.matches("El Torito boot img :").count(), 2, "{et}");
+    // Without a tape URL there is nowhere to write.
+    let w2 = tempfile::tempdir().unwrap();
+    let conf = w2.path().join("etc");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(w2.path().join("t.toml"), "OUTPUT = \"OBDR\"\n").unwrap();
+    let o = lifeboat(&conf)
+        .arg("-c")
+        .arg(w2.path().join("t.toml"))
+        .args(["mkrescue", "--output-dir"])
+        .arg(w2.path().join("o"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("BACKUP_URL = \"tape:///dev/nst0\""),
+        "{e}"
+    );
+}

@@ -1786,7 +1786,7 @@ mod tests {
         };
         let m = create(&l, &url, &stage, &o, true, &mut |_| {}).unwrap();
         assert_eq!(m.location, None);
-        crate::tape::write_set(&url, &stage, &m, true).unwrap();
+        crate::tape::write_set(&url, &stage, &m, true, None).unwrap();
         let order = crate::tape::volume_order(&m);
         assert_eq!(order.len(), 3, "three volumes expected: {order:?}");
         // As a tape reader sees it: label, a file per volume with full
@@ -1845,9 +1845,124 @@ mod tests {
         // Incremental chains are refused for tape.
         let mut m2 = m.clone();
         m2.sets[0].level = "incremental".into();
-        let e = crate::tape::write_set(&url, &stage, &m2, true)
+        let e = crate::tape::write_set(&url, &stage, &m2, true, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("BACKUP_TYPE"), "{e}");
+    }
+
+    /// OBDR: read back as a tape reader would — the label area, the ISO
+    /// from block 20 (xorriso checks its El Torito boot images), then the
+    /// backup one tape file later, listed and restored.
+    #[test]
+    fn obdr_tape_is_read_back_as_a_drive_would() {
+        let src = tempfile::tempdir().unwrap();
+        let s = src.path();
+        let noise = random_bytes(500_000);
+        std::fs::write(s.join("big"), &noise).unwrap();
+        let l = dir_layout(s);
+        let work = tempfile::tempdir().unwrap();
+        let w = work.path();
+        let tree = w.join("tree/boot/grub");
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("grub.cfg"), "menuentry x { true }\n").unwrap();
+        let iso = w.join("rescue.iso");
+        let o = std::process::Command::new("grub-mkrescue")
+            .arg("-o")
+            .arg(&iso)
+            .arg(w.join("tree"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let tap = w.join("obdr.tap");
+        let url = format!("tape://{}", tap.display());
+        let stage = w.join("stage");
+        let opts = Options {
+            volume_size: Some(200_000),
+            ..Default::default()
+        };
+        let m = create(&l, &url, &stage, &opts, true, &mut |_| {}).unwrap();
+        crate::tape::write_set(
+            &url,
+            &stage,
+            &m,
+            true,
+            Some((crate::tape::OBDR_LABEL, iso.as_path())),
+        )
+        .unwrap();
+        // Independent parse of the image: file 0 is 20 records of 512
+        // bytes, then the ISO in 2048-byte records; then label, volumes,
+        // manifest, end of data.
+        let files = crate::tape::simh_files(&tap);
+        let iso_len = std::fs::metadata(&iso).unwrap().len() as usize;
+        assert!(
+            files[0][..20].iter().all(|&r| r == 512),
+            "{:?}",
+            &files[0][..21]
+        );
+        assert!(files[0][20..].iter().all(|&r| r == 2048));
+        assert_eq!(files[0][20..].iter().sum::<usize>(), iso_len);
+        let order = crate::tape::volume_order(&m);
+        assert_eq!(files.len(), 1 + 1 + order.len() + 1 + 2, "{}", files.len());
+        assert_eq!(crate::tape::first_file(&url).unwrap(), 1);
+        assert_eq!(
+            crate::tape::obdr_label(&url).unwrap().as_deref(),
+            Some(crate::tape::OBDR_LABEL)
+        );
+        // Skip to the ISO: the bytes as written, bootable for BIOS and UEFI.
+        let back = w.join("back.iso");
+        assert_eq!(
+            crate::tape::read_obdr_iso(&url, &back).unwrap() as usize,
+            iso_len
+        );
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&iso).unwrap());
+        let o = std::process::Command::new("xorriso")
+            .args(["-indev"])
+            .arg(&back)
+            .args(["-report_el_torito", "plain"])
+            .output()
+            .unwrap();
+        let et = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(et.matches("El Torito boot img").count(), 2, "{et}");
+        assert!(et.contains("BIOS") && et.contains("UEFI"), "{et}");
+        // Skip to the backup: the label, the manifest, every volume.
+        assert_eq!(crate::tape::read_label(&url).unwrap().id, m.id);
+        assert_eq!(crate::tape::read_manifest(&url).unwrap(), m);
+        let store = Store::Tape(crate::tape::Remote::new(&url, &m).unwrap());
+        assert!(
+            store.show(&order[0]).contains("tape file 2"),
+            "{}",
+            store.show(&order[0])
+        );
+        for a in &m.sets[0].archives {
+            preflight_archive(&store, a).unwrap();
+        }
+        let dst = tempfile::tempdir().unwrap();
+        extract(
+            &store,
+            &m.sets[0],
+            &m.sets[0].archives[0],
+            dst.path(),
+            false,
+            true,
+            None,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), noise);
+        // A tape holding something else is not overwritten.
+        let foreign = w.join("foreign.tap");
+        {
+            use crate::tape::Tape;
+            let mut t = crate::tape::SimhFile::open(&foreign, true).unwrap();
+            t.write_record(b"SOMEONE ELSES BACKUP").unwrap();
+            t.weof().unwrap();
+        }
+        let before = std::fs::read(&foreign).unwrap();
+        let furl = format!("tape://{}", foreign.display());
+        let e = crate::tape::write_set(&furl, &stage, &m, true, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refusing to overwrite"), "{e}");
+        assert_eq!(std::fs::read(&foreign).unwrap(), before);
     }
 }

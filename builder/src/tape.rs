@@ -16,6 +16,14 @@
 //! then two filemarks (end of data). Positioning uses the MTIOCTOP ioctl
 //! (`MTREW`, `MTFSF`, `MTWEOF`), as `mt rewind` / `mt fsf N` / `mt weof` do;
 //! records are written in variable-block mode, [`RECORD`] bytes each.
+//!
+//! An OBDR tape (`OUTPUT = "OBDR"`, HP One-Button Disaster Recovery) has
+//! one more tape file in front: a drive started in OBDR mode presents it
+//! as a bootable CD-ROM. It holds 20 blocks of 512 bytes (the tape label,
+//! `LIFEBOAT-000`, padded with NUL bytes), then from block 20 the rescue
+//! ISO in 2048-byte blocks, then a filemark. Everything above follows,
+//! one tape file later; readers find out which kind of tape it is from the
+//! first record.
 
 use anyhow::{bail, Context, Result};
 use lifeboat_contract::BackupManifest;
@@ -34,7 +42,14 @@ pub trait Tape: Send {
     fn write_record(&mut self, data: &[u8]) -> Result<()>;
     /// The next record into `buf`; `false` at a filemark or the end of data.
     fn read_record(&mut self, buf: &mut Vec<u8>) -> Result<bool>;
+    /// Fixed blocks of `bytes` from now on (0: variable, one record per write).
+    fn set_block(&mut self, bytes: u32) -> Result<()>;
 }
+
+/// OBDR: records of the label area, their size, the ISO's block size.
+pub const OBDR_LABEL_BLOCKS: usize = 20;
+pub const OBDR_LABEL_BLOCK: usize = 512;
+pub const OBDR_ISO_BLOCK: usize = 2048;
 
 /// A tape image file in the SIMH format.
 pub struct SimhFile {
@@ -110,6 +125,11 @@ impl Tape for SimhFile {
             self.f.write_all(&[0])?;
         }
         self.f.write_all(&len)?;
+        Ok(())
+    }
+
+    fn set_block(&mut self, _bytes: u32) -> Result<()> {
+        // An image keeps each record's own length.
         Ok(())
     }
 
@@ -223,6 +243,9 @@ impl Tape for Device {
         }
         Ok(())
     }
+    fn set_block(&mut self, bytes: u32) -> Result<()> {
+        self.op(MTSETBLK, bytes as i32, "setting the block size")
+    }
     fn read_record(&mut self, buf: &mut Vec<u8>) -> Result<bool> {
         buf.resize(RECORD * 4, 0);
         let n = self
@@ -316,10 +339,146 @@ pub struct Label {
     pub hostname: String,
 }
 
+/// The tape file of the Lifeboat label: 1 on an OBDR tape (its first
+/// file is the bootable CD image), else 0.
+pub fn first_file(url: &str) -> Result<u32> {
+    let mut t = open(url, false)?;
+    t.rewind()?;
+    let mut rec = Vec::new();
+    if !t.read_record(&mut rec)? {
+        bail!("{url} is empty (no record before the first filemark)");
+    }
+    Ok(u32::from(
+        rec.len() == OBDR_LABEL_BLOCK && rec.first() != Some(&b'{'),
+    ))
+}
+
+/// The OBDR tape label (the text at the start of the tape), if it is one.
+pub fn obdr_label(url: &str) -> Result<Option<String>> {
+    if first_file(url)? == 0 {
+        return Ok(None);
+    }
+    let mut t = open(url, false)?;
+    t.rewind()?;
+    let mut rec = Vec::new();
+    t.read_record(&mut rec)?;
+    let end = rec.iter().position(|&b| b == 0).unwrap_or(rec.len());
+    Ok(Some(String::from_utf8_lossy(&rec[..end]).into_owned()))
+}
+
+/// Copy the bootable ISO of an OBDR tape (from block 20 of its first
+/// file) to `out`, reading it as the drive would. Returns its size.
+pub fn read_obdr_iso(url: &str, out: &Path) -> Result<u64> {
+    if first_file(url)? == 0 {
+        bail!("{url} is not an OBDR tape (no label area of 20 blocks of 512 bytes)");
+    }
+    let mut t = open(url, false)?;
+    t.rewind()?;
+    let mut rec = Vec::new();
+    for i in 0..OBDR_LABEL_BLOCKS {
+        if !t.read_record(&mut rec)? || rec.len() != OBDR_LABEL_BLOCK {
+            bail!("{url}: block {i} of the OBDR label area is not a 512-byte block");
+        }
+    }
+    let mut f =
+        std::fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
+    let mut n = 0u64;
+    while t.read_record(&mut rec)? {
+        if rec.len() % OBDR_ISO_BLOCK != 0 {
+            bail!(
+                "{url}: the ISO on the tape has a record of {} bytes, not whole 2048-byte blocks",
+                rec.len()
+            );
+        }
+        f.write_all(&rec)?;
+        n += rec.len() as u64;
+    }
+    Ok(n)
+}
+
+/// Write the OBDR boot area at the start of the tape: the label area and
+/// the ISO, then a filemark.
+pub fn write_obdr_boot(t: &mut dyn Tape, label: &str, iso: &Path) -> Result<()> {
+    if label.is_empty() || label.len() >= OBDR_LABEL_BLOCK || label.starts_with('{') {
+        bail!(
+            "the OBDR tape label {label:?} must have 1 to 511 characters and not start with '{{'"
+        );
+    }
+    t.rewind()?;
+    t.set_block(OBDR_LABEL_BLOCK as u32)?;
+    let mut area = vec![0u8; OBDR_LABEL_BLOCK * OBDR_LABEL_BLOCKS];
+    area[..label.len()].copy_from_slice(label.as_bytes());
+    for b in area.chunks(OBDR_LABEL_BLOCK) {
+        t.write_record(b)?;
+    }
+    t.set_block(OBDR_ISO_BLOCK as u32)?;
+    let mut src =
+        std::fs::File::open(iso).with_context(|| format!("cannot read {}", iso.display()))?;
+    let len = src.metadata()?.len();
+    if len % OBDR_ISO_BLOCK as u64 != 0 {
+        bail!(
+            "{} is not a whole number of 2048-byte blocks",
+            iso.display()
+        );
+    }
+    let mut buf = vec![0u8; OBDR_ISO_BLOCK];
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let k = src.read(&mut buf[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        if n == 0 {
+            break;
+        }
+        t.write_record(&buf[..n])?;
+    }
+    t.weof()?;
+    t.set_block(0)?;
+    Ok(())
+}
+
+/// The OBDR tape label Lifeboat writes.
+pub const OBDR_LABEL: &str = "LIFEBOAT-000";
+
+/// Refuse to overwrite a tape that holds something other than a Lifeboat
+/// backup or OBDR image (a new image file or an empty tape is fine).
+pub fn check_overwrite(url: &str) -> Result<()> {
+    let p = path_of(url)?;
+    if !p.exists()
+        || std::fs::metadata(&p)
+            .map(|m| m.is_file() && m.len() == 0)
+            .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    let mut t = open(url, false)?;
+    t.rewind()?;
+    let mut rec = Vec::new();
+    match t.read_record(&mut rec) {
+        Ok(false) => return Ok(()),
+        Ok(true) => {}
+        // A blank tape reads nothing (some drives answer with an error).
+        Err(_) => return Ok(()),
+    }
+    let ours =
+        rec.starts_with(OBDR_LABEL.as_bytes()) || serde_json::from_slice::<Label>(&rec).is_ok();
+    if !ours {
+        bail!(
+            "{url} holds data that Lifeboat did not write; refusing to overwrite it. \
+             Erase it first if it may go (`mt -f DEVICE erase`, or remove the image file)"
+        );
+    }
+    Ok(())
+}
+
 /// The label of the tape in `url`.
 pub fn read_label(url: &str) -> Result<Label> {
     let mut b = Vec::new();
-    read_file(url, 0)?
+    read_file(url, first_file(url)?)?
         .take(1 << 20)
         .read_to_end(&mut b)
         .with_context(|| format!("cannot read the label of {url}"))?;
@@ -329,8 +488,15 @@ pub fn read_label(url: &str) -> Result<Label> {
 }
 
 /// Write the set staged in `stage` (manifest `m`, one full set) to the
-/// tape, from its start: label, volumes, manifest, end of data.
-pub fn write_set(url: &str, stage: &Path, m: &BackupManifest, quiet: bool) -> Result<()> {
+/// tape, from its start: label, volumes, manifest, end of data. With
+/// `obdr` (tape label, rescue ISO) the OBDR boot area comes first.
+pub fn write_set(
+    url: &str,
+    stage: &Path,
+    m: &BackupManifest,
+    quiet: bool,
+    obdr: Option<(&str, &Path)>,
+) -> Result<()> {
     if m.sets.len() != 1 || m.sets[0].level != "full" {
         bail!(
             "a tape holds one full backup: set BACKUP_TYPE = \"full\" for {url} (this run made a {} chain)",
@@ -341,8 +507,12 @@ pub fn write_set(url: &str, stage: &Path, m: &BackupManifest, quiet: bool) -> Re
                 .join(" + ")
         );
     }
+    check_overwrite(url)?;
     let mut t = open(url, true)?;
     t.rewind()?;
+    if let Some((label, iso)) = obdr {
+        write_obdr_boot(t.as_mut(), label, iso)?;
+    }
     let label = Label {
         lifeboat_tape: 1,
         id: m.id.clone(),
@@ -391,9 +561,10 @@ pub fn write_set(url: &str, stage: &Path, m: &BackupManifest, quiet: bool) -> Re
 /// The manifest at the end of the tape (the last tape file before the end
 /// of data), read in one pass.
 pub fn read_manifest(url: &str) -> Result<BackupManifest> {
+    let first = first_file(url)?;
     let mut t = open(url, false)?;
     t.rewind()?;
-    t.fsf(1)?;
+    t.fsf(first + 1)?;
     let mut last: Option<Vec<u8>> = None;
     let mut rec = Vec::new();
     loop {
@@ -420,6 +591,8 @@ pub fn read_manifest(url: &str) -> Result<BackupManifest> {
 pub struct Remote {
     url: String,
     order: Vec<String>,
+    /// Tape file of the label (1 on an OBDR tape).
+    first: u32,
 }
 
 impl Remote {
@@ -428,24 +601,25 @@ impl Remote {
         Ok(Remote {
             url: url.to_string(),
             order: volume_order(m),
+            first: first_file(url)?,
         })
     }
 
     pub fn url(&self, rel: &str) -> String {
-        match self.order.iter().position(|f| f == rel) {
-            Some(i) => format!("{} (tape file {}: {rel})", self.url, i + 1),
+        match self.file_of(rel) {
+            Some(i) => format!("{} (tape file {i}: {rel})", self.url),
             None => format!("{} ({rel})", self.url),
         }
     }
 
     fn file_of(&self, rel: &str) -> Option<u32> {
         if rel == crate::backup::MANIFEST_FILE {
-            return Some(self.order.len() as u32 + 1);
+            return Some(self.first + self.order.len() as u32 + 1);
         }
         self.order
             .iter()
             .position(|f| f == rel)
-            .map(|i| i as u32 + 1)
+            .map(|i| self.first + i as u32 + 1)
     }
 
     pub fn get(&self, rel: &str) -> Result<Option<Box<dyn Read + Send>>> {

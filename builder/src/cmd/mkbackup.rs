@@ -182,6 +182,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         .filter(|u| u.starts_with("tape://") && recipe.is_none());
     if let Some(t) = &tape {
         crate::tape::path_of(t)?;
+        crate::tape::check_overwrite(t)?;
         if !cfg.backup_type.eq_ignore_ascii_case("full") {
             bail!(
                 "BACKUP_URL = {t:?}: a tape holds one full backup; set BACKUP_TYPE = \"full\" (it is {:?})",
@@ -211,6 +212,21 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         if let (Some(mb), None) = (cfg.iso_max_size, &cfg.backup_volume_size) {
             cfg.backup_volume_size = Some(format!("{}M", (mb / 4).max(1)));
         }
+    }
+    let obdr = a
+        .rescue
+        .output
+        .clone()
+        .unwrap_or(cfg.output.clone())
+        .eq_ignore_ascii_case("obdr");
+    if obdr {
+        if tape.is_none() {
+            bail!("OUTPUT = \"OBDR\" needs BACKUP_URL = \"tape:///dev/nstN\": the rescue ISO and the backup share the tape");
+        }
+        if a.no_rescue {
+            bail!("OUTPUT = \"OBDR\" writes the rescue ISO and the backup together; --no-rescue would leave the tape without either");
+        }
+        crate::iso::check_tools()?;
     }
     // Keeps a usb:// medium or a network share mounted until the end.
     // A backup tool may have its own kind of URL (rsync://…): it gets it as
@@ -345,8 +361,17 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                 if !g.quiet {
                     println!("backup {} uploaded to {}", m.id, r.show(""));
                 }
+            } else if tape.is_some() && obdr {
+                // Written with the rescue ISO in front, after mkrescue.
+                if !g.quiet {
+                    println!(
+                        "backup {} staged in {} for the OBDR tape",
+                        m.id,
+                        dir.display()
+                    );
+                }
             } else if let Some(t) = &tape {
-                let w = crate::tape::write_set(t, dir, &m, quiet);
+                let w = crate::tape::write_set(t, dir, &m, quiet, None);
                 let _ = std::fs::remove_dir_all(dir);
                 w?;
                 if !g.quiet {
@@ -391,6 +416,12 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         ),
     ];
     let mut rescue = a.rescue;
+    if let (true, Some(st)) = (obdr, &stage) {
+        rescue.obdr_set = Some((st.clone(), manifest.clone()));
+        let r = mkrescue::run_with(g, rescue, files);
+        let _ = std::fs::remove_dir_all(st);
+        return r;
+    }
     if let (Some(u), Some(st)) = (&iso, &stage) {
         let on_iso = format!("{}/{host}", crate::iso::url_dir(u).unwrap_or_default());
         rescue.iso_backup = Some((st.clone(), on_iso));

@@ -35,6 +35,10 @@ pub struct Args {
     /// its directory on the ISO (set by mkbackup).
     #[arg(skip)]
     pub iso_backup: Option<(PathBuf, String)>,
+    /// OBDR: the tape backup to write after the boot area (its staging
+    /// directory and manifest; set by mkbackup).
+    #[arg(skip)]
+    pub obdr_set: Option<(PathBuf, lifeboat_contract::BackupManifest)>,
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
@@ -60,9 +64,13 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         cfg.output = o;
     }
     let kind = cfg.output.to_ascii_uppercase();
-    if !["INITRD", "ISO", "USB", "RAWDISK", "PXE", "UKI", "PORTABLE"].contains(&kind.as_str()) {
+    if ![
+        "INITRD", "ISO", "USB", "RAWDISK", "PXE", "UKI", "PORTABLE", "OBDR",
+    ]
+    .contains(&kind.as_str())
+    {
         bail!(
-            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO, USB, RAWDISK, PXE, UKI, PORTABLE",
+            "OUTPUT = {:?} is not supported by this version; supported: initrd, ISO, USB, RAWDISK, PXE, UKI, PORTABLE, OBDR",
             cfg.output
         );
     }
@@ -76,6 +84,22 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         cfg.rescue.modules = m;
     }
     let iso_backup = a.iso_backup.clone();
+    let obdr_set = a.obdr_set.clone();
+    // OBDR: the tape is BACKUP_URL's.
+    let obdr_tape = if kind == "OBDR" {
+        match cfg.backup_url.as_deref() {
+            Some(u) if u.starts_with("tape://") => {
+                crate::tape::path_of(u)?;
+                Some(u.to_string())
+            }
+            other => bail!(
+                "OUTPUT = \"OBDR\" writes the rescue ISO to the tape of BACKUP_URL: set BACKUP_URL = \"tape:///dev/nst0\" \
+                 (or tape:///path/image.tap); it is {other:?}"
+            ),
+        }
+    } else {
+        None
+    };
     if iso_backup.is_some() && kind != "ISO" {
         bail!(
             "BACKUP_URL = \"iso://...\" puts the backup on the rescue ISO: it needs OUTPUT = \"ISO\" (it is {:?})",
@@ -206,13 +230,48 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     };
     // Check the menu settings and the tools before the build, not after it.
     crate::iso::grub_cfg(&o, "k", "i")?;
-    if kind == "ISO" {
+    if kind == "ISO" || kind == "OBDR" {
         crate::iso::check_tools()?;
+    }
+    if let Some(t) = &obdr_tape {
+        crate::tape::check_overwrite(t)?;
     }
     let mut report = rescue::build(&cfg, &cfg_text, &inp)?;
     let mut medium_line = None;
     let m = report.manifest.clone().unwrap();
     match kind.as_str() {
+        "OBDR" => {
+            let p = output_dir.join(format!("lifeboat-{host}.iso"));
+            report.warnings.extend(crate::iso::write(
+                &output_dir,
+                &m.kernel,
+                &m.initrd,
+                &p,
+                &o,
+                &[],
+            )?);
+            let t = obdr_tape.as_ref().unwrap();
+            let label = crate::tape::OBDR_LABEL;
+            match &obdr_set {
+                Some((stage, bm)) => {
+                    crate::tape::write_set(t, stage, bm, g.quiet, Some((label, p.as_path())))?
+                }
+                None => {
+                    // The boot area alone, then the end of data.
+                    let mut tape = crate::tape::open(t, true)?;
+                    crate::tape::write_obdr_boot(tape.as_mut(), label, &p)?;
+                    tape.weof()?;
+                }
+            }
+            medium_line = Some(format!(
+                "OBDR tape {t}: label {label}, bootable ISO from block 20{}",
+                if obdr_set.is_some() {
+                    ", then the backup"
+                } else {
+                    " (no backup: run mkbackup)"
+                }
+            ));
+        }
         "ISO" => {
             let p = output_dir.join(format!("lifeboat-{host}.iso"));
             // Media of an earlier, bigger backup must not linger.
