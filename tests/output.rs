@@ -739,3 +739,36 @@ fn obdr_mkrescue_writes_label_area_and_iso_to_the_tape() {
         "{e}"
     );
 }
+
+#[test]
+fn output_url_sftp_uploads_the_output_to_the_hosts_directory() {
+    let work = tempfile::tempdir().unwrap();
+    let srv = lifeboat_qemu::servers::sshd(&work.path().join("sshd"));
+    let conf = work.path().join("etc");
+    std::fs::create_dir_all(&conf).unwrap();
+    let toml = work.path().join("t.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "OUTPUT = \"PORTABLE\"\nOUTPUT_URL = \"sftp://root@127.0.0.1:{}{}/rescue\"\n\
+             backup_credentials = \"{}\"\nbackup_ssh_options = [\"UserKnownHostsFile={}\"]\n",
+            srv.port,
+            srv.root.display(),
+            srv.dir.join("id_ed25519").display(),
+            srv.dir.join("known_hosts").display()
+        ),
+    )
+    .unwrap();
+    let o = run_ok(lifeboat(&conf).arg("-c").arg(&toml).arg("mkrescue"));
+    let said = String::from_utf8_lossy(&o.stdout);
+    let host = this_host();
+    let name = format!("lifeboat-portable-{host}.tar.gz");
+    assert!(
+        said.contains(&format!("sftp://root@127.0.0.1:{}", srv.port)),
+        "{said}"
+    );
+    let up = srv.root.join("rescue").join(&host).join(&name);
+    assert!(up.is_file(), "{} not uploaded: {said}", up.display());
+    let (ok, list, err) = sh(&format!("tar tzf {}", up.display()));
+    assert!(ok && list.contains("/lifeboat.toml"), "{list}{err}");
+}
