@@ -183,7 +183,7 @@ fn rawdisk(format: &str) -> (PathBuf, PathBuf) {
 }
 
 #[test]
-fn rawdisk_boots_under_seabios_and_its_qcow2_under_ovmf() {
+fn rawdisk_boots_under_seabios_and_ovmf_and_its_qcow2_too() {
     let (work, raw) = rawdisk("raw");
     // sfdisk is the oracle for the partition table.
     let (ok, out, err) = sh(&format!("sfdisk --json {}", raw.display()));
@@ -195,11 +195,13 @@ fn rawdisk_boots_under_seabios_and_its_qcow2_under_ovmf() {
     ] {
         assert!(out.contains(t), "partition type {t} missing: {out}");
     }
-    let c = boot_disk(&raw, "raw", false, &work.join("raw-bios.log"));
-    assert!(
-        c.contains("lifeboat.test=rawdisk"),
-        "the disk's menu was not used"
-    );
+    for (uefi, log) in [(false, "raw-bios.log"), (true, "raw-uefi.log")] {
+        let c = boot_disk(&raw, "raw", uefi, &work.join(log));
+        assert!(
+            c.contains("lifeboat.test=rawdisk"),
+            "the disk's menu was not used"
+        );
+    }
     let (work, q) = rawdisk("qcow2");
     let (ok, info, err) = sh(&format!("qemu-img info --output=json {}", q.display()));
     assert!(ok && info.contains("\"format\": \"qcow2\""), "{info}{err}");

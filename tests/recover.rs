@@ -301,8 +301,19 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             ),
             ("http", format!("http://10.0.2.2:{}/backups", sv.http.port), ""),
         ];
+        // The nfs and cifs rescue images go to the share too (OUTPUT_URL);
+        // an NFS URL is mounted whole, so its directory must exist.
+        std::fs::create_dir_all(sv.nfs.root.join("rescue-nfs")).unwrap();
         for (name, url, more) in &urls {
-            let toml = format!("BACKUP_URL = \"{url}\"\n{more}");
+            let (out_url, out_arg) = if *name == "http" {
+                (String::new(), format!("--output-dir /backup/rescue-{name}"))
+            } else {
+                (
+                    format!("OUTPUT_URL = \"{url}/rescue-{name}\"\n"),
+                    String::new(),
+                )
+            };
+            let toml = format!("BACKUP_URL = \"{url}\"\n{more}{out_url}");
             std::fs::write(work.join(format!("lb-{name}.toml")), &toml).unwrap();
             run(
                 &mut vm,
@@ -317,7 +328,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
                 &mut vm,
                 &mut pos,
                 &format!(
-                    "/backup/bin/lifeboat -c /root/lb-{name}.toml mkbackup --output-dir /backup/rescue-{name} \
+                    "/backup/bin/lifeboat -c /root/lb-{name}.toml mkbackup {out_arg} \
                      > /backup/mkbackup-{name}.log 2>&1; s=$?; tail -25 /backup/mkbackup-{name}.log; test $s = 0"
                 ),
                 20 * MIN,
@@ -329,7 +340,11 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         }
         run(&mut vm, &mut pos, "umount /backup && sync", MIN);
         for (name, _, _) in &urls {
-            let (k, i) = read_rescue(&backup, &work, &format!("rescue-{name}"));
+            let (k, i) = match *name {
+                "nfs" => rescue_in(&sv.nfs.root.join("rescue-nfs")),
+                "cifs" => rescue_in(&sv.cifs.root.join("lifeboat/rescue-cifs")),
+                _ => read_rescue(&backup, &work, &format!("rescue-{name}")),
+            };
             images.push((name.to_string(), k, i));
         }
         // The backups are on the servers, not on the disk.
@@ -450,16 +465,20 @@ fn make_source(layout: &str, variant: Variant) -> Source {
              s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
             20 * MIN,
         );
-        // A second full set, carried by a portable lifeboat instead of a
-        // rescue image (recovered from another live system).
+        // The same backup carried by a portable lifeboat (recovered from
+        // another live system): mkrescue alone takes the last mkbackup's plan.
         let out = run(
             &mut vm,
             &mut pos,
-            "/backup/bin/lifeboat mkbackup --output PORTABLE --backup-url file:///backup/store --output-dir /backup/portable \
+            "/backup/bin/lifeboat mkrescue --output PORTABLE --output-dir /backup/portable \
              > /backup/portable.log 2>&1; s=$?; tail -5 /backup/portable.log; test $s = 0",
             20 * MIN,
         );
-        assert!(out.contains("portable lifeboat"), "{out}");
+        assert!(
+            out.contains("portable lifeboat")
+                && out.contains("carrying the plan of the last mkbackup"),
+            "{out}"
+        );
         // A third full set on the rescue ISO itself (BACKUP_URL = iso://),
         // continued on data ISOs beyond 160 MiB.
         let out = run(
@@ -492,6 +511,18 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         net: variant == Variant::Network,
         images,
     }
+}
+
+/// The rescue image (kernel, initrd) a mkrescue wrote to `dir`.
+fn rescue_in(dir: &Path) -> (PathBuf, PathBuf) {
+    let m = manifest(dir);
+    let (k, i) = (dir.join(&m.kernel), dir.join(&m.initrd));
+    assert!(
+        k.is_file() && i.is_file(),
+        "no rescue image in {}",
+        dir.display()
+    );
+    (k, i)
 }
 
 /// Read a rescue image (kernel, initrd) back from directory `name` of the

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 /// Where `layout save` writes and `show`/`check` read by default.
 pub const DEFAULT_LAYOUT: &str = "/var/lib/lifeboat/layout.json";
+/// The manifest of the last `mkbackup`, kept so that a later `mkrescue`
+/// makes an image that can still recover from that backup.
+pub const DEFAULT_BACKUP: &str = "/var/lib/lifeboat/backup.json";
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {

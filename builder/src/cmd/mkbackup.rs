@@ -405,6 +405,11 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             )?;
         }
     }
+    // For a later mkrescue: the layout and this manifest together.
+    super::layout::write_atomic(
+        Path::new(super::layout::DEFAULT_BACKUP),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
     if a.no_rescue {
         return Ok(());
     }

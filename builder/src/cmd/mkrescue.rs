@@ -42,7 +42,28 @@ pub struct Args {
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
-    run_with(g, a, Vec::new())
+    // The plan of the last mkbackup (layout and backup manifest), so the
+    // image can recover from that backup; mkbackup passes its own.
+    let mut plan = Vec::new();
+    let (lp, bp) = (
+        Path::new(super::layout::DEFAULT_LAYOUT),
+        Path::new(super::layout::DEFAULT_BACKUP),
+    );
+    if let (Ok(l), Ok(b)) = (std::fs::read(lp), std::fs::read(bp)) {
+        let m = lifeboat_contract::BackupManifest::from_json(&String::from_utf8_lossy(&b))
+            .with_context(|| format!("{} is not a valid backup manifest", bp.display()))?;
+        if !g.quiet {
+            println!(
+                "carrying the plan of the last mkbackup: {} and backup {} ({})",
+                lp.display(),
+                m.id,
+                m.url
+            );
+        }
+        plan.push((lifeboat_contract::RESCUE_LAYOUT_PATH.to_string(), l));
+        plan.push((lifeboat_contract::RESCUE_BACKUP_PATH.to_string(), b));
+    }
+    run_with(g, a, plan)
 }
 
 /// Build the image, with extra files in its plan layer (used by `mkbackup`).
