@@ -1768,6 +1768,26 @@ mod tests {
         assert!(e.contains("cannot start an SFTP session"), "{e}");
     }
 
+    /// Pre-flight every archive of the (one-set) backup `m` in `store`, restore
+    /// the first, and compare its file `big` with `want`.
+    fn restores_big_file(store: &Store, m: &BackupManifest, want: &[u8]) {
+        for a in &m.sets[0].archives {
+            preflight_archive(store, a).unwrap();
+        }
+        let dst = tempfile::tempdir().unwrap();
+        extract(
+            store,
+            &m.sets[0],
+            &m.sets[0].archives[0],
+            dst.path(),
+            false,
+            true,
+            None,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), want);
+    }
+
     #[test]
     fn tape_holds_label_volumes_and_manifest_and_restores() {
         let src = tempfile::tempdir().unwrap();
@@ -1810,21 +1830,7 @@ mod tests {
         assert_eq!(crate::tape::read_manifest(&url).unwrap(), m);
         // Restore straight from the tape, after the pre-flight.
         let store = Store::Tape(crate::tape::Remote::new(&url, &m).unwrap());
-        for a in &m.sets[0].archives {
-            preflight_archive(&store, a).unwrap();
-        }
-        let dst = tempfile::tempdir().unwrap();
-        extract(
-            &store,
-            &m.sets[0],
-            &m.sets[0].archives[0],
-            dst.path(),
-            false,
-            true,
-            None,
-        )
-        .unwrap();
-        assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), noise);
+        restores_big_file(&store, &m, &noise);
         // A damaged record in the last volume is found by the pre-flight.
         let mut b = std::fs::read(&tap).unwrap();
         let n = b.len();
@@ -1934,21 +1940,7 @@ mod tests {
             "{}",
             store.show(&order[0])
         );
-        for a in &m.sets[0].archives {
-            preflight_archive(&store, a).unwrap();
-        }
-        let dst = tempfile::tempdir().unwrap();
-        extract(
-            &store,
-            &m.sets[0],
-            &m.sets[0].archives[0],
-            dst.path(),
-            false,
-            true,
-            None,
-        )
-        .unwrap();
-        assert_eq!(std::fs::read(dst.path().join("big")).unwrap(), noise);
+        restores_big_file(&store, &m, &noise);
         // A tape holding something else is not overwritten.
         let foreign = w.join("foreign.tap");
         {

@@ -28,7 +28,8 @@ pub struct IsoOptions {
     pub cmdline: String,
 }
 
-const ENTRIES: &[(&str, &str, &str)] = &[
+/// (key, title, kernel argument) of the three kinds of menu entries.
+pub const ENTRIES: &[(&str, &str, &str)] = &[
     (
         "automatic",
         "Recover automatically",

@@ -38,16 +38,6 @@ pub fn mac_name(mac: &str) -> Result<String> {
     Ok(format!("01-{}", parts.join("-").to_ascii_lowercase()))
 }
 
-const ENTRIES: &[(&str, &str, &str)] = &[
-    (
-        "automatic",
-        "Recover automatically",
-        "lifeboat.recover=auto",
-    ),
-    ("manual", "Recover interactively", "lifeboat.recover=ask"),
-    ("shell", "Rescue shell", "lifeboat.recover=no"),
-];
-
 /// (label, title, kernel arguments) of one menu entry.
 pub type Entry = (String, String, String);
 
@@ -61,7 +51,7 @@ pub fn entries(o: &IsoOptions) -> Result<(Vec<Entry>, String)> {
         format!(" {}", o.cmdline.trim())
     };
     let mut v = Vec::new();
-    for (key, title, arg) in ENTRIES {
+    for (key, title, arg) in crate::iso::ENTRIES {
         v.push((
             key.to_string(),
             title.to_string(),

@@ -421,10 +421,24 @@ pub fn write_obdr_boot(t: &mut dyn Tape, label: &str, iso: &Path) -> Result<()> 
             iso.display()
         );
     }
-    let mut buf = vec![0u8; OBDR_ISO_BLOCK];
+    write_records(t, &mut src, OBDR_ISO_BLOCK, &mut |_| {})?;
+    t.weof()?;
+    t.set_block(0)?;
+    Ok(())
+}
+
+/// Copy `src` to the tape in records of `size` bytes (the last may be
+/// shorter); `progress` gets each record's length.
+fn write_records(
+    t: &mut dyn Tape,
+    src: &mut dyn Read,
+    size: usize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut buf = vec![0u8; size];
     loop {
         let mut n = 0;
-        while n < buf.len() {
+        while n < size {
             let k = src.read(&mut buf[n..])?;
             if k == 0 {
                 break;
@@ -432,13 +446,11 @@ pub fn write_obdr_boot(t: &mut dyn Tape, label: &str, iso: &Path) -> Result<()> 
             n += k;
         }
         if n == 0 {
-            break;
+            return Ok(());
         }
         t.write_record(&buf[..n])?;
+        progress(n as u64);
     }
-    t.weof()?;
-    t.set_block(0)?;
-    Ok(())
 }
 
 /// The OBDR tape label Lifeboat writes.
@@ -527,26 +539,10 @@ pub fn write_set(
         .map(|x| x.len())
         .sum();
     let mut prog = crate::backup::Progress::new(&format!("writing to {url}"), Some(total), quiet);
-    let mut buf = vec![0u8; RECORD];
     for f in &order {
         let mut src = std::fs::File::open(stage.join(f))
             .with_context(|| format!("cannot read {}", stage.join(f).display()))?;
-        loop {
-            // Full records except the last of each file.
-            let mut n = 0;
-            while n < RECORD {
-                let k = src.read(&mut buf[n..])?;
-                if k == 0 {
-                    break;
-                }
-                n += k;
-            }
-            if n == 0 {
-                break;
-            }
-            t.write_record(&buf[..n])?;
-            prog.add(n as u64);
-        }
+        write_records(t.as_mut(), &mut src, RECORD, &mut |n| prog.add(n))?;
         t.weof()?;
     }
     let text = serde_json::to_vec_pretty(m)?;

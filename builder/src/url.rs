@@ -25,6 +25,19 @@ pub struct Local {
     mounted: Vec<PathBuf>,
 }
 
+impl Access {
+    /// How BACKUP_URL (and OUTPUT_URL) are reached with this configuration.
+    pub fn from_config(cfg: &crate::config::Config) -> Access {
+        Access {
+            read_only: false,
+            credentials: cfg.backup_credentials.clone(),
+            options: cfg.backup_mount_options.clone(),
+            ssh_options: cfg.backup_ssh_options.clone(),
+            ca_file: cfg.backup_ca_file.clone(),
+        }
+    }
+}
+
 impl Local {
     /// `path`, on filesystems mounted at `mounts` (unmounted when dropped).
     pub fn mounted(path: PathBuf, mounts: Vec<PathBuf>) -> Local {

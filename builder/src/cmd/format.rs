@@ -27,18 +27,7 @@ pub struct Args {
 
 /// `2G`, `512M`, `1048576` → bytes.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mul) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("--size {s:?}: give bytes or a number with K, M, G or T"))?;
-    Ok(n * mul)
+    crate::backup::parse_size(s).with_context(|| format!("--size {s:?}"))
 }
 
 /// The block device's kernel name (`sdb`) and its partitions' names.

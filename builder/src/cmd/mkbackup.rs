@@ -164,13 +164,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         bail!("BACKUP_URL is not set: add `BACKUP_URL = \"file:///path/to/backups\"` to /etc/lifeboat/lifeboat.toml or give --backup-url");
     }
     let host = crate::layout::hostname().unwrap_or_else(|| "localhost".into());
-    let acc = crate::url::Access {
-        read_only: false,
-        credentials: cfg.backup_credentials.clone(),
-        options: cfg.backup_mount_options.clone(),
-        ssh_options: cfg.backup_ssh_options.clone(),
-        ca_file: cfg.backup_ca_file.clone(),
-    };
+    let acc = crate::url::Access::from_config(&cfg);
     // http(s), sftp: the set is made in a staging directory, then uploaded.
     let remote = match url.as_deref() {
         Some(u) if recipe.is_none() => crate::backup::Store::remote(u, &acc, &host)?,

@@ -134,13 +134,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     let mut _medium = None;
     let host = crate::layout::hostname().unwrap_or_else(|| "rescue".into());
     // OUTPUT_URL is reached with BACKUP_URL's credentials and options.
-    let acc = crate::url::Access {
-        read_only: false,
-        credentials: cfg.backup_credentials.clone(),
-        options: cfg.backup_mount_options.clone(),
-        ssh_options: cfg.backup_ssh_options.clone(),
-        ca_file: cfg.backup_ca_file.clone(),
-    };
+    let acc = crate::url::Access::from_config(&cfg);
     // http(s):// and sftp://: made in a staging directory, then uploaded
     // (a PXE tree to the URL itself, everything else to URL/<host>/).
     let remote = match &a.output_dir {
