@@ -934,9 +934,16 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
         .context("output directory has no name")?
         .to_string_lossy()
         .to_string();
+    // A mount point (an nfs/cifs/usb OUTPUT_URL) cannot be swapped: the
+    // image is staged inside it and moved into place file by file.
+    let in_place = is_mountpoint(out_dir);
     let staging = tempfile::Builder::new()
         .prefix(&format!(".{name}.tmp-"))
-        .tempdir_in(&parent)
+        .tempdir_in(if in_place {
+            out_dir.as_path()
+        } else {
+            parent.as_path()
+        })
         .with_context(|| {
             format!(
                 "cannot create a temporary directory in {}",
@@ -1082,10 +1089,58 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
     std::fs::write(staging.path().join("manifest.json"), mj)?;
     // Files holding configuration (possibly secrets later) are not world-readable.
     let staged = staging.keep();
-    swap_into_place(&staged, out_dir)?;
+    if in_place {
+        replace_contents(&staged, out_dir)?;
+    } else {
+        swap_into_place(&staged, out_dir)?;
+    }
     report.manifest = Some(manifest);
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Whether `p` is the root of a mounted filesystem.
+fn is_mountpoint(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(m), Ok(up)) = (std::fs::metadata(p), std::fs::metadata(p.join(".."))) else {
+        return false;
+    };
+    m.is_dir() && (m.dev() != up.dev() || m.ino() == up.ino())
+}
+
+/// Replace what `dst` holds with the entries of `src` (a directory inside
+/// it), each by rename, the manifest last; then remove `src`. Used where
+/// `dst` itself cannot be swapped (a mount point).
+fn replace_contents(src: &Path, dst: &Path) -> Result<()> {
+    let mut new: Vec<std::ffi::OsString> = std::fs::read_dir(src)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    new.sort_by_key(|n| (n == "manifest.json", n.clone()));
+    let src_name = src.file_name().map(|n| n.to_os_string());
+    for e in std::fs::read_dir(dst)?.flatten() {
+        let n = e.file_name();
+        if Some(&n) == src_name.as_ref() || new.contains(&n) {
+            continue;
+        }
+        let p = e.path();
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.with_context(|| format!("cannot remove the previous image's {}", p.display()))?;
+    }
+    for n in &new {
+        let (from, to) = (src.join(n), dst.join(n));
+        if to.is_dir() {
+            std::fs::remove_dir_all(&to)?;
+        }
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("cannot move {} into place", to.display()))?;
+    }
+    std::fs::remove_dir_all(src).with_context(|| format!("cannot remove {}", src.display()))?;
+    Ok(())
 }
 
 /// Atomically replace `dst` (a directory, possibly absent) with `src`.
@@ -1186,5 +1241,32 @@ mod tests {
         assert!(expand_glob(r, "/usr/lib/python3/nothing").is_empty());
         assert!(is_elf(Path::new("/proc/self/exe")));
         assert!(!is_elf(&r.join("usr/lib/python3.11/os.py")));
+    }
+
+    #[test]
+    fn a_mount_point_output_is_replaced_file_by_file() {
+        assert!(is_mountpoint(Path::new("/proc")));
+        let t = tempfile::tempdir().unwrap();
+        assert!(!is_mountpoint(t.path()));
+        let dst = t.path();
+        std::fs::write(dst.join("old-layer.cpio"), "old").unwrap();
+        std::fs::write(dst.join("manifest.json"), "old").unwrap();
+        std::fs::create_dir(dst.join("olddir")).unwrap();
+        let src = dst.join(".out.tmp-x");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("base.cpio"), "new").unwrap();
+        std::fs::write(src.join("manifest.json"), "new").unwrap();
+        replace_contents(&src, dst).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dst)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["base.cpio", "manifest.json"]);
+        assert_eq!(
+            std::fs::read_to_string(dst.join("manifest.json")).unwrap(),
+            "new"
+        );
     }
 }
