@@ -1930,6 +1930,13 @@ mod tests {
             .unwrap();
         let et = String::from_utf8_lossy(&o.stdout);
         assert_eq!(et.matches("El Torito boot img").count(), 2, "{et}");
+        // What an OBDR drive checks before it presents the CD: the El
+        // Torito boot record at ISO sector 17, its identifier at byte 7.
+        let b = std::fs::read(&back).unwrap();
+        assert_eq!(
+            &b[17 * 2048 + 7..17 * 2048 + 30],
+            b"EL TORITO SPECIFICATION"
+        );
         assert!(et.contains("BIOS") && et.contains("UEFI"), "{et}");
         // Skip to the backup: the label, the manifest, every volume.
         assert_eq!(crate::tape::read_label(&url).unwrap().id, m.id);

@@ -1109,8 +1109,9 @@ fn is_mountpoint(p: &Path) -> bool {
 }
 
 /// Replace what `dst` holds with the entries of `src` (a directory inside
-/// it), each by rename, the manifest last; then remove `src`. Used where
-/// `dst` itself cannot be swapped (a mount point).
+/// it or beside it on the same filesystem), each by rename, the manifest
+/// last; then remove `src`. Used where `dst` itself cannot be swapped (a
+/// mount point, a filesystem without RENAME_EXCHANGE).
 fn replace_contents(src: &Path, dst: &Path) -> Result<()> {
     let mut new: Vec<std::ffi::OsString> = std::fs::read_dir(src)?
         .flatten()
@@ -1168,6 +1169,13 @@ fn swap_into_place(src: &Path, dst: &Path) -> Result<()> {
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
+        // Filesystems without RENAME_EXCHANGE (cifs, some FUSE): file by file.
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EXDEV | libc::EBUSY)
+        ) {
+            return replace_contents(src, dst);
+        }
         let _ = std::fs::remove_dir_all(src);
         return Err(e).with_context(|| format!("cannot swap the new image into {}", dst.display()));
     }

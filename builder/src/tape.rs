@@ -44,6 +44,10 @@ pub trait Tape: Send {
     fn read_record(&mut self, buf: &mut Vec<u8>) -> Result<bool>;
     /// Fixed blocks of `bytes` from now on (0: variable, one record per write).
     fn set_block(&mut self, bytes: u32) -> Result<()>;
+    /// The drive's own compression on or off (an image has none).
+    fn set_compression(&mut self, _on: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// OBDR: records of the label area, their size, the ISO's block size.
@@ -178,6 +182,7 @@ const MTFSF: libc::c_short = 1;
 const MTWEOF: libc::c_short = 5;
 const MTREW: libc::c_short = 6;
 const MTSETBLK: libc::c_short = 20;
+const MTCOMPRESSION: libc::c_short = 32;
 
 impl Device {
     pub fn open(p: &Path, write: bool) -> Result<Device> {
@@ -245,6 +250,9 @@ impl Tape for Device {
     }
     fn set_block(&mut self, bytes: u32) -> Result<()> {
         self.op(MTSETBLK, bytes as i32, "setting the block size")
+    }
+    fn set_compression(&mut self, on: bool) -> Result<()> {
+        self.op(MTCOMPRESSION, i32::from(on), "switching drive compression")
     }
     fn read_record(&mut self, buf: &mut Vec<u8>) -> Result<bool> {
         buf.resize(RECORD * 4, 0);
@@ -405,6 +413,9 @@ pub fn write_obdr_boot(t: &mut dyn Tape, label: &str, iso: &Path) -> Result<()> 
         );
     }
     t.rewind()?;
+    // The drive reads the boot area in CD-ROM mode: uncompressed (not all
+    // drives can switch; a failure is not fatal).
+    let _ = t.set_compression(false);
     t.set_block(OBDR_LABEL_BLOCK as u32)?;
     let mut area = vec![0u8; OBDR_LABEL_BLOCK * OBDR_LABEL_BLOCKS];
     area[..label.len()].copy_from_slice(label.as_bytes());
@@ -424,6 +435,7 @@ pub fn write_obdr_boot(t: &mut dyn Tape, label: &str, iso: &Path) -> Result<()> 
     write_records(t, &mut src, OBDR_ISO_BLOCK, &mut |_| {})?;
     t.weof()?;
     t.set_block(0)?;
+    let _ = t.set_compression(true);
     Ok(())
 }
 
