@@ -304,13 +304,23 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         // The nfs and cifs rescue images go to the share too (OUTPUT_URL);
         // an NFS URL is mounted whole, so its directory must exist.
         std::fs::create_dir_all(sv.nfs.root.join("rescue-nfs")).unwrap();
+        run(&mut vm, &mut pos, "cp /backup/bin/* /usr/local/sbin/", MIN);
         for (name, url, more) in &urls {
-            let (out_url, out_arg) = if *name == "http" {
-                (String::new(), format!("--output-dir /backup/rescue-{name}"))
+            // nfs and cifs: the rescue image goes to the share too, and the
+            // local disk that brought the binaries is not mounted (else it
+            // would be part of the system to recover). http: the image goes
+            // to that disk, which mkbackup then leaves out of the layout.
+            let (out_url, out_arg, before) = if *name == "http" {
+                (
+                    String::new(),
+                    format!("--output-dir /backup/rescue-{name}"),
+                    "mkdir -p /backup && (findmnt /backup >/dev/null || mount /dev/vdb /backup)",
+                )
             } else {
                 (
                     format!("OUTPUT_URL = \"{url}/rescue-{name}\"\n"),
                     String::new(),
+                    "(findmnt /backup >/dev/null && umount /backup || true)",
                 )
             };
             let toml = format!("BACKUP_URL = \"{url}\"\n{more}{out_url}");
@@ -328,8 +338,8 @@ fn make_source(layout: &str, variant: Variant) -> Source {
                 &mut vm,
                 &mut pos,
                 &format!(
-                    "/backup/bin/lifeboat -c /root/lb-{name}.toml mkbackup {out_arg} \
-                     > /backup/mkbackup-{name}.log 2>&1; s=$?; tail -25 /backup/mkbackup-{name}.log; test $s = 0"
+                    "{before} && lifeboat -c /root/lb-{name}.toml mkbackup {out_arg} \
+                     > /root/mkbackup-{name}.log 2>&1; s=$?; tail -25 /root/mkbackup-{name}.log; test $s = 0"
                 ),
                 20 * MIN,
             );

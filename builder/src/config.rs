@@ -94,6 +94,9 @@ pub struct Config {
     /// Extra kernel command line of every boot menu entry.
     #[serde(alias = "KERNEL_CMDLINE")]
     pub kernel_cmdline: String,
+    /// mkbackup: keep disks with nothing mounted in the layout (default:
+    /// left out, like ReaR's AUTOEXCLUDE_DISKS).
+    pub layout_all_disks: bool,
     /// OUTPUT = "RAWDISK": `raw`, or `qcow2` (converted by qemu-img).
     pub rawdisk_format: String,
     /// OUTPUT = "UKI": private key (PEM) to sign the UKI for Secure Boot
@@ -296,6 +299,7 @@ impl Default for Config {
             boot_console: "vga".into(),
             kernel_cmdline: String::new(),
             backup_stage_dir: PathBuf::from("/var/tmp/lifeboat-upload"),
+            layout_all_disks: false,
             rawdisk_format: "raw".into(),
             usb_retain: 3,
             pxe_macs: vec![],

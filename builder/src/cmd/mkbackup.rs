@@ -128,6 +128,57 @@ fn output_device(a: &mkrescue::Args, cfg: &crate::config::Config) -> Option<Stri
 
 /// Leave the disk holding the backup out of the layout: it is not part of
 /// the system to recover, and recovery must never write it.
+/// Devices below the block device `name` (its partitions, and what is
+/// stacked on them: md, dm/LVM, LUKS), `name` included, by sysfs.
+fn block_tree(name: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![name.to_string()];
+    while let Some(n) = todo.pop() {
+        if !seen.insert(n.clone()) {
+            continue;
+        }
+        let sys = Path::new("/sys/class/block").join(&n);
+        for sub in ["holders", ""] {
+            let Ok(rd) = std::fs::read_dir(sys.join(sub)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let c = e.file_name().to_string_lossy().into_owned();
+                // Partitions are subdirectories with a `partition` file.
+                if sub == "holders" || e.path().join("partition").exists() {
+                    todo.push(c);
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// Whether anything on disk `name` is mounted or used as swap (ReaR's
+/// AUTOEXCLUDE_DISKS: a disk with nothing in use is not part of the system).
+pub fn disk_in_use(name: &str) -> bool {
+    let tree = block_tree(name);
+    let devnos: BTreeSet<String> = tree
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(format!("/sys/class/block/{n}/dev")).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounted = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(2))
+        .any(|d| devnos.contains(d));
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    let swapped = swaps.lines().skip(1).any(|l| {
+        let dev = l.split_whitespace().next().unwrap_or("");
+        std::fs::canonicalize(dev)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .is_some_and(|n| tree.contains(&n))
+    });
+    mounted || swapped
+}
+
 pub fn without_disk(l: &mut Layout, disk: &str) {
     let Some(d) = l.disks.iter().find(|d| d.name == disk).cloned() else {
         return;
@@ -264,6 +315,22 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         _ => None,
     };
     let mut layout = crate::layout::capture(&[])?;
+    // Disks with nothing mounted and no swap in use are not part of the
+    // system (a spare, the stick that brought the tools): left out.
+    if !cfg.layout_all_disks {
+        let idle: Vec<String> = layout
+            .disks
+            .iter()
+            .map(|d| d.name.clone())
+            .filter(|n| !disk_in_use(n))
+            .collect();
+        for n in idle {
+            if !g.quiet {
+                println!("/dev/{n} has nothing mounted: left out of the layout (layout_all_disks = true keeps it)");
+            }
+            without_disk(&mut layout, &n);
+        }
+    }
     if let Some((loc, disk)) = loc
         .as_ref()
         .and_then(|l| disk_of(&l.device).map(|d| (l, d)))
