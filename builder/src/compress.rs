@@ -202,6 +202,36 @@ impl<R: Read> Read for Lz4LegacyReader<R> {
     }
 }
 
+/// The compression of a layer, from its first bytes.
+pub fn detect_magic(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else if head.starts_with(b"\xfd7zXZ\0") {
+        Compression::Xz
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&LZ4_LEGACY_MAGIC.to_le_bytes()) {
+        Compression::Lz4
+    } else {
+        Compression::None
+    }
+}
+
+/// The compression of the file at `path`, from its first bytes.
+pub fn detect(path: &Path) -> Result<Compression> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut head = [0u8; 6];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(detect_magic(&head[..n]))
+}
+
 /// Read a file, decompressing it when its name says xz, zst or gz.
 pub fn read_maybe_compressed(path: &Path) -> Result<Vec<u8>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -247,6 +277,21 @@ mod tests {
                 .read_to_end(&mut back)
                 .unwrap();
             assert_eq!(back, data, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn compression_is_told_by_its_magic() {
+        for c in [
+            Compression::None,
+            Compression::Zstd,
+            Compression::Xz,
+            Compression::Gzip,
+            Compression::Lz4,
+        ] {
+            let mut e = Encoder::new(Vec::new(), c, None, 1).unwrap();
+            e.write_all(b"070701 a cpio would start like this").unwrap();
+            assert_eq!(detect_magic(&e.finish().unwrap()), c);
         }
     }
 

@@ -110,6 +110,12 @@ pub struct Config {
     /// OUTPUT = "USB": rescue images kept per host on the stick (the
     /// oldest beyond this are removed).
     pub usb_retain: usize,
+    /// OUTPUT_URL = "lifeboat+http(s)://…": the id this host registers
+    /// under with `lifeboat serve` (default: the host name).
+    pub serve_host: Option<String>,
+    /// OUTPUT_URL = "lifeboat+http(s)://…": file with the server's
+    /// enrollment token (`lifeboat serve --enroll-token-file`).
+    pub serve_enroll_token_file: Option<PathBuf>,
     /// Workflow `lifeboat udev` runs when the Lifeboat stick is plugged in:
     /// `mkrescue`, `mkbackup` or empty (nothing); ReaR's UDEV_WORKFLOW.
     #[serde(alias = "UDEV_WORKFLOW")]
@@ -303,6 +309,8 @@ impl Default for Config {
             rawdisk_format: "raw".into(),
             usb_retain: 3,
             pxe_macs: vec![],
+            serve_host: None,
+            serve_enroll_token_file: None,
             uki_sign_key: None,
             uki_sign_cert: None,
             udev_workflow: String::new(),

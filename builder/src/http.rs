@@ -52,7 +52,7 @@ fn basic_auth(c: &crate::url::Credentials) -> String {
 
 /// A TLS client configuration trusting the public roots and the CA
 /// certificates in `ca` (PEM).
-fn tls_with_ca(ca: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+pub(crate) fn tls_with_ca(ca: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),

@@ -111,84 +111,102 @@ pub fn unpack(dir: &Path, dest: &Path, only: Option<&str>) -> Result<usize> {
             bail!("image {} has no layer named {name:?}", dir.display());
         }
     }
+    let mut n = 0usize;
+    for l in &m.layers {
+        let p = dir.join(&l.file);
+        let file = std::fs::File::open(&p)
+            .with_context(|| format!("cannot open layer {}", p.display()))?;
+        let dec = compress::decoder(BufReader::new(file), l.compression)?;
+        n += unpack_archive(dec, &format!("layer {} ({})", l.name, p.display()), dest)?;
+    }
+    Ok(n)
+}
+
+/// Unpack one (uncompressed) newc archive into `dest` over what is there;
+/// `what` names it in errors. Returns the number of entries written.
+pub fn unpack_archive(inp: impl std::io::Read, what: &str, dest: &Path) -> Result<usize> {
     std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
     let dest = std::fs::canonicalize(dest)?;
     let mut n = 0usize;
     let is_root = unsafe { libc::geteuid() } == 0;
-    for l in &m.layers {
-        // Hardlink groups within a layer: (ino) → first path written.
-        let mut links: std::collections::HashMap<u32, PathBuf> = std::collections::HashMap::new();
-        walk_layer(dir, l, |h, data| {
-            let rel = safe_rel(&h.name)?;
-            if rel.as_os_str().is_empty() || rel == Path::new(".") {
-                return Ok(());
+    // Hardlink groups: (ino) → first path written.
+    let mut links: std::collections::HashMap<u32, PathBuf> = std::collections::HashMap::new();
+    let mut r = cpio::Reader::new(BufReader::new(inp));
+    while let Some(h) = r
+        .next_header()
+        .with_context(|| format!("{what} is damaged"))?
+    {
+        let data = r
+            .read_data(&h)
+            .with_context(|| format!("{what} is damaged"))?;
+        let rel = safe_rel(&h.name)?;
+        if rel.as_os_str().is_empty() || rel == Path::new(".") {
+            continue;
+        }
+        let target = dest.join(&rel);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+            let real = std::fs::canonicalize(parent)?;
+            if !real.starts_with(&dest) {
+                bail!(
+                    "refusing archive entry {:?}: its parent leads outside the destination",
+                    h.name
+                );
             }
-            let target = dest.join(&rel);
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
-                let real = std::fs::canonicalize(parent)?;
-                if !real.starts_with(&dest) {
-                    bail!(
-                        "refusing archive entry {:?}: its parent leads outside the destination",
-                        h.name
-                    );
+        }
+        let perm = h.mode & 0o7777;
+        match h.mode & cpio::S_IFMT {
+            cpio::S_IFDIR => {
+                if !target.is_dir() {
+                    let _ = std::fs::remove_file(&target);
+                    std::fs::create_dir(&target)
+                        .with_context(|| format!("cannot create {}", target.display()))?;
                 }
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(perm))?;
             }
-            let perm = h.mode & 0o7777;
-            match h.mode & cpio::S_IFMT {
-                cpio::S_IFDIR => {
-                    if !target.is_dir() {
-                        let _ = std::fs::remove_file(&target);
-                        std::fs::create_dir(&target)
-                            .with_context(|| format!("cannot create {}", target.display()))?;
+            cpio::S_IFLNK => {
+                remove_existing(&target)?;
+                std::os::unix::fs::symlink(String::from_utf8_lossy(&data).as_ref(), &target)
+                    .with_context(|| format!("cannot create symlink {}", target.display()))?;
+            }
+            cpio::S_IFREG => {
+                remove_existing(&target)?;
+                if h.nlink > 1 {
+                    if let Some(first) = links.get(&h.ino) {
+                        std::fs::hard_link(first, &target)?;
+                        if !data.is_empty() {
+                            std::fs::write(&target, &data)?;
+                        }
+                        n += 1;
+                        continue;
                     }
+                    links.insert(h.ino, target.clone());
+                }
+                std::fs::write(&target, &data)
+                    .with_context(|| format!("cannot write {}", target.display()))?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(perm))?;
+            }
+            cpio::S_IFCHR | cpio::S_IFBLK => {
+                if is_root {
+                    remove_existing(&target)?;
+                    let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
+                    let dev = libc::makedev(h.rdev_major, h.rdev_minor);
+                    if unsafe { libc::mknod(c.as_ptr(), h.mode, dev) } != 0 {
+                        return Err(std::io::Error::last_os_error())
+                            .with_context(|| format!("cannot create device {}", target.display()));
+                    }
+                    // mknod is subject to the umask; the archive's mode is not.
                     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(perm))?;
                 }
-                cpio::S_IFLNK => {
-                    remove_existing(&target)?;
-                    std::os::unix::fs::symlink(String::from_utf8_lossy(&data).as_ref(), &target)
-                        .with_context(|| format!("cannot create symlink {}", target.display()))?;
-                }
-                cpio::S_IFREG => {
-                    remove_existing(&target)?;
-                    if h.nlink > 1 {
-                        if let Some(first) = links.get(&h.ino) {
-                            std::fs::hard_link(first, &target)?;
-                            if !data.is_empty() {
-                                std::fs::write(&target, &data)?;
-                            }
-                            return Ok(());
-                        }
-                        links.insert(h.ino, target.clone());
-                    }
-                    std::fs::write(&target, &data)
-                        .with_context(|| format!("cannot write {}", target.display()))?;
-                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(perm))?;
-                }
-                cpio::S_IFCHR | cpio::S_IFBLK => {
-                    if is_root {
-                        remove_existing(&target)?;
-                        let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
-                        let dev = libc::makedev(h.rdev_major, h.rdev_minor);
-                        if unsafe { libc::mknod(c.as_ptr(), h.mode, dev) } != 0 {
-                            return Err(std::io::Error::last_os_error()).with_context(|| {
-                                format!("cannot create device {}", target.display())
-                            });
-                        }
-                        // mknod is subject to the umask; the archive's mode is not.
-                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(perm))?;
-                    }
-                }
-                _ => bail!(
-                    "entry {:?} has an unsupported type (mode {:o})",
-                    h.name,
-                    h.mode
-                ),
             }
-            n += 1;
-            Ok(())
-        })?;
+            _ => bail!(
+                "entry {:?} has an unsupported type (mode {:o})",
+                h.name,
+                h.mode
+            ),
+        }
+        n += 1;
     }
     Ok(n)
 }

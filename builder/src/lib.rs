@@ -5,11 +5,13 @@
 
 pub mod backup;
 pub mod bootdisk;
+pub mod chain;
 pub mod cmd;
 pub mod compress;
 pub mod config;
 pub mod cpio;
 pub mod elf;
+pub mod fetch;
 pub mod fstab;
 pub mod http;
 pub mod image;
@@ -27,6 +29,7 @@ pub mod pxe;
 pub mod recipe;
 pub mod recover;
 pub mod rescue;
+pub mod serve;
 pub mod sftp;
 pub mod tape;
 pub mod tree;

@@ -49,6 +49,10 @@ pub struct BuildInputs {
     /// Files put into the plan layer as they are (image path, contents):
     /// the layout and backup manifest written by `mkbackup`.
     pub plan_files: Vec<(String, Vec<u8>)>,
+    /// A generic chain medium (`mkrescue --generic`): only what boots and
+    /// reaches the network (microcode, base, modules, firmware); the tools
+    /// and the host's plan come from `lifeboat serve`.
+    pub generic: bool,
 }
 
 /// What a build did, for the report and the tests.
@@ -855,11 +859,13 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
         layers.push(("microcode".to_string(), t, Compression::None));
     }
     layers.push(("base".to_string(), base_layer(cfg, &inp.root)?, comp));
-    let mut tools = tools_layer(cfg, &inp.root, &mut warnings)?;
-    let mut excl: Vec<String> = programs::EXCLUDE.iter().map(|s| s.to_string()).collect();
-    excl.extend(cfg.rescue.exclude.iter().cloned());
-    tools.exclude(&excl);
-    layers.push(("tools".to_string(), tools, comp));
+    if !inp.generic {
+        let mut tools = tools_layer(cfg, &inp.root, &mut warnings)?;
+        let mut excl: Vec<String> = programs::EXCLUDE.iter().map(|s| s.to_string()).collect();
+        excl.extend(cfg.rescue.exclude.iter().cloned());
+        tools.exclude(&excl);
+        layers.push(("tools".to_string(), tools, comp));
+    }
     let (mut mods, mut fw) = modules_layer(cfg, &mdir, &kver, cache.as_deref(), &mut warnings)?;
     mods.exclude(&cfg.rescue.exclude);
     fw.exclude(&cfg.rescue.exclude);
@@ -870,6 +876,14 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
     }
     if !fw.is_empty() {
         layers.push(("firmware".to_string(), fw, comp));
+    }
+    if inp.generic {
+        return Ok(Plan {
+            kver,
+            kernel,
+            layers,
+            warnings,
+        });
     }
     let mut plan_tree = plan_layer(cfg, cfg_text, &kver, &mut warnings)?;
     for (path, data) in &inp.plan_files {

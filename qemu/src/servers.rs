@@ -292,3 +292,36 @@ pub fn sshd(dir: &Path) -> Server {
         child: Some(child),
     }
 }
+
+/// `lifeboat serve` (the binary `bin`) serving `dir/root` on 127.0.0.1:`port`
+/// (0: a free port) with extra `args`; output in `dir/serve.log`. The root
+/// is kept, so a second call after a drop restarts the same server.
+pub fn lifeboat_serve(dir: &Path, bin: &Path, port: u16, args: &[&str]) -> Server {
+    std::fs::create_dir_all(dir).unwrap();
+    let root = dir.join("root");
+    let port = if port == 0 { crate::free_port() } else { port };
+    let log = dir.join("serve.log");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--root")
+        .arg(&root)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .env("LIFEBOAT_CONFIG_DIR", dir.join("etc"))
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    let child = spawn_tied(cmd, &root);
+    wait_listening(port, "lifeboat serve", &log);
+    Server {
+        port,
+        root,
+        dir: dir.to_path_buf(),
+        child: Some(child),
+    }
+}

@@ -40,6 +40,8 @@ pub struct Cmdline {
     pub debug: bool,
     /// `lifeboat.layers=URL[,URL...]`.
     pub layers: Vec<String>,
+    /// `lifeboat.chain=URL`: a `lifeboat serve` to fetch this machine's layers from.
+    pub chain: Option<String>,
     pub ip: Vec<IpArg>,
     /// `BOOTIF=01-52-54-00-12-34-56` (pxelinux IPAPPEND 2): the boot NIC.
     pub bootif: Option<[u8; 6]>,
@@ -186,6 +188,7 @@ pub fn parse(cmdline: &str) -> Cmdline {
                     .filter(|s| !s.is_empty())
                     .map(|s| s.to_string()),
             ),
+            "lifeboat.chain" => c.chain = v.filter(|s| !s.is_empty()).map(|s| s.to_string()),
             "lifeboat.ssh" => match parse_bool(v) {
                 Some(b) => c.ssh = Some(b),
                 None => c.warnings.push(format!(

@@ -252,6 +252,80 @@ fn fatal(what: &str, todo: &str, cfg: &InitConfig, cmd: &Cmdline) {
     log("emergency shell: the rescue system is usable, but recovery will not start by itself");
 }
 
+/// Wait for the disks the plan needs; false (after reporting) when some
+/// did not appear.
+fn wait_disks(cfg: &InitConfig, cmd: &Cmdline) -> bool {
+    if cfg.disks.is_empty() {
+        return true;
+    }
+    let Err(missing) = disks::wait(
+        &cfg.disks,
+        Duration::from_secs(cfg.disk_timeout_secs as u64),
+    ) else {
+        return true;
+    };
+    let list: Vec<String> = missing.iter().map(disks::describe).collect();
+    let present: Vec<String> = disks::scan()
+        .iter()
+        .filter(|d| d.size_bytes > 0)
+        .map(|d| {
+            format!(
+                "{} ({} bytes{})",
+                d.name,
+                d.size_bytes,
+                d.serial
+                    .as_ref()
+                    .map(|s| format!(", serial {s}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    fatal(
+        &format!(
+            "disk(s) needed by the recovery plan did not appear within {} s: {}",
+            cfg.disk_timeout_secs,
+            list.join("; ")
+        ),
+        &format!(
+            "check cabling, controller and its driver (lsmod, dmesg); disks present: {}",
+            if present.is_empty() {
+                "none".to_string()
+            } else {
+                present.join(", ")
+            }
+        ),
+        cfg,
+        cmd,
+    );
+    false
+}
+
+fn set_hostname(name: &str) {
+    let h = CString::new(name).unwrap_or_default();
+    unsafe { libc::sethostname(h.as_ptr(), name.len()) };
+}
+
+/// Load the chained layers (lifeboat.layers= / lifeboat.chain=) with the
+/// static lifeboat of the base layer, on the console (it may ask for the
+/// host's token there).
+fn fetch_layers() -> Result<(), String> {
+    let t = std::time::Instant::now();
+    let st = std::process::Command::new("/usr/bin/lifeboat")
+        .arg("fetch-layers")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .status()
+        .map_err(|e| format!("cannot run /usr/bin/lifeboat fetch-layers: {e}"))?;
+    if st.success() {
+        log(&format!(
+            "fetch-layers done in {:.2} s",
+            t.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    } else {
+        Err(format!("lifeboat fetch-layers failed ({st})"))
+    }
+}
+
 fn main() {
     std::panic::set_hook(Box::new(|info| {
         log(&format!("internal error: {info}; continuing"));
@@ -339,9 +413,8 @@ fn main() {
     for w in &cmd.warnings {
         log(&format!("kernel command line: {w}"));
     }
-    let cfg = load_config();
-    let h = CString::new(cfg.hostname.clone()).unwrap_or_default();
-    unsafe { libc::sethostname(h.as_ptr(), cfg.hostname.len()) };
+    let mut cfg = load_config();
+    set_hostname(&cfg.hostname);
     let running = running_kernel();
     if cfg.kver != running {
         log(&format!(
@@ -362,42 +435,11 @@ fn main() {
     if cmd.shell {
         log("lifeboat.shell: stopping at a shell before network and recovery");
     } else {
-        if !cfg.disks.is_empty() {
-            if let Err(missing) = disks::wait(
-                &cfg.disks,
-                Duration::from_secs(cfg.disk_timeout_secs as u64),
-            ) {
-                let list: Vec<String> = missing.iter().map(disks::describe).collect();
-                let present: Vec<String> = disks::scan()
-                    .iter()
-                    .filter(|d| d.size_bytes > 0)
-                    .map(|d| {
-                        format!(
-                            "{} ({} bytes{})",
-                            d.name,
-                            d.size_bytes,
-                            d.serial
-                                .as_ref()
-                                .map(|s| format!(", serial {s}"))
-                                .unwrap_or_default()
-                        )
-                    })
-                    .collect();
-                fatal(
-                    &format!(
-                        "disk(s) needed by the recovery plan did not appear within {} s: {}",
-                        cfg.disk_timeout_secs,
-                        list.join("; ")
-                    ),
-                    &format!(
-                        "check cabling, controller and its driver (lsmod, dmesg); disks present: {}",
-                        if present.is_empty() { "none".to_string() } else { present.join(", ") }
-                    ),
-                    &cfg,
-                    &cmd,
-                );
-                failed = true;
-            }
+        // Chained layers (lifeboat serve) bring the plan: its disks are
+        // waited for once they are there.
+        let chaining = !cmd.layers.is_empty() || cmd.chain.is_some();
+        if !chaining {
+            failed |= !wait_disks(&cfg, &cmd);
         }
         // Virtual devices the captured setup needs: their drivers are not
         // coldplugged by any hardware.
@@ -423,6 +465,33 @@ fn main() {
         }
         for l in net::report() {
             log(&format!("address: {l}"));
+        }
+        if chaining && !failed {
+            match fetch_layers() {
+                Ok(()) => {
+                    cfg = load_config();
+                    set_hostname(&cfg.hostname);
+                    let t = std::time::Instant::now();
+                    let n = coldplug::run(Duration::from_millis(400), Duration::from_secs(15));
+                    log(&format!(
+                        "chained layers loaded; {n} more driver module(s) in {:.2} s; host {}",
+                        t.elapsed().as_secs_f64(),
+                        cfg.hostname
+                    ));
+                    failed |= !wait_disks(&cfg, &cmd);
+                }
+                Err(e) => {
+                    fatal(
+                        &format!("the chained layers could not be loaded: {e}"),
+                        "read the message above: a refused token needs lifeboat.token=<the host's token>; a sha256 \
+                         mismatch means the server's copy differs from the registered one (register the host again); \
+                         a network failure needs the server reachable. Then reboot",
+                        &cfg,
+                        &cmd,
+                    );
+                    failed = true;
+                }
+            }
         }
     }
 

@@ -200,6 +200,9 @@ pub fn without_disk(l: &mut Layout, disk: &str) {
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
+    if a.rescue.generic || a.rescue.chain.is_some() {
+        anyhow::bail!("--generic/--chain build a medium for any machine with `lifeboat mkrescue`; mkbackup's image carries this machine's plan");
+    }
     let mut cfg = g.load_config()?.config;
     let recipe = if crate::recipe::is_internal(&cfg.backup) {
         None

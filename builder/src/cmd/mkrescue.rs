@@ -31,6 +31,14 @@ pub struct Args {
     /// Ignore and do not fill the layer cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// A generic medium for any machine: kernel, base, modules and
+    /// firmware only; the rest (tools, the machine's own plan) is chained
+    /// from `lifeboat serve` at --chain URL.
+    #[arg(long, requires = "chain")]
+    pub generic: bool,
+    /// The `lifeboat serve` a generic medium chains to (http:// or https://).
+    #[arg(long, value_name = "URL")]
+    pub chain: Option<String>,
     /// An `iso://` backup to put on the ISO(s): its staging directory and
     /// its directory on the ISO (set by mkbackup).
     #[arg(skip)]
@@ -104,6 +112,42 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     if let Some(m) = a.modules {
         cfg.rescue.modules = m;
     }
+    let serve = crate::chain::server_url(&cfg.output_url);
+    if cfg.output_url.starts_with("lifeboat+") && serve.is_none() {
+        bail!(
+            "OUTPUT_URL = {:?}: a lifeboat serve URL is lifeboat+http://server[:port]/ or lifeboat+https://server[:port]/",
+            cfg.output_url
+        );
+    }
+    if serve.is_some() && !matches!(kind.as_str(), "INITRD" | "PXE") {
+        bail!(
+            "OUTPUT_URL = {:?} registers this host with lifeboat serve, which boots it over the network: use OUTPUT = \"PXE\" (or \"initrd\"), not {:?}",
+            cfg.output_url,
+            cfg.output
+        );
+    }
+    let generic = a.generic || a.chain.is_some();
+    if generic {
+        let c = a.chain.as_deref().unwrap_or("");
+        if !(c.starts_with("http://") || c.starts_with("https://")) {
+            bail!("--chain {c:?}: give the lifeboat serve URL, http://server:port/ or https://server:port/");
+        }
+        if serve.is_some() {
+            bail!("--generic builds a medium for any machine; it is not registered (leave OUTPUT_URL lifeboat+… out)");
+        }
+        if !matches!(kind.as_str(), "INITRD" | "ISO" | "USB" | "RAWDISK" | "UKI") {
+            bail!("--generic makes a boot medium: OUTPUT ISO, USB, RAWDISK, UKI or initrd (with the NIC's own iPXE use GET /boot.ipxe instead)");
+        }
+        // Any machine: every storage and network driver.
+        cfg.rescue.modules = "generic".into();
+        let mut u = c.to_string();
+        if !u.ends_with('/') {
+            u.push('/');
+        }
+        cfg.kernel_cmdline = format!("{} lifeboat.chain={u}", cfg.kernel_cmdline)
+            .trim()
+            .to_string();
+    }
     let iso_backup = a.iso_backup.clone();
     let obdr_set = a.obdr_set.clone();
     // OBDR: the tape is BACKUP_URL's.
@@ -139,6 +183,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     // (a PXE tree to the URL itself, everything else to URL/<host>/).
     let remote = match &a.output_dir {
         Some(_) => None,
+        None if serve.is_some() => None,
         None => crate::backup::Store::remote(
             &cfg.output_url,
             &acc,
@@ -157,6 +202,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     let mut output_dir = match (a.output_dir, &remote) {
         (Some(d), _) => d,
         (None, Some(_)) => stage_dir("upload")?,
+        (None, None) if serve.is_some() => stage_dir("serve")?,
         (None, None) => {
             let l = crate::url::local_with(&cfg.output_url, "OUTPUT_URL", &acc)?;
             let p = l.path.clone();
@@ -234,6 +280,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         use_cache: !a.no_cache,
         root: PathBuf::from("/"),
         plan_files,
+        generic,
     };
     let cfg_text = toml::to_string(&cfg)?;
     let o = crate::iso::IsoOptions {
@@ -254,6 +301,8 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     let mut report = rescue::build(&cfg, &cfg_text, &inp)?;
     let mut medium_line = None;
     let m = report.manifest.clone().unwrap();
+    // Where the kernel and layers are (the PXE arm moves output_dir to the tree).
+    let built_dir = output_dir.clone();
     match kind.as_str() {
         "OBDR" => {
             let p = output_dir.join(format!("lifeboat-{host}.iso"));
@@ -447,9 +496,49 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     if let Some(r) = &remote {
         upload_dir(r, &output_dir, g.quiet)?;
     }
-    let shown = match &remote {
-        Some(r) => r.show(""),
-        None => output_dir.display().to_string(),
+    let mut registered = None;
+    if let Some(base) = &serve {
+        let id = cfg.serve_host.clone().unwrap_or_else(|| host.clone());
+        let (es, def) = crate::pxe::entries(&o)?;
+        let cmdline = es.iter().find(|e| e.0 == def).unwrap().2.clone();
+        let mut macs = cfg.pxe_macs.clone();
+        if cfg.network.capture || cfg.network.file.is_some() {
+            let net = rescue::network_config(&cfg, &mut report.warnings)?;
+            macs.extend(net.interfaces.iter().filter_map(|i| i.mac.clone()));
+        }
+        let uuid = std::fs::read_to_string("/sys/class/dmi/id/product_uuid")
+            .ok()
+            .map(|u| u.trim().to_ascii_lowercase())
+            .filter(|u| !u.is_empty());
+        let enroll = match &cfg.serve_enroll_token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| {
+                        format!("serve_enroll_token_file: cannot read {}", f.display())
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let r = crate::chain::register(
+            base,
+            &id,
+            &built_dir,
+            report.manifest.as_ref().unwrap(),
+            &cmdline,
+            &macs,
+            uuid,
+            enroll.as_deref(),
+            cfg.backup_ca_file.as_deref(),
+            &state_dir(),
+        )?;
+        registered = Some((base.clone(), id, r));
+    }
+    let shown = match (&remote, &registered) {
+        (Some(r), _) => r.show(""),
+        (None, Some((base, id, _))) => format!("{base}hosts/{id}/"),
+        (None, None) => output_dir.display().to_string(),
     };
     for w in &report.warnings {
         if !g.quiet {
@@ -474,12 +563,40 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         if let Some(l) = &medium_line {
             println!("  {l}");
         }
+        if let Some((base, id, r)) = &registered {
+            println!(
+                "  registered with lifeboat serve {base} as host {id}: {} file(s) uploaded, {} already there",
+                r.uploaded.len(),
+                r.already_there
+            );
+            println!(
+                "  token ({}): {}",
+                if r.new_token { "new" } else { "unchanged" },
+                r.token_file.display()
+            );
+            println!(
+                "  boot it: iPXE `chain {base}hosts/{id}/boot.ipxe?token=<token>` (e.g. as the DHCP boot file), or {base}boot.ipxe with the iPXE setting lifeboat-token"
+            );
+        }
+        if generic {
+            println!(
+                "  generic medium: chains to {} (lifeboat.chain= on its kernel command line)",
+                a.chain.as_deref().unwrap_or("")
+            );
+        }
         println!(
             "done in {:.2} s (collecting {:.2} s)",
             report.seconds, report.collect_seconds
         );
     }
     Ok(())
+}
+
+/// Where lifeboat keeps its state (`/var/lib/lifeboat`; `LIFEBOAT_STATE_DIR` for tests).
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("LIFEBOAT_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/lifeboat"))
 }
 
 /// Send every file below `dir` to `remote` (the manifest last, so a

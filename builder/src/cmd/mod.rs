@@ -14,6 +14,7 @@ pub mod layout;
 pub mod mkbackup;
 pub mod mkrescue;
 pub mod recover;
+pub mod serve;
 pub mod udev;
 
 #[derive(Debug, Parser)]
@@ -63,6 +64,14 @@ pub enum Command {
     /// Capture the disk layout (save), show it, or check it for drift.
     #[command(subcommand)]
     Layout(layout::Command),
+    /// Serve rescue systems to a fleet over HTTP(S): iPXE scripts, shared
+    /// layers, per-host personal layers (registration: OUTPUT_URL =
+    /// "lifeboat+http(s)://server/").
+    Serve(serve::Args),
+    /// In the rescue OS (run by its init): download, check and unpack the
+    /// layers named by lifeboat.layers= or lifeboat.chain=.
+    #[command(hide = true)]
+    FetchLayers(serve::FetchArgs),
 }
 
 /// An exit status other than 0/1 chosen by a command (e.g. `layout check`).
@@ -93,6 +102,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Dump(a) => dump::run(&g, a),
         Command::Image(c) => image::run(&g, c),
         Command::Layout(c) => layout::run(&g, c),
+        Command::Serve(a) => serve::run(&g, a),
+        Command::FetchLayers(a) => serve::fetch(&g, a),
     }
 }
 

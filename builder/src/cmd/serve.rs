@@ -1,0 +1,115 @@
+//! `lifeboat serve` (the fleet server) and `lifeboat fetch-layers` (run by
+//! the rescue init to load chained layers).
+
+use crate::Global;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory holding layers/, hosts/, boot.ipxe and access.log.
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// TLS certificate chain (PEM); with --tls-key serves HTTPS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Base URL written into the static files for a stock web server
+    /// (default: the URL the registering host used).
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+    /// File holding the secret a new host must present to register
+    /// (serve_enroll_token_file on the hosts). Without it anyone may register.
+    #[arg(long, value_name = "FILE")]
+    pub enroll_token_file: Option<PathBuf>,
+    /// PEM certificates put into every personal layer
+    /// (/etc/lifeboat/ca-bundle.pem in the rescue system).
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Connections served at once; more get 503 and retry.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    /// Bytes per second per download (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub max_rate: u64,
+    /// Seconds running downloads may finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+}
+
+pub fn run(g: &Global, a: Args) -> Result<()> {
+    let enroll = match &a.enroll_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--enroll-token-file: cannot read {}", f.display()))?
+                .trim()
+                .to_string(),
+        )
+        .filter(|s| !s.is_empty())
+        .with_context(|| format!("--enroll-token-file: {} is empty", f.display()))
+        .map(Some)?,
+        None => None,
+    };
+    if let Some(u) = &a.public_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            anyhow::bail!("--public-url {u:?} is not an http:// or https:// URL");
+        }
+    }
+    crate::serve::run(crate::serve::Options {
+        root: a.root,
+        listen: a.listen,
+        tls: a.tls_cert.zip(a.tls_key),
+        public_url: a
+            .public_url
+            .map(|u| if u.ends_with('/') { u } else { u + "/" }),
+        enroll_token: enroll,
+        ca_bundle: a.ca_bundle,
+        max_connections: a.max_connections.max(1),
+        max_rate: a.max_rate,
+        grace: a.grace,
+        quiet: g.quiet,
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FetchArgs {
+    /// Kernel command line to read lifeboat.layers/chain/token/host from.
+    #[arg(long, value_name = "FILE", default_value = "/proc/cmdline")]
+    pub cmdline: PathBuf,
+    /// Root to unpack into.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub dest: PathBuf,
+    /// Where partial downloads are kept (a second run resumes them).
+    #[arg(long, value_name = "DIR", default_value = "/run/lifeboat/layers")]
+    pub state: PathBuf,
+    /// CA certificates (PEM) trusted for https:// besides the public roots
+    /// (default: /etc/lifeboat/ca-bundle.pem when present).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+pub fn fetch(_g: &Global, a: FetchArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.cmdline)
+        .with_context(|| format!("cannot read {}", a.cmdline.display()))?;
+    let req = crate::fetch::parse_cmdline(&text)?;
+    let bootif = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("BOOTIF="))
+        .map(str::to_string);
+    let ca = a.ca_file.or_else(|| {
+        let p = a.dest.join("etc/lifeboat/ca-bundle.pem");
+        p.is_file().then_some(p)
+    });
+    let done = crate::fetch::run(&req, &a.dest, &a.state, bootif.as_deref(), ca.as_deref())?;
+    eprintln!(
+        "lifeboat: {} layer(s) loaded: {}",
+        done.len(),
+        done.join(", ")
+    );
+    Ok(())
+}

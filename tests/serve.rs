@@ -1,0 +1,619 @@
+//! `lifeboat serve`: registration through OUTPUT_URL = lifeboat+http://,
+//! shared layers stored once, tokens guarding the personal layers, the
+//! static parts served by a stock nginx, and QEMU boots that chain to the
+//! server: QEMU's own iPXE without a token (refused, the VM stops) and a
+//! generic ISO under SeaBIOS whose download survives a server restart.
+
+mod common;
+
+use common::*;
+use lifeboat_qemu::servers::{lifeboat_serve, Server};
+use lifeboat_qemu::{BootSpec, Vm};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+const BOOT: Duration = Duration::from_secs(300);
+const MAC_A: &str = "52:54:00:12:34:56";
+const MAC_B: &str = "52:54:00:00:00:0b";
+
+/// Register this machine with the server as host `id` answering to `mac`;
+/// the image is also kept in `work/<id>`. Returns mkrescue's output.
+fn register(work: &Path, port: u16, id: &str, mac: &str, more: &str) -> Output {
+    let f = fixture();
+    let conf = work.join("etc-lifeboat");
+    std::fs::create_dir_all(&conf).unwrap();
+    let cfg = work.join(format!("{id}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "OUTPUT_URL = \"lifeboat+http://127.0.0.1:{port}/\"\nserve_host = \"{id}\"\npxe_macs = [\"{mac}\"]\n\
+             iso_default = \"automatic\"\nboot_console = \"serial\"\n{more}[network]\ncapture = false\n"
+        ),
+    )
+    .unwrap();
+    let mut c = lifeboat(&conf);
+    c.env("LIFEBOAT_STATE_DIR", work.join("state"))
+        .arg("-c")
+        .arg(&cfg)
+        .arg("mkrescue")
+        .arg("--kernel")
+        .arg(f.kernel())
+        .args(["--kver", &f.kver, "--modules-dir"])
+        .arg(f.modules_dir())
+        .arg("--output-dir")
+        .arg(work.join(id));
+    c.output().unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "mkrescue failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn token(work: &Path, port: u16, id: &str) -> String {
+    let p = work
+        .join("state/serve")
+        .join(format!("127.0.0.1_{port}_{id}.token"));
+    let t = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&p).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the token file is readable by others");
+    t.trim().to_string()
+}
+
+/// GET with curl: (status, body).
+fn get(url: &str, headers: &[&str]) -> (u16, Vec<u8>) {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-s", "-o", "-", "-w", "\n%{http_code}"]);
+    for h in headers {
+        c.args(["-H", h]);
+    }
+    let out = c.arg(url).output().unwrap();
+    let mut body = out.stdout;
+    let nl = body.iter().rposition(|b| *b == b'\n').unwrap();
+    let code = String::from_utf8_lossy(&body[nl + 1..])
+        .trim()
+        .parse()
+        .unwrap();
+    body.truncate(nl);
+    (code, body)
+}
+
+fn sha(data: &[u8]) -> String {
+    let (ok, out, _) = {
+        let p = std::env::temp_dir().join(format!("lb-sha-{}", std::process::id()));
+        std::fs::write(&p, data).unwrap();
+        let r = sh(&format!("sha256sum {}", p.display()));
+        let _ = std::fs::remove_file(&p);
+        r
+    };
+    assert!(ok);
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+fn chain_json(port: u16, id: &str) -> serde_json::Value {
+    let (code, body) = get(
+        &format!("http://127.0.0.1:{port}/hosts/{id}/chain.json"),
+        &[],
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            v.extend(files_below(&e.path()));
+        } else if ft.is_file() {
+            v.push(e.path());
+        }
+    }
+    v
+}
+
+#[test]
+fn two_hosts_share_layers_and_only_their_own_token_opens_their_personal_layer() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let bin = lifeboat_bin();
+    std::fs::write(work.join("enroll"), "enroll-secret-42\n").unwrap();
+    let enroll = format!("--enroll-token-file={}", work.join("enroll").display());
+    let srv = lifeboat_serve(&work.join("srv"), &bin, 0, &[&enroll]);
+    let p = srv.port;
+
+    // Without the enrollment token nobody registers.
+    let o = register(&work, p, "hosta", MAC_A, "");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("HTTP 403") && err.contains("enrollment"),
+        "{err}"
+    );
+    assert!(!srv.root.join("hosts/hosta").exists());
+
+    let et = format!(
+        "serve_enroll_token_file = \"{}\"\n",
+        work.join("enroll").display()
+    );
+    let a = ok(register(&work, p, "hosta", MAC_A, &et));
+    assert!(
+        a.contains("registered with lifeboat serve") && a.contains("token (new)"),
+        "{a}"
+    );
+    let b = ok(register(&work, p, "hostb", MAC_B, &et));
+    // Host B brings nothing the server does not have already.
+    assert!(b.contains("as host hostb: 0 file(s) uploaded"), "{b}");
+    let (ta, tb) = (token(&work, p, "hosta"), token(&work, p, "hostb"));
+    assert_ne!(ta, tb);
+
+    // Shared layers: one file each on the server's disk.
+    let (ca, cb) = (chain_json(p, "hosta"), chain_json(p, "hostb"));
+    let shared = |c: &serde_json::Value| -> Vec<(String, String)> {
+        let mut v = vec![(
+            "kernel".to_string(),
+            c["kernel"]["sha256"].as_str().unwrap().to_string(),
+        )];
+        for k in ["boot", "fetch"] {
+            for l in c[k].as_array().unwrap() {
+                if l["name"] != "personal" {
+                    v.push((
+                        l["name"].as_str().unwrap().into(),
+                        l["sha256"].as_str().unwrap().into(),
+                    ));
+                }
+            }
+        }
+        v
+    };
+    let (sa, sb) = (shared(&ca), shared(&cb));
+    assert_eq!(sa, sb, "the hosts do not share their layers");
+    let names: Vec<&str> = sa.iter().map(|(n, _)| n.as_str()).collect();
+    for n in ["kernel", "base", "tools"] {
+        assert!(names.contains(&n), "{names:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("modules-")), "{names:?}");
+    let stored: Vec<PathBuf> = std::fs::read_dir(srv.root.join("layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(stored.len(), sa.len(), "{stored:?}");
+    for (n, h) in &sa {
+        let f = srv.root.join("layers").join(h);
+        assert_eq!(sha256(&f), *h, "layer {n} on the server's disk");
+    }
+    // No other copy of a layer anywhere under the root.
+    let big: Vec<PathBuf> = files_below(&srv.root)
+        .into_iter()
+        .filter(|f| std::fs::metadata(f).unwrap().len() > 1 << 20)
+        .collect();
+    assert_eq!(big.len(), stored.len(), "{big:?}");
+    // The layers are the ones mkrescue built.
+    let m = manifest(&work.join("hosta"));
+    for l in m.layers.iter().filter(|l| l.name != "plan") {
+        assert!(
+            sa.contains(&(l.name.clone(), l.sha256.clone())),
+            "{}",
+            l.name
+        );
+    }
+    assert_eq!(sa[0].1, m.kernel_sha256);
+
+    // Personal layers: own token only.
+    let pa = format!("http://127.0.0.1:{p}/hosts/hosta/personal.cpio.zst");
+    let pb = format!("http://127.0.0.1:{p}/hosts/hostb/personal.cpio.zst");
+    assert_eq!(get(&pa, &[]).0, 403, "no token");
+    assert_eq!(
+        get(&pa, &["Authorization: Bearer wrong"]).0,
+        403,
+        "wrong token"
+    );
+    assert_eq!(
+        get(&format!("{pa}?token={tb}"), &[]).0,
+        403,
+        "B's token for A"
+    );
+    assert_eq!(
+        get(&pb, &[&format!("Authorization: Bearer {ta}")]).0,
+        403,
+        "A's token for B"
+    );
+    assert_eq!(
+        get(
+            &format!("http://127.0.0.1:{p}/hosts/hostb/boot.ipxe?token={ta}"),
+            &[]
+        )
+        .0,
+        403
+    );
+    let (code, body) = get(&pa, &[&format!("Authorization: Bearer {ta}")]);
+    assert_eq!(code, 200);
+    let pin = ca["fetch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "personal")
+        .unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(sha(&body), pin, "the personal layer differs from its pin");
+    let (code, body_q) = get(&format!("{pa}?token={ta}"), &[]);
+    assert_eq!(
+        (code, sha(&body_q)),
+        (200, pin.clone()),
+        "built twice, not the same bytes"
+    );
+    // What is in it: the host's plan, as GNU cpio lists it.
+    let pf = work.join("personal-a.cpio.zst");
+    std::fs::write(&pf, &body).unwrap();
+    let (ok1, list, err) = sh(&format!("zstd -dc {} | cpio -it 2>/dev/null", pf.display()));
+    assert!(ok1, "{err}");
+    assert!(
+        list.lines().any(|l| l == "etc/lifeboat/init.json"),
+        "{list}"
+    );
+    assert!(
+        list.lines().any(|l| l == "etc/lifeboat/lifeboat.toml"),
+        "{list}"
+    );
+    // Secrets dropped into the host's directory join its personal layer
+    // (and change its pin).
+    let sec = srv.root.join("hosts/hosta/secrets/etc/lifeboat");
+    std::fs::create_dir_all(&sec).unwrap();
+    std::fs::write(sec.join("s3.cred"), "username=a\npassword=b\n").unwrap();
+    let (_, body2) = get(&pa, &[&format!("Authorization: Bearer {ta}")]);
+    std::fs::write(&pf, &body2).unwrap();
+    let (_, list2, _) = sh(&format!("zstd -dc {} | cpio -it 2>/dev/null", pf.display()));
+    assert!(
+        list2.lines().any(|l| l == "etc/lifeboat/s3.cred"),
+        "{list2}"
+    );
+    let ca2 = chain_json(p, "hosta");
+    assert_ne!(
+        ca2["fetch"].as_array().unwrap().last().unwrap()["sha256"],
+        pin
+    );
+    assert_eq!(
+        ca2["fetch"].as_array().unwrap().last().unwrap()["sha256"]
+            .as_str()
+            .unwrap(),
+        sha(&body2)
+    );
+
+    // iPXE scripts: by MAC, pinned, the token passed on only when given.
+    let (code, s) = get(
+        &format!("http://127.0.0.1:{p}/hosts/52-54-00-12-34-56/boot.ipxe"),
+        &[],
+    );
+    let s = String::from_utf8_lossy(&s).into_owned();
+    assert_eq!(code, 200, "{s}");
+    assert!(s.starts_with("#!ipxe") && s.contains("hosta"), "{s}");
+    assert!(s.contains("lifeboat.layers=http://127.0.0.1:"), "{s}");
+    assert!(
+        s.contains(&format!(
+            "/layers/{h}#sha256={h}",
+            h = sa.iter().find(|x| x.0 == "tools").unwrap().1
+        )),
+        "{s}"
+    );
+    assert!(!s.contains("lifeboat.token"), "{s}");
+    let (_, s2) = get(
+        &format!("http://127.0.0.1:{p}/hosts/{MAC_A}/boot.ipxe?token={ta}"),
+        &[],
+    );
+    assert!(String::from_utf8_lossy(&s2).contains(&format!("lifeboat.token={ta}")));
+    let (code, g) = get(&format!("http://127.0.0.1:{p}/boot.ipxe"), &[]);
+    let g = String::from_utf8_lossy(&g).into_owned();
+    assert_eq!(code, 200);
+    assert!(
+        g.contains("chain --autofree hosts/${mac:hexhyp}/boot.ipxe"),
+        "{g}"
+    );
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{p}/hosts/nosuch/boot.ipxe"), &[]).0,
+        404
+    );
+
+    // Layers: ETag, conditional GET, ranges.
+    let (_, tools) = sa.iter().find(|x| x.0 == "tools").unwrap();
+    let lu = format!("http://127.0.0.1:{p}/layers/{tools}");
+    let whole = std::fs::read(srv.root.join("layers").join(tools)).unwrap();
+    let (ok2, head, _) = sh(&format!("curl -s -D - -o /dev/null -r 1000-1999 {lu}"));
+    assert!(ok2);
+    assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+    assert!(head.contains(&format!("ETag: \"{tools}\"")), "{head}");
+    assert!(
+        head.contains(&format!("Content-Range: bytes 1000-1999/{}", whole.len())),
+        "{head}"
+    );
+    let (c, part) = get(&lu, &["Range: bytes=1000-1999"]);
+    assert_eq!((c, &part[..]), (206, &whole[1000..2000]));
+    let (c, tail) = get(&lu, &["Range: bytes=-10"]);
+    assert_eq!((c, &tail[..]), (206, &whole[whole.len() - 10..]));
+    assert_eq!(get(&lu, &[&format!("If-None-Match: \"{tools}\"")]).0, 304);
+    assert_eq!(
+        get(&lu, &[&format!("Range: bytes={}-", whole.len())]).0,
+        416
+    );
+    // A stale If-Range gets the whole layer.
+    let (c, all) = get(&lu, &["Range: bytes=5-", "If-Range: \"other\""]);
+    assert_eq!((c, all.len()), (200, whole.len()));
+    assert_eq!(
+        get(
+            &format!("http://127.0.0.1:{p}/layers/{}", "0".repeat(64)),
+            &[]
+        )
+        .0,
+        404
+    );
+
+    // A second registration keeps the token and uploads nothing new.
+    let a2 = ok(register(&work, p, "hosta", MAC_A, ""));
+    assert!(
+        a2.contains("0 file(s) uploaded") && a2.contains("token (unchanged)"),
+        "{a2}"
+    );
+    assert_eq!(token(&work, p, "hosta"), ta);
+    // Someone else cannot take the host over without its token or the
+    // enrollment token.
+    let other = work.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let o = register(&other, p, "hosta", MAC_A, "");
+    assert!(!o.status.success(), "host A was taken over");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("HTTP 403"));
+
+    // The static parts work from a stock nginx (the tree copied as it is).
+    let ng = lifeboat_qemu::servers::nginx(&work.join("nginx"));
+    let (okc, _, e) = sh(&format!(
+        "cp -a {}/. {}/",
+        srv.root.display(),
+        ng.root.display()
+    ));
+    assert!(okc, "{e}");
+    let np = ng.port;
+    let (c, gs) = get(&format!("http://127.0.0.1:{np}/boot.ipxe"), &[]);
+    assert_eq!((c, String::from_utf8_lossy(&gs).into_owned()), (200, g));
+    let (c, hs) = get(
+        &format!("http://127.0.0.1:{np}/hosts/52-54-00-00-00-0b/boot.ipxe"),
+        &[],
+    );
+    assert_eq!(c, 200);
+    assert!(String::from_utf8_lossy(&hs).contains("rescue of hostb"));
+    let (c, cj) = get(
+        &format!("http://127.0.0.1:{np}/hosts/52-54-00-00-00-0b/chain.json"),
+        &[],
+    );
+    assert_eq!(c, 200);
+    let cj: serde_json::Value = serde_json::from_slice(&cj).unwrap();
+    assert_eq!(cj["host"], "hostb");
+    let (c, part) = get(
+        &format!("http://127.0.0.1:{np}/layers/{tools}"),
+        &["Range: bytes=1000-1999"],
+    );
+    assert_eq!((c, &part[..]), (206, &whole[1000..2000]));
+    // The host's private files are not world-readable for nginx to hand out.
+    for f in ["host.json", "token.sha256"] {
+        let md = std::fs::metadata(srv.root.join("hosts/hosta").join(f)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o077,
+            0,
+            "{f}"
+        );
+    }
+
+    // The access log has every request, never a token.
+    let log = std::fs::read_to_string(srv.root.join("access.log")).unwrap();
+    assert!(
+        log.contains("\"GET /hosts/hosta/personal.cpio.zst\" 403"),
+        "{log}"
+    );
+    assert!(log.contains("token=REDACTED"), "{log}");
+    assert!(
+        !log.contains(&ta) && !log.contains(&tb),
+        "a token is in the access log"
+    );
+
+    // Graceful shutdown on SIGTERM.
+    let pid = sh(&format!("pgrep -f 'serve --root {}'", srv.root.display())).1;
+    let pid = pid
+        .split_whitespace()
+        .next()
+        .expect("serve is not running")
+        .to_string();
+    let t = Instant::now();
+    let (okk, _, _) = sh(&format!("kill -TERM {pid}"));
+    assert!(okk);
+    // It exits (a zombie until reaped: state Z).
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().and_then(|r| r.trim().chars().next()))
+    };
+    while !matches!(state(), Some('Z') | None) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let slog = std::fs::read_to_string(srv.dir.join("serve.log")).unwrap();
+    assert!(
+        slog.contains("lifeboat serve: stopping") && slog.contains("stopped ("),
+        "{slog}"
+    );
+    drop(srv);
+}
+
+/// Start the server at `port` again (same root).
+fn restart(dir: &Path, port: u16, args: &[&str]) -> Server {
+    lifeboat_serve(dir, &lifeboat_bin(), port, args)
+}
+
+#[test]
+fn ipxe_without_the_token_gets_403_for_the_personal_layer_and_stops() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let srv = lifeboat_serve(&work.join("srv"), &lifeboat_bin(), 0, &[]);
+    ok(register(&work, srv.port, "hosta", MAC_A, ""));
+    // QEMU's iPXE gets the generic script by DHCP; it chains by MAC to
+    // host A's script, which has no token to hand on.
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(work.join("ipxe-notoken.log")),
+        ..BootSpec::from_disks()
+    }
+    .with_user_net(&format!("bootfile=http://10.0.2.2:{}/boot.ipxe", srv.port));
+    spec.extra_args
+        .extend(["-boot".to_string(), "n".to_string()]);
+    let mut vm = Vm::boot(&spec).unwrap();
+    vm.wait_for("the chained layers could not be loaded", BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Give it time to (wrongly) go on.
+    std::thread::sleep(Duration::from_secs(3));
+    let c = vm.console();
+    assert!(
+        c.contains("Lifeboat: loading the rescue system of hosta"),
+        "iPXE did not chain by MAC"
+    );
+    assert!(c.contains("lifeboat.recover=auto"), "{c}");
+    assert!(c.contains("HTTP 403"), "{c}");
+    assert!(
+        c.contains("lifeboat.token="),
+        "the message does not say what to do:\n{c}"
+    );
+    assert!(
+        !c.contains("starting `lifeboat recover --auto`"),
+        "recovery started:\n{c}"
+    );
+    assert!(
+        !c.contains("lifeboat: ready"),
+        "the rescue system went on:\n{c}"
+    );
+    let log = std::fs::read_to_string(srv.root.join("access.log")).unwrap();
+    assert!(
+        log.contains("\"GET /hosts/hosta/personal.cpio.zst\" 403"),
+        "{log}"
+    );
+    assert!(log.contains("\"GET /boot.ipxe\" 200"), "{log}");
+    assert!(
+        log.contains("\"GET /hosts/52-54-00-12-34-56/boot.ipxe?uuid="),
+        "{log}"
+    );
+}
+
+#[test]
+fn generic_iso_chains_to_the_server_and_resumes_after_a_restart() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let dir = work.join("srv");
+    // Slow enough that the server can be stopped mid-download.
+    let rate = ["--max-rate", "3000000"];
+    let srv = lifeboat_serve(&dir, &lifeboat_bin(), 0, &rate);
+    let port = srv.port;
+    ok(register(&work, port, "hosta", MAC_A, ""));
+    let ta = token(&work, port, "hosta");
+    // The generic medium: base and modules only, chaining to the server.
+    let out = work.join("generic");
+    let o = build(
+        &work,
+        &out,
+        "OUTPUT = \"ISO\"\nISO_VOLID = \"LBCHAIN\"\niso_default = \"manual\"\nboot_console = \"serial\"\nboot_timeout = 1\n",
+        &["--generic", "--chain", &format!("http://10.0.2.2:{port}/")],
+    );
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("generic medium: chains to"), "{said}");
+    let m = manifest(&out);
+    let names: Vec<&str> = m.layers.iter().map(|l| l.name.as_str()).collect();
+    assert!(
+        !names.contains(&"tools") && !names.contains(&"plan"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"base"), "{names:?}");
+    let iso = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "iso"))
+        .expect("no .iso written");
+    let spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(work.join("generic.log")),
+        extra_args: vec![
+            "-cdrom".into(),
+            iso.display().to_string(),
+            "-boot".into(),
+            "d".into(),
+        ],
+        ..BootSpec::from_disks()
+    }
+    .with_user_net("");
+    let mut vm = Vm::boot(&spec).unwrap();
+    let pos = vm
+        .wait_for("lifeboat: fetching tools from", BOOT)
+        .unwrap_or_else(|e| panic!("the generic ISO did not chain: {e}"));
+    // Stop the server in the middle of the tools layer, then bring it back.
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(srv);
+    let pos = vm
+        .wait_for_from("retrying in", pos, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("the init did not notice the server going: {e}"));
+    std::thread::sleep(Duration::from_secs(2));
+    let srv = restart(&dir, port, &rate);
+    let pos = vm
+        .wait_for_from(
+            "lifeboat: resuming tools at byte",
+            pos,
+            Duration::from_secs(90),
+        )
+        .unwrap_or_else(|e| panic!("no resume: {e}"));
+    // No token on the command line: the init asks on the console.
+    let pos = vm
+        .wait_for_from("token: ", pos, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("the init did not ask for the token: {e}"));
+    vm.send_line("not-the-token").unwrap();
+    let pos = vm
+        .wait_for_from("token: ", pos, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("a wrong token was not asked again: {e}"));
+    vm.send_line(&ta).unwrap();
+    vm.wait_for_from("lifeboat: ready", pos, BOOT)
+        .unwrap_or_else(|e| panic!("the chained rescue system did not come up: {e}"));
+    let c = vm.console();
+    assert!(
+        c.contains("tools (") && c.contains("verified, sha256"),
+        "{c}"
+    );
+    assert!(c.contains("personal ("), "{c}");
+    assert!(c.contains("chained layers loaded"), "{c}");
+    assert!(
+        c.contains("this image carries a backup") || c.contains("carries no recovery plan"),
+        "{c}"
+    );
+    // The resumed request was a range request answered with 206.
+    let log = std::fs::read_to_string(srv.root.join("access.log")).unwrap();
+    let tools = manifest(&work.join("hosta"))
+        .layers
+        .iter()
+        .find(|l| l.name == "tools")
+        .unwrap()
+        .sha256
+        .clone();
+    assert!(
+        log.contains(&format!("\"GET /layers/{tools}\" 206")),
+        "{log}"
+    );
+    assert!(
+        log.contains("\"GET /hosts/hosta/personal.cpio.zst\" 403"),
+        "{log}"
+    );
+    assert!(
+        log.contains("\"GET /hosts/hosta/personal.cpio.zst\" 200"),
+        "{log}"
+    );
+    assert!(!log.contains(&ta), "the token is in the access log");
+}
