@@ -39,6 +39,8 @@ struct Source {
     net: bool,
     /// Other rescue images made by the same source (name → kernel, initrd).
     images: Vec<(String, PathBuf, PathBuf)>,
+    /// Registered with `lifeboat serve` (Servers::serve): the host's token.
+    serve_token: Option<String>,
 }
 
 impl Source {
@@ -62,6 +64,8 @@ struct Servers {
     nfs: lifeboat_qemu::servers::Server,
     cifs: lifeboat_qemu::servers::Server,
     http: lifeboat_qemu::servers::Server,
+    /// `lifeboat serve`, which the network source registers with.
+    serve: lifeboat_qemu::servers::Server,
 }
 
 const SMB_PASSWORD: &str = "smb-harness-pw-0815";
@@ -74,6 +78,12 @@ fn servers() -> &'static Servers {
             nfs: lifeboat_qemu::servers::ganesha(&d.join("nfs")),
             cifs: lifeboat_qemu::servers::samba(&d.join("cifs"), SMB_PASSWORD),
             http: lifeboat_qemu::servers::nginx(&d.join("http")),
+            serve: lifeboat_qemu::servers::lifeboat_serve(
+                &d.join("serve"),
+                &lifeboat_bin(),
+                0,
+                &[],
+            ),
         }
     })
 }
@@ -277,6 +287,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
     assert!(cmdline.contains("root="), "{cmdline}");
     let mut extra = None;
     let mut images = vec![];
+    let mut serve_token = None;
     if variant == Variant::Network {
         let sv = servers();
         run(
@@ -348,6 +359,38 @@ fn make_source(layout: &str, variant: Variant) -> Source {
                 "the share password is in mkbackup's output:\n{out}"
             );
         }
+        // The http backup's plan registered with lifeboat serve (a plain
+        // mkrescue carries the last mkbackup's plan).
+        let sp = sv.serve.port;
+        let out = run(
+            &mut vm,
+            &mut pos,
+            &format!(
+                "printf 'OUTPUT = \"PXE\"\\nOUTPUT_URL = \"lifeboat+http://10.0.2.2:{sp}/\"\\niso_default = \"automatic\"\\n\
+                 boot_console = \"serial\"\\n' > /root/serve.toml && \
+                 lifeboat -c /root/lb-http.toml -c /root/serve.toml mkrescue > /root/serve.log 2>&1; s=$?; tail -8 /root/serve.log; test $s = 0"
+            ),
+            20 * MIN,
+        );
+        assert!(
+            out.contains("as host lbsrc") && out.contains("token (new)"),
+            "{out}"
+        );
+        let t = prefixed(
+            &run(
+                &mut vm,
+                &mut pos,
+                &format!("sed 's/^/token: /' /var/lib/lifeboat/serve/10.0.2.2_{sp}_lbsrc.token"),
+                MIN,
+            ),
+            "token: ",
+        );
+        serve_token = Some(
+            t.first()
+                .expect("no token")
+                .trim_start_matches("token: ")
+                .to_string(),
+        );
         run(&mut vm, &mut pos, "umount /backup && sync", MIN);
         for (name, _, _) in &urls {
             let (k, i) = match *name {
@@ -520,6 +563,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         extra,
         net: variant == Variant::Network,
         images,
+        serve_token,
     }
 }
 
@@ -1114,6 +1158,58 @@ fn recovery_from_a_samba_share() {
 fn recovery_from_a_web_server_streamed() {
     let port = servers().http.port;
     recover_from_server("http", &format!("http://10.0.2.2:{port}/backups/lbsrc/"));
+}
+
+/// A fleet machine with a blank disk boots QEMU's iPXE from lifeboat
+/// serve (its DHCP boot file names its script and token, as a per-host
+/// DHCP entry would), gets its personal layer and recovers unattended.
+#[test]
+fn fleet_machine_boots_from_lifeboat_serve_and_recovers_unattended() {
+    let src = net_source();
+    let token = src
+        .serve_token
+        .clone()
+        .expect("the source did not register");
+    let port = servers().serve.port;
+    let target = src.work.join("target-serve.raw");
+    blank(&target, "3G");
+    let t0 = sha(&target);
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(src.work.join("recover-serve.log")),
+        ..BootSpec::from_disks()
+    }
+    .with_disk(&target, "raw", Some("LBSRC0"))
+    .with_user_net(&format!(
+        "bootfile=http://10.0.2.2:{port}/hosts/lbsrc/boot.ipxe?token={token}"
+    ));
+    spec.extra_args
+        .extend(["-boot".to_string(), "n".to_string()]);
+    let mut vm = Vm::boot(&spec).unwrap();
+    let console = await_recovery(&mut vm);
+    assert_ne!(sha(&target), t0);
+    for want in [
+        "lifeboat: tools (",
+        "lifeboat: personal (",
+        "chained layers loaded",
+        &format!(
+            "backup found in http://10.0.2.2:{}/backups/lbsrc/",
+            servers().http.port
+        ),
+    ] {
+        assert!(console.contains(want), "{want:?} missing:\n{console}");
+    }
+    assert!(
+        !console.contains(SMB_PASSWORD),
+        "the share password is on the console"
+    );
+    let log = std::fs::read_to_string(servers().serve.root.join("access.log")).unwrap();
+    assert!(
+        log.contains("\"GET /hosts/lbsrc/personal.cpio.zst\" 200"),
+        "{log}"
+    );
+    assert!(!log.contains(&token), "the token is in the access log");
+    check_recovered(src, &target, "boot-serve.log");
 }
 
 /// PORTABLE: another live Linux (the LVM test system, booted from its own

@@ -478,10 +478,9 @@ fn ipxe_without_the_token_gets_403_for_the_personal_layer_and_stops() {
     // Give it time to (wrongly) go on.
     std::thread::sleep(Duration::from_secs(3));
     let c = vm.console();
-    assert!(
-        c.contains("Lifeboat: loading the rescue system of hosta"),
-        "iPXE did not chain by MAC"
-    );
+    // (QEMU's iPXE prints to the screen only: the access log below shows
+    // the chain by MAC.)
+    assert!(c.contains("lifeboat: fetching tools from"), "{c}");
     assert!(c.contains("lifeboat.recover=auto"), "{c}");
     assert!(c.contains("HTTP 403"), "{c}");
     assert!(

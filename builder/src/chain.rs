@@ -159,7 +159,7 @@ impl ChainInfo {
         let pins: Vec<String> = self
             .fetch
             .iter()
-            .map(|f| format!("{base}{}#sha256={}", f.url, f.sha256))
+            .map(|f| format!("{base}{}#sha256={}&name={}", f.url, f.sha256, f.name))
             .collect();
         let mut args = format!("{} lifeboat.layers={}", self.cmdline.trim(), pins.join(","));
         if let Some(t) = token {
@@ -473,14 +473,14 @@ mod tests {
         assert!(s.contains(&format!("kernel --name vmlinuz http://10.0.2.2:8080/layers/{} initrd=base initrd=modules-6.1.0-1-amd64 lifeboat.recover=auto", "a".repeat(64))), "{s}");
         assert!(
             s.contains(&format!(
-                "lifeboat.layers=http://10.0.2.2:8080/layers/{c64}#sha256={c64},",
+                "lifeboat.layers=http://10.0.2.2:8080/layers/{c64}#sha256={c64}&name=tools,",
                 c64 = "c".repeat(64)
             )),
             "{s}"
         );
         assert!(
             s.contains(&format!(
-                "http://10.0.2.2:8080/hosts/web1/personal.cpio.zst#sha256={}",
+                "http://10.0.2.2:8080/hosts/web1/personal.cpio.zst#sha256={}&name=personal",
                 "9".repeat(64)
             )),
             "{s}"

@@ -30,15 +30,18 @@ pub struct Pinned {
     pub sha256: String,
 }
 
-/// `URL#sha256=HEX`.
+/// `URL#sha256=HEX[&name=NAME]`.
 pub fn parse_pinned(s: &str) -> Result<Pinned> {
     let (url, frag) = s.split_once('#').with_context(|| {
         format!(
             "lifeboat.layers: {s} has no #sha256=<hex> pin (every fetched layer must be pinned)"
         )
     })?;
-    let sha = frag
-        .strip_prefix("sha256=")
+    let field = |k: &str| {
+        frag.split('&')
+            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+    };
+    let sha = field("sha256")
         .filter(|h| crate::chain::is_sha256(h))
         .with_context(|| {
             format!("lifeboat.layers: {s}: the pin must be #sha256=<64 lower-case hex digits>")
@@ -46,7 +49,10 @@ pub fn parse_pinned(s: &str) -> Result<Pinned> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         bail!("lifeboat.layers: {url} is not an http:// or https:// URL");
     }
-    let name = url.rsplit('/').next().unwrap_or(url).to_string();
+    let name = field("name")
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| url.rsplit('/').next().unwrap_or(url))
+        .to_string();
     Ok(Pinned {
         name,
         url: url.to_string(),
@@ -263,7 +269,16 @@ fn sha256_of(p: &Path) -> Result<String> {
 /// the host's `chain.json` from the server.
 fn resolve(req: &Request, c: &Client, bootif: Option<&str>) -> Result<(Vec<Pinned>, String)> {
     if !req.layers.is_empty() {
-        let host = req.host.clone().unwrap_or_else(|| "this host".into());
+        // A personal layer's URL names its host: …/hosts/<id>/….
+        let from_url = req.layers.iter().find_map(|p| {
+            let (_, rest) = p.url.split_once("/hosts/")?;
+            rest.split('/').next().map(str::to_string)
+        });
+        let host = req
+            .host
+            .clone()
+            .or(from_url)
+            .unwrap_or_else(|| "this host".into());
         return Ok((req.layers.clone(), host));
     }
     let base = req
@@ -451,6 +466,15 @@ mod tests {
         .unwrap();
         assert_eq!(r.layers.len(), 2);
         assert_eq!(r.layers[1].name, "personal.cpio.zst");
+        let named =
+            parse_cmdline(&format!("lifeboat.layers=http://s/l#sha256={h}&name=tools")).unwrap();
+        assert_eq!(
+            (
+                named.layers[0].name.as_str(),
+                named.layers[0].sha256.as_str()
+            ),
+            ("tools", h.as_str())
+        );
         assert_eq!(r.layers[0].url, format!("http://10.0.2.2:8080/layers/{h}"));
         assert_eq!(r.token.as_deref(), Some("T"));
         assert!(r.unattended);
