@@ -616,3 +616,162 @@ fn generic_iso_chains_to_the_server_and_resumes_after_a_restart() {
     );
     assert!(!log.contains(&ta), "the token is in the access log");
 }
+
+/// HTTPS end to end on the host: registration through lifeboat+https://
+/// with a private CA, the init's fetcher over TLS (its CA from the base
+/// layer), a tampered layer refused with nothing of it unpacked, and the
+/// connection bound answered with 503.
+#[test]
+fn https_registration_and_fetch_refuse_a_tampered_layer() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let certs = work.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    lifeboat_qemu::servers::make_certs(&certs);
+    let (cert, key, ca) = (
+        certs.join("srv.pem"),
+        certs.join("srv.key"),
+        certs.join("ca.pem"),
+    );
+    let tls = [
+        format!("--tls-cert={}", cert.display()),
+        format!("--tls-key={}", key.display()),
+        "--max-connections=1".to_string(),
+    ];
+    let args: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let srv = lifeboat_serve(&work.join("srv"), &lifeboat_bin(), 0, &args);
+    let p = srv.port;
+    // Untrusted without the CA (below).
+    let f = fixture();
+    let conf = work.join("etc-lifeboat");
+    let cfg = work.join("tls.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "OUTPUT_URL = \"lifeboat+https://127.0.0.1:{p}/\"\nserve_host = \"hosta\"\npxe_macs = [\"{MAC_A}\"]\n\
+             [network]\ncapture = false\n"
+        ),
+    )
+    .unwrap();
+    let reg = |extra: &str| {
+        std::fs::write(work.join("ca.toml"), extra).unwrap();
+        let mut c = lifeboat(&conf);
+        c.env("LIFEBOAT_STATE_DIR", work.join("state"))
+            .arg("-c")
+            .arg(&cfg)
+            .arg("-c")
+            .arg(work.join("ca.toml"))
+            .arg("mkrescue")
+            .arg("--kernel")
+            .arg(f.kernel())
+            .args(["--kver", &f.kver, "--modules-dir"])
+            .arg(f.modules_dir())
+            .arg("--output-dir")
+            .arg(work.join("tls-img"));
+        c.output().unwrap()
+    };
+    let o = reg("");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot reach lifeboat serve at https://127.0.0.1"),
+        "{err}"
+    );
+    let said = ok(reg(&format!("backup_ca_file = \"{}\"\n", ca.display())));
+    assert!(
+        said.contains("registered with lifeboat serve https://"),
+        "{said}"
+    );
+    let t = std::fs::read_to_string(
+        work.join("state/serve")
+            .join(format!("127.0.0.1_{p}_hosta.token")),
+    )
+    .unwrap();
+    // The base layer carries the CA, so the init trusts the server at once.
+    let m = manifest(&work.join("tls-img"));
+    let base = work.join("base-unpacked");
+    run_ok(
+        lifeboat(&conf)
+            .args(["image", "unpack"])
+            .arg(work.join("tls-img"))
+            .arg(&base)
+            .args(["--layer", "base"]),
+    );
+    assert_eq!(
+        std::fs::read(base.join("etc/lifeboat/ca-bundle.pem")).unwrap(),
+        std::fs::read(&ca).unwrap()
+    );
+
+    // The connection bound: one idle keep-alive connection holds the only
+    // slot; the next request gets 503.
+    let idle = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok503, out, _) = sh(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' --cacert {} https://127.0.0.1:{p}/boot.ipxe; true",
+        ca.display()
+    ));
+    assert!(ok503);
+    assert!(out.contains("503") || out.contains("000"), "{out}");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The init's fetcher over TLS.
+    let cmdline = work.join("cmdline");
+    std::fs::write(
+        &cmdline,
+        format!(
+            "console=ttyS0 lifeboat.chain=https://127.0.0.1:{p}/ lifeboat.host={MAC_A} lifeboat.token={} lifeboat.recover=auto\n",
+            t.trim()
+        ),
+    )
+    .unwrap();
+    let fetch = |dest: &Path, state: &Path| {
+        lifeboat(&conf)
+            .arg("fetch-layers")
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--dest")
+            .arg(dest)
+            .arg("--state")
+            .arg(state)
+            .arg("--ca-file")
+            .arg(&ca)
+            .output()
+            .unwrap()
+    };
+    let (d1, s1) = (work.join("root1"), work.join("state1"));
+    let o = fetch(&d1, &s1);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("tools (") && e.contains("personal ("), "{e}");
+    assert!(d1.join("etc/lifeboat/init.json").is_file());
+    assert!(
+        d1.join("usr/bin/bash").exists() || d1.join("bin/bash").exists(),
+        "{e}"
+    );
+
+    // Tamper with the tools layer on the server's disk: refused, and
+    // nothing of it (or after it) is unpacked.
+    let tools = m.layers.iter().find(|l| l.name == "tools").unwrap();
+    let lp = srv.root.join("layers").join(&tools.sha256);
+    let mut data = std::fs::read(&lp).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&lp, &data).unwrap();
+    let (d2, s2) = (work.join("root2"), work.join("state2"));
+    let o = fetch(&d2, &s2);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a tampered layer was accepted: {e}");
+    assert!(
+        e.contains(&format!("the pin says {}", tools.sha256)) && e.contains("refusing it"),
+        "{e}"
+    );
+    assert!(
+        !d2.join("etc/lifeboat/init.json").exists(),
+        "the personal layer was unpacked"
+    );
+    assert!(!d2.join("usr/bin/bash").exists() && !d2.join("bin/bash").exists());
+    assert!(
+        std::fs::read_dir(&s2).unwrap().next().is_none(),
+        "the bad download was kept"
+    );
+}

@@ -227,6 +227,13 @@ fn base_layer(cfg: &Config, root: &Path) -> Result<Tree> {
     t.entries.get_mut("init").unwrap().perm = 0o755;
     t.add_file_as("usr/bin/lifeboat", &find_self()?)?;
     t.entries.get_mut("usr/bin/lifeboat").unwrap().perm = 0o755;
+    // A private CA (https:// backup server or lifeboat serve) is trusted
+    // from the start: chained layers are fetched before the plan is there.
+    if let Some(ca) = &cfg.backup_ca_file {
+        let text = std::fs::read(ca)
+            .with_context(|| format!("backup_ca_file: cannot read {}", ca.display()))?;
+        t.add_bytes("etc/lifeboat/ca-bundle.pem", text, 0o644);
+    }
     Ok(t)
 }
 

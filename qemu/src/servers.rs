@@ -102,24 +102,30 @@ pub fn nginx_tls(dir: &Path) -> Server {
     nginx_with(dir, true)
 }
 
+/// A private CA (`dir/ca.pem`) and a server certificate for 127.0.0.1 and
+/// 10.0.2.2 signed by it (`dir/srv.pem`, key `dir/srv.key`).
+pub fn make_certs(dir: &Path) {
+    need("openssl", "openssl");
+    let sh = format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
+         -out ca.pem -days 2 -subj /CN=lifeboat-test-ca 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout srv.key -out srv.csr \
+         -subj /CN=127.0.0.1 2>/dev/null && \
+         printf 'subjectAltName=IP:127.0.0.1,IP:10.0.2.2\\nbasicConstraints=CA:FALSE\\n' > ext && \
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 \
+         -extfile ext 2>/dev/null",
+        d = dir.display()
+    );
+    let st = Command::new("sh").args(["-c", &sh]).status().unwrap();
+    assert!(st.success(), "openssl could not make the test certificates");
+}
+
 fn nginx_with(dir: &Path, tls: bool) -> Server {
     need("nginx", "nginx-light");
     let dir = fresh(dir);
     let mut listen_extra = String::new();
     if tls {
-        need("openssl", "openssl");
-        let sh = format!(
-            "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
-             -out ca.pem -days 2 -subj /CN=lifeboat-test-ca 2>/dev/null && \
-             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout srv.key -out srv.csr \
-             -subj /CN=127.0.0.1 2>/dev/null && \
-             printf 'subjectAltName=IP:127.0.0.1,IP:10.0.2.2\\nbasicConstraints=CA:FALSE\\n' > ext && \
-             openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 \
-             -extfile ext 2>/dev/null",
-            d = dir.display()
-        );
-        let st = Command::new("sh").args(["-c", &sh]).status().unwrap();
-        assert!(st.success(), "openssl could not make the test certificates");
+        make_certs(&dir);
         listen_extra = format!(
             " ssl;\n    ssl_certificate {d}/srv.pem;\n    ssl_certificate_key {d}/srv.key",
             d = dir.display()
