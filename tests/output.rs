@@ -29,12 +29,7 @@ fn iso() -> &'static (PathBuf, PathBuf) {
         );
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(stdout.contains("ISO (BIOS + UEFI, isohybrid)"), "{stdout}");
-        let iso = std::fs::read_dir(&out)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "iso"))
-            .expect("no .iso written");
+        let iso = written(&out, "iso");
         (work, iso)
     })
 }
@@ -173,12 +168,7 @@ fn rawdisk(format: &str) -> (PathBuf, PathBuf) {
     );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("disk image (BIOS + UEFI)"), "{stdout}");
-    let img = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == format))
-        .unwrap_or_else(|| panic!("no .{format} written"));
+    let img = written(&out, format);
     (work, img)
 }
 

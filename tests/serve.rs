@@ -20,6 +20,17 @@ const MAC_B: &str = "52:54:00:00:00:0b";
 /// Register this machine with the server as host `id` answering to `mac`;
 /// the image is also kept in `work/<id>`. Returns mkrescue's output.
 fn register(work: &Path, port: u16, id: &str, mac: &str, more: &str) -> Output {
+    register_url(
+        work,
+        &format!("lifeboat+http://127.0.0.1:{port}/"),
+        id,
+        mac,
+        more,
+    )
+}
+
+/// [`register`] with OUTPUT_URL = `url`.
+fn register_url(work: &Path, url: &str, id: &str, mac: &str, more: &str) -> Output {
     let f = fixture();
     let conf = work.join("etc-lifeboat");
     std::fs::create_dir_all(&conf).unwrap();
@@ -27,7 +38,7 @@ fn register(work: &Path, port: u16, id: &str, mac: &str, more: &str) -> Output {
     std::fs::write(
         &cfg,
         format!(
-            "OUTPUT_URL = \"lifeboat+http://127.0.0.1:{port}/\"\nserve_host = \"{id}\"\npxe_macs = [\"{mac}\"]\n\
+            "OUTPUT_URL = \"{url}\"\nserve_host = \"{id}\"\npxe_macs = [\"{mac}\"]\n\
              iso_default = \"automatic\"\nboot_console = \"serial\"\n{more}[network]\ncapture = false\n"
         ),
     )
@@ -534,12 +545,7 @@ fn generic_iso_chains_to_the_server_and_resumes_after_a_restart() {
         "{names:?}"
     );
     assert!(names.contains(&"base"), "{names:?}");
-    let iso = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "iso"))
-        .expect("no .iso written");
+    let iso = written(&out, "iso");
     let spec = BootSpec {
         memory_mb: 1536,
         log: Some(work.join("generic.log")),
@@ -640,35 +646,10 @@ fn https_registration_and_fetch_refuse_a_tampered_layer() {
     let args: Vec<&str> = tls.iter().map(String::as_str).collect();
     let srv = lifeboat_serve(&work.join("srv"), &lifeboat_bin(), 0, &args);
     let p = srv.port;
-    // Untrusted without the CA (below).
-    let f = fixture();
+    // Untrusted without the CA.
     let conf = work.join("etc-lifeboat");
-    let cfg = work.join("tls.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "OUTPUT_URL = \"lifeboat+https://127.0.0.1:{p}/\"\nserve_host = \"hosta\"\npxe_macs = [\"{MAC_A}\"]\n\
-             [network]\ncapture = false\n"
-        ),
-    )
-    .unwrap();
-    let reg = |extra: &str| {
-        std::fs::write(work.join("ca.toml"), extra).unwrap();
-        let mut c = lifeboat(&conf);
-        c.env("LIFEBOAT_STATE_DIR", work.join("state"))
-            .arg("-c")
-            .arg(&cfg)
-            .arg("-c")
-            .arg(work.join("ca.toml"))
-            .arg("mkrescue")
-            .arg("--kernel")
-            .arg(f.kernel())
-            .args(["--kver", &f.kver, "--modules-dir"])
-            .arg(f.modules_dir())
-            .arg("--output-dir")
-            .arg(work.join("tls-img"));
-        c.output().unwrap()
-    };
+    let url = format!("lifeboat+https://127.0.0.1:{p}/");
+    let reg = |extra: &str| register_url(&work, &url, "hosta", MAC_A, extra);
     let o = reg("");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -687,12 +668,12 @@ fn https_registration_and_fetch_refuse_a_tampered_layer() {
     )
     .unwrap();
     // The base layer carries the CA, so the init trusts the server at once.
-    let m = manifest(&work.join("tls-img"));
+    let m = manifest(&work.join("hosta"));
     let base = work.join("base-unpacked");
     run_ok(
         lifeboat(&conf)
             .args(["image", "unpack"])
-            .arg(work.join("tls-img"))
+            .arg(work.join("hosta"))
             .arg(&base)
             .args(["--layer", "base"]),
     );

@@ -271,27 +271,14 @@ mod tests {
             let mut e = Encoder::new(Vec::new(), c, None, 2).unwrap();
             e.write_all(&data).unwrap();
             let out = e.finish().unwrap();
+            // Layers fetched by the rescue init are told apart by their magic.
+            assert_eq!(detect_magic(&out), c);
             let mut back = Vec::new();
             decoder(&out[..], c)
                 .unwrap()
                 .read_to_end(&mut back)
                 .unwrap();
             assert_eq!(back, data, "{c:?}");
-        }
-    }
-
-    #[test]
-    fn compression_is_told_by_its_magic() {
-        for c in [
-            Compression::None,
-            Compression::Zstd,
-            Compression::Xz,
-            Compression::Gzip,
-            Compression::Lz4,
-        ] {
-            let mut e = Encoder::new(Vec::new(), c, None, 1).unwrap();
-            e.write_all(b"070701 a cpio would start like this").unwrap();
-            assert_eq!(detect_magic(&e.finish().unwrap()), c);
         }
     }
 

@@ -202,3 +202,13 @@ pub fn unpack(img: &Path, dest: &Path) {
             .arg(dest),
     );
 }
+
+/// The file with extension `ext` a build wrote into `dir`.
+pub fn written(dir: &Path, ext: &str) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == ext))
+        .unwrap_or_else(|| panic!("no .{ext} written to {}", dir.display()))
+}
