@@ -1154,15 +1154,11 @@ fn recovery_from_a_samba_share() {
     );
 }
 
-#[test]
-fn recovery_from_a_web_server_streamed() {
-    let port = servers().http.port;
-    recover_from_server("http", &format!("http://10.0.2.2:{port}/backups/lbsrc/"));
-}
-
 /// A fleet machine with a blank disk boots QEMU's iPXE from lifeboat
 /// serve (its DHCP boot file names its script and token, as a per-host
-/// DHCP entry would), gets its personal layer and recovers unattended.
+/// DHCP entry would), gets its personal layer and recovers unattended,
+/// streaming the backup from the web server (the http:// recovery test:
+/// the same plan as mkbackup's own http image, which is built alike).
 #[test]
 fn fleet_machine_boots_from_lifeboat_serve_and_recovers_unattended() {
     let src = net_source();

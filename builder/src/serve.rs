@@ -67,6 +67,12 @@ pub fn run(o: Options) -> Result<()> {
         std::fs::create_dir_all(o.root.join(d))
             .with_context(|| format!("cannot create {}", o.root.join(d).display()))?;
     }
+    // Uploads cut off by a crash.
+    if let Ok(rd) = std::fs::read_dir(o.root.join("tmp")) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     std::fs::write(o.root.join("boot.ipxe"), chain::generic_ipxe())
         .with_context(|| format!("cannot write into --root {}", o.root.display()))?;
     let tls = match &o.tls {
@@ -254,6 +260,8 @@ fn percent_decode(s: &str) -> String {
 struct Conn {
     s: Box<dyn Stream>,
     buf: Vec<u8>,
+    /// Whether the current request's body was read.
+    body_read: bool,
 }
 
 impl Conn {
@@ -300,6 +308,7 @@ impl Conn {
 
     /// Copy a `len` byte body into `out`.
     fn body(&mut self, len: u64, out: &mut dyn Write) -> std::io::Result<()> {
+        self.body_read = true;
         let mut left = len;
         let take = (self.buf.len() as u64).min(left) as usize;
         out.write_all(&self.buf[..take])?;
@@ -440,7 +449,11 @@ impl Server {
             },
             None => Box::new(tcp),
         };
-        let mut c = Conn { s, buf: Vec::new() };
+        let mut c = Conn {
+            s,
+            buf: Vec::new(),
+            body_read: false,
+        };
         loop {
             let req = match c.head() {
                 Ok(Some(r)) => r,
@@ -458,6 +471,7 @@ impl Server {
                     format!("?{}", redact(&req.query))
                 }
             );
+            c.body_read = false;
             let reply = match self.handle(&req, &mut c) {
                 Ok(r) => r,
                 Err(e) => {
@@ -470,7 +484,14 @@ impl Server {
                     Reply::text(status, &msg)
                 }
             };
-            let close = STOP.load(Ordering::SeqCst)
+            // A body left unread (a refused upload) ends the connection:
+            // its bytes must not be taken for the next request.
+            let unread = !c.body_read
+                && req
+                    .header("content-length")
+                    .is_some_and(|v| v.trim() != "0");
+            let close = unread
+                || STOP.load(Ordering::SeqCst)
                 || req
                     .header("connection")
                     .is_some_and(|v| v.eq_ignore_ascii_case("close"));
