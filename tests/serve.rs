@@ -420,6 +420,54 @@ fn two_hosts_share_layers_and_only_their_own_token_opens_their_personal_layer() 
         );
     }
 
+    // Administration: list, a new token, remove, gc.
+    let conf = work.join("etc-lifeboat");
+    let admin = |args: &[&str]| {
+        let o = run_ok(
+            lifeboat(&conf)
+                .arg("serve")
+                .arg("--root")
+                .arg(&srv.root)
+                .args(args),
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let list = admin(&["--list"]);
+    assert!(
+        list.contains("hosta") && list.contains("hostb") && list.contains(MAC_B),
+        "{list}"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&admin(&["--list", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let tb2 = admin(&["--new-token", "hostb"]).trim().to_string();
+    assert_eq!(tb2.len(), 64);
+    assert_eq!(
+        get(&pb, &[&format!("Authorization: Bearer {tb}")]).0,
+        403,
+        "the old token still works"
+    );
+    assert_eq!(get(&pb, &[&format!("Authorization: Bearer {tb2}")]).0, 200);
+    admin(&["--remove", "hostb"]);
+    assert!(!srv.root.join("hosts/hostb").exists());
+    assert!(
+        std::fs::symlink_metadata(srv.root.join("hosts/52-54-00-00-00-0b")).is_err(),
+        "B's MAC link stays"
+    );
+    assert_eq!(get(&pb, &[&format!("Authorization: Bearer {tb2}")]).0, 404);
+    let stale = srv.root.join("layers").join("e".repeat(64));
+    std::fs::write(&stale, "an old kernel's layer").unwrap();
+    let (okt, _, _) = sh(&format!("touch -d '2 hours ago' {}", stale.display()));
+    assert!(okt);
+    let gc = admin(&["--gc"]);
+    assert!(gc.contains("removed 1 unused layer(s)"), "{gc}");
+    assert!(!stale.exists());
+    for (_, h) in &sa {
+        assert!(
+            srv.root.join("layers").join(h).is_file(),
+            "gc removed a used layer"
+        );
+    }
+
     // The access log has every request, never a token.
     let log = std::fs::read_to_string(srv.root.join("access.log")).unwrap();
     assert!(

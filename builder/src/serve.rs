@@ -1151,6 +1151,94 @@ fn parse_range(v: &str, size: u64) -> Option<(u64, u64)> {
     (start <= end && start < size).then_some((start, end))
 }
 
+/// Registered hosts under `root` (aliases left out), by id.
+pub fn hosts(root: &Path) -> Result<Vec<HostRecord>> {
+    let mut v = Vec::new();
+    let dir = root.join("hosts");
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    };
+    for e in rd.flatten() {
+        if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        let p = e.path().join("host.json");
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            v.push(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is damaged", p.display()))?,
+            );
+        }
+    }
+    v.sort_by(|a: &HostRecord, b| a.id.cmp(&b.id));
+    Ok(v)
+}
+
+/// Forget host `id`: its directory (plan, secrets, token) and its aliases.
+pub fn remove(root: &Path, id: &str) -> Result<()> {
+    chain::check_id(id)?;
+    let dir = root.join("hosts").join(id);
+    if !dir.join("host.json").is_file() {
+        bail!("no host {id:?} is registered in {}", root.display());
+    }
+    for e in std::fs::read_dir(root.join("hosts"))?.flatten() {
+        if std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new(id)) {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+}
+
+/// Give host `id` a new token (the old one stops working); returns it.
+pub fn new_token(root: &Path, id: &str) -> Result<String> {
+    chain::check_id(id)?;
+    let dir = root.join("hosts").join(id);
+    if !dir.join("host.json").is_file() {
+        bail!("no host {id:?} is registered in {}", root.display());
+    }
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    let t = hex::encode(b);
+    write_atomic(
+        &dir.join("token.sha256"),
+        hex::encode(Sha256::digest(t.as_bytes())).as_bytes(),
+        0o600,
+    )?;
+    Ok(t)
+}
+
+/// Remove layers no registered host uses (those written in the last hour
+/// are kept: a registration may be uploading them). Returns (files, bytes).
+pub fn gc(root: &Path) -> Result<(usize, u64)> {
+    let mut used = std::collections::BTreeSet::new();
+    for h in hosts(root)? {
+        used.insert(h.kernel.sha256.clone());
+        used.extend(h.layers.iter().map(|l| l.sha256.clone()));
+    }
+    let (mut n, mut bytes) = (0, 0);
+    let dir = root.join("layers");
+    for e in std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let md = e.metadata()?;
+        let young = md
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(3600));
+        if chain::is_sha256(&name) && !used.contains(&name) && !young {
+            std::fs::remove_file(e.path())?;
+            n += 1;
+            bytes += md.len();
+        }
+    }
+    Ok((n, bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -509,7 +509,11 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         let uuid = std::fs::read_to_string("/sys/class/dmi/id/product_uuid")
             .ok()
             .map(|u| u.trim().to_ascii_lowercase())
-            .filter(|u| !u.is_empty());
+            // Boards without a real one report all zeros or all ones.
+            .filter(|u| {
+                u.chars()
+                    .any(|c| c.is_ascii_hexdigit() && c != '0' && c != 'f')
+            });
         let enroll = match &cfg.serve_enroll_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

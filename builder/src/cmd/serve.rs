@@ -40,9 +40,69 @@ pub struct Args {
     /// Seconds running downloads may finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub grace: u64,
+    /// Do not serve: list the registered hosts (with --json as JSON).
+    #[arg(long, group = "admin")]
+    pub list: bool,
+    /// With --list: JSON.
+    #[arg(long, requires = "list")]
+    pub json: bool,
+    /// Do not serve: forget host ID (plan, secrets, token, MAC links).
+    #[arg(long, value_name = "ID", group = "admin")]
+    pub remove: Option<String>,
+    /// Do not serve: give host ID a new token and print it (the old one stops working).
+    #[arg(long, value_name = "ID", group = "admin")]
+    pub new_token: Option<String>,
+    /// Do not serve: delete layers no registered host uses (older than an hour).
+    #[arg(long, group = "admin")]
+    pub gc: bool,
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
+    if a.list {
+        let hosts = crate::serve::hosts(&a.root)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&hosts)?);
+        } else {
+            println!(
+                "{:<24} {:<20} {:>6} {:<20} MACs",
+                "host", "kernel", "layers", "registered (UTC)"
+            );
+            for h in &hosts {
+                let when = crate::bootdisk::utc_stamp(h.registered);
+                println!(
+                    "{:<24} {:<20} {:>6} {:<20} {}",
+                    h.id,
+                    h.kver,
+                    h.layers.len(),
+                    when,
+                    h.macs.join(" ")
+                );
+            }
+        }
+        return Ok(());
+    }
+    if let Some(id) = &a.remove {
+        crate::serve::remove(&a.root, id)?;
+        if !g.quiet {
+            println!("host {id} removed (its layers stay until --gc)");
+        }
+        return Ok(());
+    }
+    if let Some(id) = &a.new_token {
+        let t = crate::serve::new_token(&a.root, id)?;
+        println!("{t}");
+        if !g.quiet {
+            eprintln!("lifeboat serve: host {id} has a new token; put it where its boot gets it, and into /var/lib/lifeboat/serve/ on the host for its next registration");
+        }
+        return Ok(());
+    }
+    if a.gc {
+        let (n, bytes) = crate::serve::gc(&a.root)?;
+        if !g.quiet {
+            println!("removed {n} unused layer(s), {bytes} bytes");
+        }
+        return Ok(());
+    }
     let enroll = match &a.enroll_token_file {
         Some(f) => Some(
             std::fs::read_to_string(f)
