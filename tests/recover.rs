@@ -1154,6 +1154,85 @@ fn recovery_from_a_samba_share() {
     );
 }
 
+/// `lifeboat backup ls|verify --json` on the host, on the GPT source's
+/// real backup (copied off its disk with debugfs): intact, then with its
+/// biggest volume damaged (exit 1, the archive named).
+#[test]
+fn backup_ls_and_verify_answer_in_json_and_name_a_damaged_archive() {
+    let src = gpt_source();
+    let copy = src.work.join("store-copy");
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    sh_ok(&format!(
+        "debugfs -R 'rdump /store/lbsrc {}' {} 2>/dev/null",
+        copy.display(),
+        src.backup.display()
+    ));
+    let dir = copy.join("lbsrc");
+    let conf = src.work.join("etc-host");
+    std::fs::create_dir_all(&conf).unwrap();
+    let ls = run_ok(lifeboat(&conf).args(["backup", "ls", "--json"]).arg(&dir));
+    let m: Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(m["hostname"], "lbsrc", "{m}");
+    let archives: usize = m["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["archives"].as_array().unwrap().len())
+        .sum();
+    assert!(archives >= 2, "{m}");
+    let v = run_ok(
+        lifeboat(&conf)
+            .args(["backup", "verify", "--json"])
+            .arg(&dir),
+    );
+    let v: Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["archives"].as_array().unwrap().len(), archives, "{v}");
+    // Damage the biggest volume in its middle.
+    let mut files: Vec<(u64, PathBuf)> = walk(&dir)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n != "backup.json"))
+        .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
+        .collect();
+    files.sort();
+    let (len, victim) = files.pop().unwrap();
+    sh_ok(&format!(
+        "printf 'X' | dd of={} bs=1 seek={} conv=notrunc status=none",
+        victim.display(),
+        len / 2
+    ));
+    let o = lifeboat(&conf)
+        .args(["backup", "verify", "--json"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "a damaged backup passed verify");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    let bad: Vec<&Value> = v["archives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["ok"] == false)
+        .collect();
+    assert_eq!(bad.len(), 1, "{v}");
+    assert!(bad[0]["error"].as_str().unwrap().contains("sha256"), "{v}");
+    let _ = std::fs::remove_dir_all(&copy);
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            v.extend(walk(&e.path()));
+        } else {
+            v.push(e.path());
+        }
+    }
+    v
+}
+
 /// A fleet machine with a blank disk boots QEMU's iPXE from lifeboat
 /// serve (its DHCP boot file names its script and token, as a per-host
 /// DHCP entry would), gets its personal layer and recovers unattended,

@@ -17,20 +17,27 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Kind of rescue medium `mkrescue` writes: `initrd` (kernel + layers +
-    /// concatenated initrd.img in a directory) or `ISO` (the same, plus a
-    /// BIOS+UEFI isohybrid `lifeboat-<hostname>.iso`).
+    /// Kind of rescue medium `mkrescue` writes: `initrd` (kernel, layers,
+    /// the concatenated initrd.img and manifest.json in a directory), `ISO`,
+    /// `USB`, `RAWDISK`, `PXE`, `UKI`, `PORTABLE` or `OBDR` (see the
+    /// README's "Outputs").
     #[serde(alias = "OUTPUT")]
     pub output: String,
-    /// Where `mkrescue` writes its output. Supported now: `file:///path`.
+    /// Where `mkrescue` writes its output: `file:///path`, `usb://LABEL[/dir]`,
+    /// `nfs://`, `cifs://`, `http(s)://` (WebDAV PUT), `sftp://`, or
+    /// `lifeboat+http(s)://server/` (register with `lifeboat serve`).
     #[serde(alias = "OUTPUT_URL")]
     pub output_url: String,
-    /// Backup method of `mkbackup`. Supported now: `tar` (GNU tar + zstd,
-    /// one archive per local filesystem); ReaR's `NETFS` means the same.
+    /// Backup method of `mkbackup`: `tar` (GNU tar, one archive per local
+    /// filesystem; ReaR's `NETFS` means the same), `external` (the commands
+    /// of `[external]`), or a recipe: `restic`, `borg`, `rsync`,
+    /// `bareos-fd`, or the name of one in /etc/lifeboat/recipes/.
     #[serde(alias = "BACKUP")]
     pub backup: String,
-    /// Where `mkbackup` writes the archives: `file:///path` (the archives
-    /// go to `<path>/<hostname>/`). Unset by default: mkbackup refuses.
+    /// Where `mkbackup` writes the archives (to `<location>/<hostname>/`):
+    /// `file:///path`, `usb://LABEL[/dir]`, `nfs://`, `cifs://`,
+    /// `http(s)://`, `sftp://`, `tape:///dev/nst0`, `iso://` (on the rescue
+    /// ISO). Unset by default: mkbackup refuses.
     #[serde(alias = "BACKUP_URL")]
     pub backup_url: Option<String>,
     /// Extra paths (absolute, in the running system) left out of the
@@ -47,6 +54,8 @@ pub struct Config {
     pub backup_full_days: u32,
     /// `zstd` (multithreaded), `gzip` or `xz`.
     pub backup_compression: String,
+    /// Compression level of the backup (zstd 1-19, gzip and xz 0-9);
+    /// unset: zstd 3, gzip and xz 6.
     pub backup_compression_level: Option<i32>,
     /// Cut archives into volumes of this size (`4G`, `700M`); unset: one file.
     pub backup_volume_size: Option<String>,
@@ -187,6 +196,7 @@ impl Default for Network {
 pub struct Ssh {
     /// Start sshd in the rescue OS (the `lifeboat.ssh=0|1` boot option overrides).
     pub enabled: bool,
+    /// Port sshd listens on.
     pub port: u16,
     /// Files whose public keys may log in as root. Missing files are skipped with a warning.
     pub authorized_keys: Vec<PathBuf>,

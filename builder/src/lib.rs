@@ -9,6 +9,7 @@ pub mod chain;
 pub mod cmd;
 pub mod compress;
 pub mod config;
+pub mod config_ref;
 pub mod cpio;
 pub mod elf;
 pub mod fetch;

@@ -24,7 +24,9 @@ use std::process::Command;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Recipe {
+    /// Name of the recipe (its file name without `.toml`).
     pub name: String,
+    /// What it does, one line.
     pub description: String,
     /// Programs the rescue OS needs (with their libraries).
     pub programs: Vec<String>,
@@ -39,6 +41,7 @@ pub struct Recipe {
     pub check: String,
     /// Run by `recover` once the disks are recreated and mounted.
     pub restore: String,
+    /// Environment of the three commands (e.g. `RESTIC_PASSWORD_FILE`).
     pub env: BTreeMap<String, String>,
 }
 

@@ -12,6 +12,9 @@ pub enum Command {
         /// Backup directory, or a BACKUP_URL (file, nfs, cifs, http(s));
         /// default: BACKUP_URL/<hostname>.
         dir: Option<String>,
+        /// Print the backup manifest (JSON) instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Read everything back: every volume's sha256, the compressed stream
     /// and the tar stream. Exit 1 when anything is wrong.
@@ -20,6 +23,9 @@ pub enum Command {
         /// Key of an encrypted backup (default: backup_key_file).
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
+        /// Print the result as JSON: {"backup", "location", "ok", "archives": [...]}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -56,11 +62,11 @@ fn backup_store(g: &Global, dir: Option<String>) -> Result<(Store, Option<crate:
 }
 
 pub fn run(g: &Global, c: Command) -> Result<()> {
-    let (dir, verify, key) = match c {
-        Command::Ls { dir } => (backup_store(g, dir)?, false, None),
-        Command::Verify { dir, key } => {
+    let (dir, verify, key, json) = match c {
+        Command::Ls { dir, json } => (backup_store(g, dir)?, false, None, json),
+        Command::Verify { dir, key, json } => {
             let k = key.or(g.load_config()?.config.backup_key_file);
-            (backup_store(g, dir)?, true, k)
+            (backup_store(g, dir)?, true, k, json)
         }
     };
     let (dir, _share) = dir;
@@ -70,7 +76,23 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
         .with_context(|| format!("cannot read {p} (no backup there?)"))?;
     let m = lifeboat_contract::BackupManifest::from_json(&text)
         .with_context(|| format!("{p} is not a valid backup manifest"))?;
-    println!("backup {} of {} in {}", m.id, m.hostname, dir.show(""));
+    if json && !verify {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    // Text lines go to stdout, unless JSON does.
+    let say = |line: String| {
+        if !json {
+            println!("{line}");
+        }
+    };
+    let mut results = Vec::new();
+    say(format!(
+        "backup {} of {} in {}",
+        m.id,
+        m.hostname,
+        dir.show("")
+    ));
     let encrypted = m.sets.iter().any(|s| s.encryption.is_some());
     let key = match key {
         Some(k) if verify && encrypted => Some(crate::backup::Key::from_file(&k)?),
@@ -78,7 +100,7 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
     };
     let mut bad = 0;
     for set in &m.sets {
-        println!(
+        say(format!(
             "set {} ({}, {}{})",
             set.id,
             set.level,
@@ -87,29 +109,51 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
                 .as_ref()
                 .map(|e| format!(", encrypted {e}"))
                 .unwrap_or_default()
-        );
+        ));
         for a in &set.archives {
-            println!(
+            say(format!(
                 "  {:<12} {:>12} bytes in {} volume(s), {} bytes of tar",
                 a.mountpoint,
                 a.bytes,
                 a.volumes.len(),
                 a.tar_bytes
-            );
+            ));
             if !verify {
                 for v in &a.volumes {
-                    println!("    {} {} {}", v.file, v.bytes, v.sha256);
+                    say(format!("    {} {} {}", v.file, v.bytes, v.sha256));
                 }
                 continue;
             }
             match crate::backup::verify_archive(&dir, set, a, key.as_ref()) {
-                Ok(n) => println!("    ok: {n} tar members, every volume matches its sha256"),
+                Ok(n) => {
+                    say(format!(
+                        "    ok: {n} tar members, every volume matches its sha256"
+                    ));
+                    results.push(serde_json::json!({
+                        "set": set.id, "mountpoint": a.mountpoint, "ok": true, "members": n,
+                    }));
+                }
                 Err(e) => {
                     bad += 1;
-                    println!("    DAMAGED: {e:#}");
+                    say(format!("    DAMAGED: {e:#}"));
+                    results.push(serde_json::json!({
+                        "set": set.id, "mountpoint": a.mountpoint, "ok": false, "error": format!("{e:#}"),
+                    }));
                 }
             }
         }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "backup": m.id,
+                "hostname": m.hostname,
+                "location": dir.show(""),
+                "ok": bad == 0,
+                "archives": results,
+            }))?
+        );
     }
     if bad > 0 {
         bail!("{bad} archive(s) of {} cannot be restored", dir.show(""));

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 pub mod backup;
 pub mod dump;
 pub mod format;
+pub mod gen;
 pub mod image;
 pub mod layout;
 pub mod mkbackup;
@@ -72,6 +73,10 @@ pub enum Command {
     /// layers named by lifeboat.layers= or lifeboat.chain=.
     #[command(hide = true)]
     FetchLayers(serve::FetchArgs),
+    /// Print the shell completion script (bash, zsh, fish, ...).
+    Completions(gen::CompletionArgs),
+    /// Print the man page, or write every command's page with --dir.
+    Man(gen::ManArgs),
 }
 
 /// An exit status other than 0/1 chosen by a command (e.g. `layout check`).
@@ -104,6 +109,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Layout(c) => layout::run(&g, c),
         Command::Serve(a) => serve::run(&g, a),
         Command::FetchLayers(a) => serve::fetch(&g, a),
+        Command::Completions(a) => gen::completions(&g, a),
+        Command::Man(a) => gen::man(&g, a),
     }
 }
 

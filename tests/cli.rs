@@ -1,0 +1,123 @@
+//! What is generated from the program's own definitions: the configuration
+//! reference in docs/ (from the config structs), the man pages and the
+//! shell completions (from the clap definition).
+
+mod common;
+
+use common::*;
+
+fn conf() -> std::path::PathBuf {
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::create_dir_all(d.join("etc")).unwrap();
+    d.join("etc")
+}
+
+#[test]
+fn the_configuration_reference_in_docs_is_current() {
+    let o = run_ok(lifeboat(&conf()).args(["dump", "--reference"]));
+    let fresh = String::from_utf8(o.stdout).unwrap();
+    let file = repo().join("docs/configuration.md");
+    let have = std::fs::read_to_string(&file).unwrap_or_default();
+    if have != fresh {
+        let line = have
+            .lines()
+            .zip(fresh.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(have.lines().count().min(fresh.lines().count()));
+        panic!(
+            "{} does not match the configuration structs (first difference at line {}: {:?} vs {:?}); \
+             regenerate it: lifeboat dump --reference > docs/configuration.md",
+            file.display(),
+            line + 1,
+            have.lines().nth(line).unwrap_or(""),
+            fresh.lines().nth(line).unwrap_or("")
+        );
+    }
+    // The reference names real keys: each documented top-level key set to
+    // its documented default type is accepted (`lifeboat dump` reads it).
+    let keys: Vec<&str> = fresh
+        .lines()
+        .filter_map(|l| l.strip_prefix("### `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    assert!(keys.len() > 60, "{keys:?}");
+    for k in [
+        "output",
+        "backup_url",
+        "serve_host",
+        "iso_default",
+        "compression",
+        "require_disks",
+    ] {
+        assert!(keys.contains(&k), "{k} is not in the reference");
+    }
+}
+
+#[test]
+fn man_pages_render_cleanly_and_completions_parse() {
+    let c = conf();
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(lifeboat(&c).arg("man").arg("--dir").arg(dir.path()));
+    for cmd in [
+        "",
+        "-mkrescue",
+        "-mkbackup",
+        "-recover",
+        "-serve",
+        "-format",
+        "-layout-check",
+    ] {
+        let p = dir.path().join(format!("lifeboat{cmd}.1"));
+        assert!(p.is_file(), "{} missing", p.display());
+        // groff as the oracle: it renders and warns about nothing.
+        let (ok, out, err) = sh(&format!("groff -man -Tutf8 -ww -z {} 2>&1", p.display()));
+        assert!(
+            ok && out.trim().is_empty() && err.trim().is_empty(),
+            "{}: {out}{err}",
+            p.display()
+        );
+        let (_, text, _) = sh(&format!(
+            "MANWIDTH=100 man -l {} 2>/dev/null | col -b",
+            p.display()
+        ));
+        assert!(text.contains("lifeboat"), "{text}");
+    }
+    let (_, page, _) = sh(&format!(
+        "MANWIDTH=200 man -l {} 2>/dev/null | col -b",
+        dir.path().join("lifeboat-serve.1").display()
+    ));
+    assert!(
+        page.contains("--enroll-token-file") && page.contains("--max-rate"),
+        "{page}"
+    );
+
+    let o = run_ok(lifeboat(&c).args(["completions", "bash"]));
+    let bash = dir.path().join("lifeboat.bash");
+    std::fs::write(&bash, &o.stdout).unwrap();
+    let (ok, _, err) = sh(&format!("bash -n {}", bash.display()));
+    assert!(ok, "{err}");
+    // Loaded into bash, it completes subcommands.
+    let (ok, out, err) = sh(&format!(
+        "bash -c 'source {}; COMP_WORDS=(lifeboat mkr); COMP_CWORD=1; COMP_LINE=\"lifeboat mkr\"; COMP_POINT=12; \
+         _lifeboat lifeboat mkr lifeboat; printf \"%s\\n\" \"${{COMPREPLY[@]}}\"'",
+        bash.display()
+    ));
+    assert!(
+        ok && out.lines().any(|l| l.trim() == "mkrescue"),
+        "{out}{err}"
+    );
+    for shell in ["zsh", "fish"] {
+        let o = run_ok(lifeboat(&c).args(["completions", shell]));
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            s.contains("mkrescue") && s.contains("serve"),
+            "{shell}: {s}"
+        );
+    }
+    let o = lifeboat(&c).args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
