@@ -1180,7 +1180,7 @@ fn backup_ls_and_verify_answer_in_json_and_name_a_damaged_archive() {
         .iter()
         .map(|s| s["archives"].as_array().unwrap().len())
         .sum();
-    assert!(archives >= 2, "{m}");
+    assert!(archives >= 1, "{m}");
     let v = run_ok(
         lifeboat(&conf)
             .args(["backup", "verify", "--json"])

@@ -1158,12 +1158,18 @@ pub fn verify_archive(
     drop(stdin);
     let out = child.wait_with_output()?;
     let members = listing.join().map(|s| s.lines().count()).unwrap_or(0);
-    copied.with_context(|| {
-        format!(
+    if let Err(e) = copied {
+        let what = format!(
             "the archive of {} in set {} cannot be read",
             a.mountpoint, set.id
-        )
-    })?;
+        );
+        // The decompressor usually notices first; name the damaged volume
+        // when its sha256 shows it.
+        for v in &a.volumes {
+            check_volume(dir, v, true).context(what.clone())?;
+        }
+        return Err(e.context(what));
+    }
     if !out.status.success() {
         bail!(
             "the archive of {} in set {} is not a valid tar stream: {}",
