@@ -984,15 +984,7 @@ impl Server {
         // A new token on the first registration, or when the enrollment
         // token re-registers a host without presenting the host's token.
         let new_token = if !known || !tok_ok {
-            let mut b = [0u8; 32];
-            std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-            let t = hex::encode(b);
-            write_atomic(
-                &dir.join("token.sha256"),
-                hex::encode(Sha256::digest(t.as_bytes())).as_bytes(),
-                0o600,
-            )?;
-            Some(t)
+            Some(issue_token(&dir)?)
         } else {
             None
         };
@@ -1198,6 +1190,11 @@ pub fn new_token(root: &Path, id: &str) -> Result<String> {
     if !dir.join("host.json").is_file() {
         bail!("no host {id:?} is registered in {}", root.display());
     }
+    issue_token(&dir)
+}
+
+/// A fresh random token for the host in `dir`; only its sha256 is stored.
+fn issue_token(dir: &Path) -> Result<String> {
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
     let t = hex::encode(b);
