@@ -141,6 +141,34 @@ pub struct Config {
     pub recover: Recover,
     /// Commands of `BACKUP = "external"`, or overrides of a recipe's.
     pub external: crate::recipe::Recipe,
+    /// Commands run before and after `mkbackup` and `recover`.
+    pub hooks: Hooks,
+}
+
+/// Hooks: each entry is a command line run by `sh -c` (a script path is a
+/// command too), in order, with the environment described in the README
+/// ("Hooks"): `LIFEBOAT_HOOK`, `LIFEBOAT_WORKFLOW`, `LIFEBOAT_HOSTNAME`,
+/// `LIFEBOAT_BACKUP_URL`, `LIFEBOAT_TARGET` (recovery), and for the post
+/// hooks `LIFEBOAT_RESULT` (`success` or `failure`) and `LIFEBOAT_ERROR`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hooks {
+    /// Before `mkbackup` reads anything; a failure stops the backup.
+    /// ReaR: PRE_BACKUP_SCRIPT.
+    pub pre_backup: Vec<String>,
+    /// After `mkbackup`, whether it worked or not (`LIFEBOAT_RESULT`); a
+    /// failure makes mkbackup exit 1 (the backup itself stays).
+    /// ReaR: POST_BACKUP_SCRIPT.
+    pub post_backup: Vec<String>,
+    /// In the rescue OS, after the pre-flight checks and before any disk
+    /// is written; a failure stops the recovery with nothing written.
+    /// ReaR: PRE_RECOVERY_SCRIPT.
+    pub pre_recovery: Vec<String>,
+    /// After the recovery, with the recovered system still mounted at
+    /// `LIFEBOAT_TARGET` when it worked; also run when it failed. Scripts
+    /// named by absolute path are copied into the rescue image.
+    /// ReaR: POST_RECOVERY_SCRIPT.
+    pub post_recovery: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -330,6 +358,7 @@ impl Default for Config {
             network: Network::default(),
             ssh: Ssh::default(),
             boot: Boot::default(),
+            hooks: Hooks::default(),
         }
     }
 }
@@ -613,6 +642,184 @@ impl Loaded {
             "origin": origin,
         }))?)
     }
+}
+
+/// Problems `lifeboat validate` reports: values outside their choices,
+/// URLs that cannot be used, files the configuration names that are
+/// missing. Each names the key and says what is allowed.
+pub fn check(c: &Config) -> Vec<String> {
+    let mut p = Vec::new();
+    let mut one_of = |key: &str, v: &str, allowed: &[&str]| {
+        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(v)) {
+            p.push(format!(
+                "{key} = {v:?} is not one of {}",
+                allowed.join(", ")
+            ));
+        }
+    };
+    one_of(
+        "output",
+        &c.output,
+        &[
+            "initrd", "ISO", "USB", "RAWDISK", "PXE", "UKI", "PORTABLE", "OBDR",
+        ],
+    );
+    one_of(
+        "backup_type",
+        &c.backup_type,
+        &["full", "incremental", "differential"],
+    );
+    one_of(
+        "backup_compression",
+        &c.backup_compression,
+        &["zstd", "gzip", "xz"],
+    );
+    one_of(
+        "iso_default",
+        &c.iso_default,
+        &["automatic", "manual", "shell"],
+    );
+    one_of("boot_console", &c.boot_console, &["vga", "serial"]);
+    one_of("rawdisk_format", &c.rawdisk_format, &["raw", "qcow2"]);
+    one_of(
+        "udev_workflow",
+        &c.udev_workflow,
+        &["", "mkrescue", "mkbackup"],
+    );
+    one_of(
+        "rescue.modules",
+        &c.rescue.modules,
+        &["generic", "hostonly", "none"],
+    );
+    one_of(
+        "rescue.microcode",
+        &c.rescue.microcode,
+        &["auto", "yes", "no"],
+    );
+    one_of(
+        "rescue.compression",
+        &c.rescue.compression,
+        &["zstd", "xz", "gzip", "lz4", "none"],
+    );
+    one_of("boot.on_failure", &c.boot.on_failure, &["shell", "reboot"]);
+    one_of("recover.grow", &c.recover.grow, &["last", "proportional"]);
+    one_of(
+        "recover.rebuild_initramfs",
+        &c.recover.rebuild_initramfs,
+        &["auto", "always", "never"],
+    );
+    let schemes = |key: &str, u: &str, allowed: &[&str], p: &mut Vec<String>| {
+        let Some((scheme, _)) = u.split_once("://") else {
+            p.push(format!("{key} = {u:?} is not a URL (scheme://...)"));
+            return;
+        };
+        if !allowed.contains(&scheme) {
+            p.push(format!(
+                "{key} = {u:?}: the scheme {scheme}:// is not one of {}",
+                allowed
+                    .iter()
+                    .map(|s| format!("{s}://"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        } else if let Err(e) = crate::url::NetUrl::parse(u) {
+            p.push(format!("{key}: {e:#}"));
+        }
+    };
+    schemes(
+        "output_url",
+        &c.output_url,
+        &[
+            "file",
+            "usb",
+            "nfs",
+            "cifs",
+            "http",
+            "https",
+            "sftp",
+            "lifeboat+http",
+            "lifeboat+https",
+        ],
+        &mut p,
+    );
+    if let Some(u) = &c.backup_url {
+        let mut allowed = vec![
+            "file", "usb", "nfs", "cifs", "http", "https", "sftp", "tape", "iso",
+        ];
+        if !crate::recipe::is_internal(&c.backup) {
+            allowed.push("rsync");
+        }
+        schemes("backup_url", u, &allowed, &mut p);
+    }
+    if !crate::recipe::is_internal(&c.backup) {
+        if let Err(e) = crate::recipe::load(&c.backup, &c.external, &config_dir().join("recipes")) {
+            p.push(format!("backup = {:?}: {e:#}", c.backup));
+        }
+    }
+    if let Some(s) = &c.backup_volume_size {
+        if let Err(e) = crate::backup::parse_size(s) {
+            p.push(format!("backup_volume_size = {s:?}: {e:#}"));
+        }
+    }
+    let files: [(&str, Option<&PathBuf>); 6] = [
+        ("backup_key_file", c.backup_key_file.as_ref()),
+        ("backup_credentials", c.backup_credentials.as_ref()),
+        ("backup_ca_file", c.backup_ca_file.as_ref()),
+        ("network.file", c.network.file.as_ref()),
+        ("recover.mapping", c.recover.mapping.as_ref()),
+        (
+            "serve_enroll_token_file",
+            c.serve_enroll_token_file.as_ref(),
+        ),
+    ];
+    for (key, f) in files {
+        if let Some(f) = f {
+            if !f.is_file() {
+                p.push(format!(
+                    "{key} = {:?}: no such file",
+                    f.display().to_string()
+                ));
+            }
+        }
+    }
+    if let Some(f) = c.network.file.as_ref().filter(|f| f.is_file()) {
+        let ok = std::fs::read(f)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<lifeboat_contract::NetworkConfig>(&b).ok());
+        if ok.is_none() {
+            p.push(format!(
+                "network.file = {:?} is not a network configuration (JSON: interfaces, routes, dns)",
+                f.display().to_string()
+            ));
+        }
+    }
+    if let Some(f) = c.recover.mapping.as_ref().filter(|f| f.is_file()) {
+        if let Err(e) = std::fs::read_to_string(f)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| crate::migrate::parse_mapping(&t))
+        {
+            p.push(format!(
+                "recover.mapping = {:?}: {e:#}",
+                f.display().to_string()
+            ));
+        }
+    }
+    for (key, list) in [
+        ("hooks.pre_backup", &c.hooks.pre_backup),
+        ("hooks.post_backup", &c.hooks.post_backup),
+        ("hooks.pre_recovery", &c.hooks.pre_recovery),
+        ("hooks.post_recovery", &c.hooks.post_recovery),
+    ] {
+        for cmd in list {
+            let first = cmd.split_whitespace().next().unwrap_or("");
+            if cmd.trim().is_empty() {
+                p.push(format!("{key}: an empty command"));
+            } else if first.starts_with('/') && !Path::new(first).is_file() {
+                p.push(format!("{key}: {first} (in `{cmd}`) does not exist"));
+            }
+        }
+    }
+    p
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! (bootloader, config patches, initramfs, logs), unmount.
 
 use crate::backup::Store;
+use crate::hooks::Hook;
 use crate::layout::disk_of;
 use crate::migrate::{self, Grow, Pair};
 use crate::plan::{self, Done, Step};
@@ -57,6 +58,8 @@ pub struct Options {
     /// How to reach a network location: credentials (cifs/http user and
     /// password, sftp key), mount and ssh options.
     pub access: crate::url::Access,
+    /// `[hooks]` pre_recovery and post_recovery.
+    pub hooks: crate::config::Hooks,
 }
 
 /// Runs commands (or only prints them under --dry-run) and logs all of it.
@@ -616,6 +619,26 @@ pub fn rename_devices(text: &str, names: &BTreeMap<String, String>) -> String {
 
 /// The whole recovery.
 pub fn run(o: Options) -> Result<()> {
+    let mut post_ran = false;
+    let res = run_inner(&o, &mut post_ran);
+    if let (Err(e), false, false) = (&res, post_ran, o.dry_run) {
+        // The post hooks hear about a failed recovery too (to notify).
+        let c = crate::hooks::HookEnv {
+            hostname: &o.layout.hostname,
+            backup_url: Some(&o.backup.url),
+            target: Some(&o.root),
+            error: Some(format!("{e:#}")),
+        };
+        if let Err(he) =
+            crate::hooks::run(Hook::PostRecovery, &o.hooks, &c, &mut |l| println!("{l}"))
+        {
+            eprintln!("lifeboat: {he:#}");
+        }
+    }
+    res
+}
+
+fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
     let mut r = Runner {
         dry_run: o.dry_run,
         log: None,
@@ -846,6 +869,23 @@ pub fn run(o: Options) -> Result<()> {
         }
     }
 
+    let hook_ctx = |error: Option<String>| crate::hooks::HookEnv {
+        hostname: &o.layout.hostname,
+        backup_url: Some(&o.backup.url),
+        target: Some(&o.root),
+        error,
+    };
+    if o.dry_run {
+        for c in &o.hooks.pre_recovery {
+            r.say(&format!("+ pre_recovery hook: {c}"));
+        }
+    } else {
+        crate::hooks::run(Hook::PreRecovery, &o.hooks, &hook_ctx(None), &mut |l| {
+            r.say(l)
+        })
+        .context("nothing was written")?;
+    }
+
     // ---- Disks.
     r.say("lifeboat: recover: recreating disks");
     for g in &groups {
@@ -1034,7 +1074,20 @@ pub fn run(o: Options) -> Result<()> {
     // ---- Finalize.
     r.say("lifeboat: recover: finalizing");
     disk_links(&layout, &mut r)?;
-    finalize(&o, &layout, &pairs, &names, &mut r)?;
+    finalize(o, &layout, &pairs, &names, &mut r)?;
+
+    // The user's post hooks, with the recovered system still mounted.
+    if o.dry_run {
+        for c in &o.hooks.post_recovery {
+            r.say(&format!("+ post_recovery hook: {c}"));
+        }
+    } else {
+        *post_ran = true;
+        crate::hooks::run(Hook::PostRecovery, &o.hooks, &hook_ctx(None), &mut |l| {
+            r.say(l)
+        })
+        .context("the system is recovered, but a post_recovery hook failed")?;
+    }
 
     // Markers away, then unmount.
     for m in &mounts {

@@ -200,6 +200,25 @@ pub fn without_disk(l: &mut Layout, disk: &str) {
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
+    let cfg = g.load_config()?.config;
+    let host = crate::layout::hostname().unwrap_or_else(|| "localhost".into());
+    let url = a.backup_url.clone().or(cfg.backup_url.clone());
+    let c = crate::hooks::HookEnv {
+        hostname: &host,
+        backup_url: url.as_deref(),
+        target: None,
+        error: None,
+    };
+    crate::hooks::around(
+        crate::hooks::Hook::PreBackup,
+        crate::hooks::Hook::PostBackup,
+        &cfg.hooks,
+        c,
+        || backup(g, a),
+    )
+}
+
+fn backup(g: &Global, a: Args) -> Result<()> {
     if a.rescue.generic || a.rescue.chain.is_some() {
         anyhow::bail!("--generic/--chain build a medium for any machine with `lifeboat mkrescue`; mkbackup's image carries this machine's plan");
     }

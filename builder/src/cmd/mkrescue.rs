@@ -89,6 +89,12 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         cfg.rescue.copy_as_is.extend(r.copy_as_is);
         cfg.rescue.exclude.extend(r.exclude);
     }
+    // Scripts the recovery hooks name come along.
+    for s in crate::hooks::recovery_scripts(&cfg.hooks) {
+        if !cfg.rescue.copy_as_is.contains(&s) {
+            cfg.rescue.copy_as_is.push(s);
+        }
+    }
     if let Some(o) = a.output {
         cfg.output = o;
     }

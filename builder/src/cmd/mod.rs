@@ -14,6 +14,7 @@ pub mod image;
 pub mod layout;
 pub mod mkbackup;
 pub mod mkrescue;
+pub mod rear;
 pub mod recover;
 pub mod serve;
 pub mod udev;
@@ -73,6 +74,12 @@ pub enum Command {
     /// layers named by lifeboat.layers= or lifeboat.chain=.
     #[command(hide = true)]
     FetchLayers(serve::FetchArgs),
+    /// Check the configuration: every file against the schema, then the
+    /// values (choices, URLs, the files it names); exit 1 on a problem.
+    Validate(rear::ValidateArgs),
+    /// Turn a ReaR configuration (/etc/rear/local.conf, mapping files)
+    /// into Lifeboat TOML, listing what cannot be carried over.
+    ImportRear(rear::ImportArgs),
     /// Print the shell completion script (bash, zsh, fish, ...).
     Completions(gen::CompletionArgs),
     /// Print the man page, or write every command's page with --dir.
@@ -109,6 +116,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Layout(c) => layout::run(&g, c),
         Command::Serve(a) => serve::run(&g, a),
         Command::FetchLayers(a) => serve::fetch(&g, a),
+        Command::Validate(a) => rear::validate(&g, a),
+        Command::ImportRear(a) => rear::import(&g, a),
         Command::Completions(a) => gen::completions(&g, a),
         Command::Man(a) => gen::man(&g, a),
     }

@@ -123,5 +123,6 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             ssh_options: cfg.backup_ssh_options.clone(),
             ca_file: cfg.backup_ca_file.clone(),
         },
+        hooks: cfg.hooks.clone(),
     })
 }
