@@ -25,16 +25,24 @@ PKGS=(
   # backup tools whose remote repositories the recipe tests use
   restic borgbackup
 )
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+# Two passes: installing one package can remove another that was there
+# (seen: a preinstalled backported qemu-utils removed by Debian's
+# qemu-system-x86), so check again after installing.
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+updated=""
+for pass in 1 2; do
+  missing=()
+  for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && break
   echo "setup: installing ${missing[*]}" >&2
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  $SUDO apt-get update -q >&2
+  if [ -z "$updated" ]; then $SUDO apt-get update -q >&2; updated=1; fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+done
+for c in qemu-img qemu-system-x86_64 xorriso mmdebstrap cpio; do
+  command -v "$c" >/dev/null || { echo "setup: $c is still missing after installing the packages; see the apt output above" >&2; exit 1; }
+done
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found. Lifeboat needs Rust >= 1.80 with the x86_64-unknown-linux-gnu target (rustup)." >&2
   exit 1

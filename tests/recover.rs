@@ -511,13 +511,34 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         );
         run(&mut vm, &mut pos, "sync", MIN);
     } else {
+        // Hooks, in the system configuration (so every image built here
+        // carries them): the pre_backup hook's file is in the backup, the
+        // post_recovery hook writes into the recovered system.
         run(
             &mut vm,
             &mut pos,
+            "mkdir -p /etc/lifeboat/conf.d && printf '[hooks]\\npre_backup = [\"echo pre-$LIFEBOAT_HOOK-$LIFEBOAT_WORKFLOW > /root/pre-backup.txt\"]\\n\
+             post_backup = [\"echo post_backup says result=$LIFEBOAT_RESULT\"]\\n\
+             pre_recovery = [\"echo pre_recovery says target=$LIFEBOAT_TARGET\"]\\n\
+             post_recovery = [\"echo $LIFEBOAT_HOOK-$LIFEBOAT_RESULT > $LIFEBOAT_TARGET/root/post-recovery.txt\"]\\n' \
+             > /etc/lifeboat/conf.d/hooks.toml && cat /etc/lifeboat/conf.d/hooks.toml",
+            MIN,
+        );
+        let out = run(
+            &mut vm,
+            &mut pos,
             "/backup/bin/lifeboat mkbackup --backup-url file:///backup/store --output-dir /backup/rescue > /backup/mkbackup.log 2>&1; \
-             s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
+             s=$?; grep hook /backup/mkbackup.log; tail -25 /backup/mkbackup.log; test $s = 0",
             20 * MIN,
         );
+        assert!(
+            out.contains("post_backup says result=success"),
+            "the post_backup hook did not report success:\n{out}"
+        );
+        extra = Some((
+            "echo state: $(cat /root/pre-backup.txt) $(cat /root/post-recovery.txt)",
+            "state: pre-pre_backup-mkbackup post_recovery-success",
+        ));
         // The same backup carried by a portable lifeboat (recovered from
         // another live system): mkrescue alone takes the last mkbackup's plan.
         let out = run(
@@ -777,6 +798,12 @@ fn a_gpt_bios_ext4_swap_same_size() {
         console.contains("[same serial]"),
         "mapping by serial expected"
     );
+    // The pre_recovery hook ran before the disks were touched.
+    let hook = console
+        .find("pre_recovery says target=/mnt/local")
+        .expect("the pre_recovery hook's output is missing");
+    let disks = console.find("recreating disks").unwrap();
+    assert!(hook < disks, "the pre_recovery hook ran after the disks");
     check_recovered(src, &target, "boot-a.log");
 }
 
