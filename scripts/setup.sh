@@ -47,3 +47,8 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found. Lifeboat needs Rust >= 1.80 with the x86_64-unknown-linux-gnu target (rustup)." >&2
   exit 1
 fi
+# The Debian package is built with cargo-deb.
+if ! command -v cargo-deb >/dev/null; then
+  echo "setup: installing cargo-deb" >&2
+  cargo install cargo-deb --locked --version 3.8.0 >&2
+fi

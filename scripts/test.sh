@@ -11,6 +11,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 # lifeboat-init lives in its own crate: build every binary before the tests use them.
 cargo build --workspace -q
+# The Debian package of those binaries (installed in a test VM).
+bash scripts/package.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

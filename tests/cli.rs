@@ -121,3 +121,17 @@ fn man_pages_render_cleanly_and_completions_parse() {
         "an unknown shell is a usage error"
     );
 }
+
+#[test]
+fn the_packaged_udev_rule_is_the_one_lifeboat_writes() {
+    let rules = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let shipped = std::fs::read_to_string(repo().join("dist/udev/99-lifeboat.rules")).unwrap();
+    let want = lifeboat::cmd::udev::rule("LIFEBOAT-000", "/usr/bin/lifeboat", &[]);
+    assert_eq!(rules(&shipped), rules(&want));
+    assert_eq!(rules(&shipped).len(), 1);
+}

@@ -243,6 +243,8 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             bin.parent().unwrap().join(b).display()
         ));
     }
+    // The Debian package too (scripts/package.sh, run by scripts/test.sh).
+    std::fs::copy(deb_package(), work.join("stage/lifeboat.deb")).unwrap();
     let backup = work.join("backup.img");
     sh_ok(&format!(
         "truncate -s 4G {b} && mkfs.ext4 -q -F -L LBBACKUP -d {s} {b}",
@@ -483,21 +485,52 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         assert!(out.contains("backup with restic"), "{out}");
         run(&mut vm, &mut pos, "umount /backup && sync", MIN);
     } else if variant == Variant::Usb {
-        // BACKUP_URL and OUTPUT_URL as usb://LABEL: mkbackup mounts the
-        // medium by its label itself, and unmounts it when done.
-        run(
+        // Lifeboat from its Debian package, its units checked by systemd,
+        // and mkbackup run as the packaged service. BACKUP_URL and
+        // OUTPUT_URL as usb://LABEL: mkbackup mounts the medium by its
+        // label itself, and unmounts it when done.
+        let out = run(
             &mut vm,
             &mut pos,
-            "cp /backup/bin/* /usr/local/sbin/ && umount /backup && \
-             printf 'OUTPUT_URL = \"usb://LBBACKUP/rescue\"\\n' > /root/lb.toml",
-            MIN,
+            "dpkg -i /backup/lifeboat.deb > /root/dpkg.log 2>&1; s=$?; tail -5 /root/dpkg.log; test $s = 0 && \
+             umount /backup && echo installed: $(command -v lifeboat) $(ls /usr/lib/lifeboat/) && \
+             mkdir -p /etc/lifeboat/conf.d && \
+             printf 'BACKUP_URL = \"usb://LBBACKUP/store\"\\nOUTPUT_URL = \"usb://LBBACKUP/rescue\"\\n' \
+             > /etc/lifeboat/conf.d/test.toml",
+            2 * MIN,
         );
-        run(
+        assert!(
+            out.contains("installed: /usr/bin/lifeboat lifeboat-init"),
+            "the package did not install:\n{out}"
+        );
+        let out = run(
             &mut vm,
             &mut pos,
-            "lifeboat -c /root/lb.toml mkbackup --backup-url usb://LBBACKUP/store > /root/mkbackup.log 2>&1; \
-             s=$?; tail -25 /root/mkbackup.log; test $s = 0",
+            "systemd-analyze verify lifeboat-mkbackup.timer lifeboat-mkbackup.service \
+             lifeboat-checklayout.timer lifeboat-checklayout.service 2>&1; echo verify=$? && \
+             systemctl enable lifeboat-mkbackup.timer lifeboat-checklayout.timer 2>&1; \
+             echo enabled: $(systemctl is-enabled lifeboat-mkbackup.timer lifeboat-checklayout.timer) && \
+             lifeboat validate",
+            2 * MIN,
+        );
+        assert!(
+            out.contains("verify=0") && out.contains("enabled: enabled enabled"),
+            "systemd does not accept the packaged units:\n{out}"
+        );
+        assert!(
+            !out.contains("lifeboat-") || !out.to_lowercase().contains("error"),
+            "systemd-analyze complains:\n{out}"
+        );
+        let out = run(
+            &mut vm,
+            &mut pos,
+            "systemctl start lifeboat-mkbackup.service; s=$?; \
+             journalctl -u lifeboat-mkbackup.service --no-pager -o cat | tail -40; test $s = 0",
             20 * MIN,
+        );
+        assert!(
+            out.contains("layout saved to") && out.contains("written to"),
+            "no mkbackup output in the service's journal:\n{out}"
         );
         let m = run(
             &mut vm,

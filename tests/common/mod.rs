@@ -82,6 +82,33 @@ pub fn lifeboat_bin() -> PathBuf {
 
 /// A `lifeboat` command with an empty system config dir, so the host's
 /// /etc/lifeboat never leaks into a test.
+/// The Debian package scripts/package.sh made from the binaries under test.
+pub fn deb_package() -> PathBuf {
+    let bin = lifeboat_bin();
+    let dir = bin.parent().unwrap().parent().unwrap().join("debian");
+    let deb = std::fs::read_dir(&dir)
+        .ok()
+        .and_then(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no .deb in {}: run scripts/package.sh (scripts/test.sh does)",
+                dir.display()
+            )
+        });
+    let age = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    assert!(
+        age(&deb) >= age(&bin),
+        "{} is older than {}: run scripts/package.sh",
+        deb.display(),
+        bin.display()
+    );
+    deb
+}
+
 pub fn lifeboat(confdir: &Path) -> Command {
     let mut c = Command::new(lifeboat_bin());
     c.env("LIFEBOAT_CONFIG_DIR", confdir);
