@@ -821,12 +821,81 @@ fn check_recovered(src: &Source, target: &Path, log: &str) {
     assert!(markers.contains("left=0"), "{markers}");
 }
 
+/// The rescue image directory mkbackup wrote to /rescue of the backup disk.
+fn rescue_dir(src: &Source) -> PathBuf {
+    let dir = src.work.join("image");
+    if !dir.join("rescue/manifest.json").is_file() {
+        sh_ok(&format!(
+            "rm -rf {d} && mkdir -p {d} && debugfs -R 'rdump /rescue {d}' {b} 2>/dev/null",
+            d = dir.display(),
+            b = src.backup.display()
+        ));
+    }
+    dir.join("rescue")
+}
+
+/// `lifeboat rehearse` of the source's rescue image and backup disk.
+fn rehearse(src: &Source, backup: &Path, work: &Path) -> (bool, Value) {
+    let out = lifeboat(&src.work.join("no-etc"))
+        .args([
+            "rehearse", "--json", "--keep", "--accel", "tcg", "--memory", "1536",
+        ])
+        .args(["--timeout", "30", "--boot-timeout", "10"])
+        .arg("--image")
+        .arg(rescue_dir(src))
+        .arg("--backup-disk")
+        .arg(backup)
+        .arg("--work")
+        .arg(work)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "rehearse printed no JSON report ({e}):\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), report)
+}
+
 #[test]
-fn a_gpt_bios_ext4_swap_same_size() {
+fn a_gpt_bios_ext4_swap_same_size_rehearsed() {
+    // `lifeboat rehearse` recovers onto scratch disks like the originals
+    // (same size and serial) and boots the result through its own GRUB.
     let src = gpt_source();
-    let target = src.work.join("target-a.raw");
-    blank(&target, "3G");
-    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover-a.log");
+    let w = src.work.join("rehearse-a");
+    let (ok, report) = rehearse(src, &src.backup, &w);
+    assert!(ok && report["ok"] == true, "rehearse failed: {report:#}");
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "rescue boot",
+            "pre-flight",
+            "disks",
+            "restore",
+            "finalize",
+            "system boot"
+        ]
+    );
+    let sum: f64 = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let s = p["seconds"].as_f64().unwrap();
+            assert!(s > 0.0 && p["ok"] == true, "{p}");
+            s
+        })
+        .sum();
+    assert!((report["rto_seconds"].as_f64().unwrap() - sum).abs() < 0.01);
+    let console = std::fs::read_to_string(w.join("rescue-console.log")).unwrap();
     assert!(
         console.contains("[same serial]"),
         "mapping by serial expected"
@@ -837,7 +906,43 @@ fn a_gpt_bios_ext4_swap_same_size() {
         .expect("the pre_recovery hook's output is missing");
     let disks = console.find("recreating disks").unwrap();
     assert!(hook < disks, "the pre_recovery hook ran after the disks");
-    check_recovered(src, &target, "boot-a.log");
+    // The recovered copy: the same system (the probe unit removed itself).
+    check_recovered(src, &w.join("disk0.raw"), "boot-a.log");
+    let _ = std::fs::remove_dir_all(&w);
+}
+
+#[test]
+fn rehearse_fails_on_a_damaged_backup_and_names_the_phase() {
+    let src = gpt_source();
+    let damaged = src.work.join("damaged-backup.img");
+    let mnt = src.work.join("damaged-mnt");
+    // A copy of the backup disk with one byte of the biggest volume changed.
+    sh_ok(&format!(
+        "cp --sparse=always {b} {d} && mkdir -p {m} && mount -o loop {d} {m} && \
+         f=$(find {m}/store -type f -name '*.tar*' -printf '%s %p\\n' | sort -n | tail -1 | cut -d' ' -f2) && \
+         printf Z | dd of=\"$f\" bs=1 seek=100000 conv=notrunc 2>/dev/null && umount {m}",
+        b = src.backup.display(),
+        d = damaged.display(),
+        m = mnt.display()
+    ));
+    let w = src.work.join("rehearse-damaged");
+    let (ok, report) = rehearse(src, &damaged, &w);
+    assert!(!ok, "rehearse passed on a damaged backup: {report:#}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["failed_phase"], "pre-flight", "{report:#}");
+    let msg = report["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("sha256") || msg.contains("damaged") || msg.contains("nothing was written"),
+        "{report:#}"
+    );
+    // Nothing was written to the scratch disk.
+    let (_, zeros, _) = sh(&format!(
+        "cmp -n 1048576 {} /dev/zero && echo all-zero",
+        w.join("disk0.raw").display()
+    ));
+    assert!(zeros.contains("all-zero"), "the scratch disk was written");
+    let _ = std::fs::remove_file(&damaged);
+    let _ = std::fs::remove_dir_all(&w);
 }
 
 #[test]

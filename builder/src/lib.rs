@@ -31,6 +31,7 @@ pub mod pxe;
 pub mod rear;
 pub mod recipe;
 pub mod recover;
+pub mod rehearse;
 pub mod rescue;
 pub mod serve;
 pub mod sftp;

@@ -1089,6 +1089,16 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         .context("the system is recovered, but a post_recovery hook failed")?;
     }
 
+    // A rehearsal (`lifeboat rehearse`): the recovered copy reports its boot.
+    if !o.dry_run
+        && crate::rehearse::is_rehearsal(
+            &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+        )
+    {
+        let done = crate::rehearse::install_probe(&root)?;
+        r.say(&done);
+    }
+
     // Markers away, then unmount.
     for m in &mounts {
         if !o.dry_run {

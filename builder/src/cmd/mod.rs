@@ -16,6 +16,7 @@ pub mod mkbackup;
 pub mod mkrescue;
 pub mod rear;
 pub mod recover;
+pub mod rehearse;
 pub mod serve;
 pub mod udev;
 
@@ -74,6 +75,10 @@ pub enum Command {
     /// layers named by lifeboat.layers= or lifeboat.chain=.
     #[command(hide = true)]
     FetchLayers(serve::FetchArgs),
+    /// Prove that the latest rescue image and backup restore: recover in a
+    /// VM onto scratch disks like the originals, boot the result, report
+    /// per-phase timings (exit 1 and the failing phase on failure).
+    Rehearse(rehearse::Args),
     /// Check the configuration: every file against the schema, then the
     /// values (choices, URLs, the files it names); exit 1 on a problem.
     Validate(rear::ValidateArgs),
@@ -116,6 +121,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Layout(c) => layout::run(&g, c),
         Command::Serve(a) => serve::run(&g, a),
         Command::FetchLayers(a) => serve::fetch(&g, a),
+        Command::Rehearse(a) => rehearse::run(&g, a),
         Command::Validate(a) => rear::validate(&g, a),
         Command::ImportRear(a) => rear::import(&g, a),
         Command::Completions(a) => gen::completions(&g, a),
