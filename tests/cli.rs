@@ -135,3 +135,114 @@ fn the_packaged_udev_rule_is_the_one_lifeboat_writes() {
     assert_eq!(rules(&shipped), rules(&want));
     assert_eq!(rules(&shipped).len(), 1);
 }
+
+/// The error messages in the source: the first string literal of every
+/// `bail!(`, `anyhow!(`, `.context(` and `with_context(|| format!(` (and
+/// the init's `fatal(`), outside test modules, per file.
+fn error_catalogue() -> String {
+    let mut files = vec![];
+    for dir in ["builder/src", "rescue-init/src", "contract/src"] {
+        for e in walkdir::WalkDir::new(repo().join(dir)).sort_by_file_name() {
+            let e = e.unwrap();
+            if e.path().extension().is_some_and(|x| x == "rs") {
+                files.push(e.path().to_path_buf());
+            }
+        }
+    }
+    let opens = [
+        "bail!(",
+        "anyhow!(",
+        ".context(",
+        "with_context(|| format!(",
+        "with_context(|| {\n",
+        "fatal(\n",
+        "fatal(&format!(",
+        "#[error(",
+    ];
+    let mut out = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let text = text.split("#[cfg(test)]").next().unwrap();
+        let mut msgs: Vec<String> = vec![];
+        for open in opens {
+            let mut from = 0;
+            while let Some(i) = text[from..].find(open) {
+                let at = from + i + open.len();
+                from = at;
+                let rest = text[at..].trim_start();
+                let rest = rest.trim_start_matches('&');
+                let rest = rest.strip_prefix("format!(").unwrap_or(rest).trim_start();
+                let Some(body) = rest.strip_prefix('"') else {
+                    continue;
+                };
+                // The literal, with Rust's line continuations joined.
+                let mut lit = String::new();
+                let mut chars = body.chars().peekable();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => match chars.next() {
+                            Some('\n') => {
+                                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                                    chars.next();
+                                }
+                            }
+                            Some('n') => lit.push_str(" "),
+                            Some(o) => lit.push(o),
+                            None => {}
+                        },
+                        c => lit.push(c),
+                    }
+                }
+                let lit = lit.split_whitespace().collect::<Vec<_>>().join(" ");
+                if lit.len() > 12 && !msgs.contains(&lit) {
+                    msgs.push(lit);
+                }
+            }
+        }
+        if msgs.is_empty() {
+            continue;
+        }
+        let rel = f.strip_prefix(repo()).unwrap().display().to_string();
+        out.push_str(&format!("\n## `{rel}`\n\n"));
+        for m in msgs {
+            out.push_str(&format!("- {}\n", m.replace('`', "'")));
+        }
+    }
+    format!(
+        "# Error messages\n\n\
+         <!-- Generated from the source by tests/cli.rs (error_catalogue); a test keeps it\n     \
+         current. Regenerate: LIFEBOAT_WRITE_DOCS=1 cargo test --test cli. Do not edit. -->\n\n\
+         Every message Lifeboat can stop with, by the source file that says it (the\n\
+         command is in the file name: `cmd/mkbackup.rs` is `lifeboat mkbackup`;\n\
+         `rescue-init` is the rescue OS at boot). `{{...}}` stands for the value in\n\
+         the real message (a device, a file, a key). By house rule each message names\n\
+         the thing and says what to do; [troubleshooting.md](troubleshooting.md)\n\
+         explains the common ones at more length. Messages are often followed by\n\
+         their cause (`Caused by:` / `: ...`), which names the system error.\n{out}"
+    )
+}
+
+#[test]
+fn the_error_catalogue_in_docs_is_current() {
+    let fresh = error_catalogue();
+    let file = repo().join("docs/errors.md");
+    if std::env::var_os("LIFEBOAT_WRITE_DOCS").is_some() {
+        std::fs::write(&file, &fresh).unwrap();
+    }
+    let have = std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(
+        have == fresh,
+        "{} is not current: LIFEBOAT_WRITE_DOCS=1 cargo test --test cli",
+        file.display()
+    );
+    // It is the real catalogue: messages known to exist are in it.
+    for m in [
+        "BACKUP_URL is not set",
+        "the backup chain does not start with a full backup",
+        "recovery failed",
+    ] {
+        assert!(fresh.contains(m), "{m:?} missing from the catalogue");
+    }
+    assert!(fresh.matches("\n- ").count() > 200, "too few messages");
+}

@@ -560,11 +560,36 @@ pub struct Progress {
     start: std::time::Instant,
     last: std::time::Instant,
     quiet: bool,
+    /// On a terminal: a progress bar instead of lines.
+    bar: Option<indicatif::ProgressBar>,
+}
+
+/// Is stderr a terminal (progress bars) or a log/pipe (plain lines)?
+pub fn stderr_is_tty() -> bool {
+    unsafe { libc::isatty(2) == 1 }
 }
 
 impl Progress {
     pub fn new(label: &str, total: Option<u64>, quiet: bool) -> Progress {
         let now = std::time::Instant::now();
+        let bar = (!quiet && stderr_is_tty()).then(|| {
+            let style = match total.filter(|t| *t > 0) {
+                Some(_) => indicatif::ProgressStyle::with_template(
+                    "  {msg}: {bytes}/{total_bytes} {wide_bar} {bytes_per_sec}, ETA {eta}",
+                ),
+                None => indicatif::ProgressStyle::with_template(
+                    "  {msg}: {bytes} {spinner} {bytes_per_sec}",
+                ),
+            }
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let b = match total.filter(|t| *t > 0) {
+                Some(t) => indicatif::ProgressBar::new(t),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            b.set_style(style);
+            b.set_message(label.to_string());
+            b
+        });
         Progress {
             label: label.to_string(),
             total,
@@ -572,10 +597,15 @@ impl Progress {
             start: now,
             last: now,
             quiet,
+            bar,
         }
     }
     pub fn add(&mut self, n: u64) {
         self.done += n;
+        if let Some(b) = &self.bar {
+            b.set_position(self.done);
+            return;
+        }
         if self.quiet || self.last.elapsed() < std::time::Duration::from_secs(2) {
             return;
         }
@@ -605,6 +635,14 @@ impl Progress {
                 mib(self.done as f64),
                 mib(rate)
             ),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct BuildInputs {
     /// reaches the network (microcode, base, modules, firmware); the tools
     /// and the host's plan come from `lifeboat serve`.
     pub generic: bool,
+    /// Progress while the layers are built: a bar on a terminal, a line
+    /// per layer otherwise.
+    pub progress: bool,
 }
 
 /// What a build did, for the report and the tests.
@@ -1002,6 +1005,7 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
         u32::try_from(epoch).context("source_date_epoch does not fit the cpio format (32 bits)")?;
     // Layers are independent: build them concurrently (each compressor is
     // itself multithreaded), then record them in load order.
+    let bar = std::sync::Mutex::new(LayerProgress::new(plan.layers.len(), inp.progress));
     let results: Vec<Result<layers::Built>> = std::thread::scope(|s| {
         let handles: Vec<_> = plan
             .layers
@@ -1017,11 +1021,16 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
                     threads,
                     mtime,
                 };
-                let (lcache, dir) = (&lcache, staging.path());
+                let (lcache, dir, bar) = (&lcache, staging.path(), &bar);
                 s.spawn(move || {
-                    lcache
+                    let t = std::time::Instant::now();
+                    let r = lcache
                         .build(lname, tree, &p, dir)
-                        .with_context(|| format!("cannot build layer {lname}"))
+                        .with_context(|| format!("cannot build layer {lname}"));
+                    if let (Ok(b), Ok(mut bar)) = (&r, bar.lock()) {
+                        bar.done(lname, b.from_cache, t.elapsed().as_secs_f64());
+                    }
+                    r
                 })
             })
             .collect();
@@ -1033,6 +1042,7 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
             })
             .collect()
     });
+    drop(bar);
     for r in results {
         let built = r?;
         if built.from_cache {
@@ -1231,6 +1241,49 @@ pub fn network_config(
         }
         None => Default::default(),
     })
+}
+
+/// Progress of the concurrent layer builds.
+struct LayerProgress {
+    bar: Option<indicatif::ProgressBar>,
+    lines: bool,
+}
+
+impl LayerProgress {
+    fn new(n: usize, on: bool) -> LayerProgress {
+        let tty = on && crate::backup::stderr_is_tty();
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(n as u64);
+            if let Ok(st) = indicatif::ProgressStyle::with_template(
+                "  building layers {pos}/{len} {wide_bar} {msg}",
+            ) {
+                b.set_style(st);
+            }
+            b
+        });
+        LayerProgress {
+            bar,
+            lines: on && !tty,
+        }
+    }
+
+    fn done(&mut self, name: &str, cached: bool, secs: f64) {
+        let what = if cached { "from the cache" } else { "built" };
+        if let Some(b) = &self.bar {
+            b.inc(1);
+            b.set_message(format!("{name} {what}"));
+        } else if self.lines && !cached {
+            eprintln!("  layer {name}: built in {secs:.1} s");
+        }
+    }
+}
+
+impl Drop for LayerProgress {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -287,6 +287,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         root: PathBuf::from("/"),
         plan_files,
         generic,
+        progress: !g.quiet,
     };
     let cfg_text = toml::to_string(&cfg)?;
     let o = crate::iso::IsoOptions {
