@@ -187,7 +187,7 @@ fn error_catalogue() -> String {
                                     chars.next();
                                 }
                             }
-                            Some('n') => lit.push_str(" "),
+                            Some('n') => lit.push(' '),
                             Some(o) => lit.push(o),
                             None => {}
                         },
