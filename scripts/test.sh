@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The end-to-end tests keep VM disks, backups and images in $TMPDIR (/tmp):
+# say up front when that is short, instead of an ENOSPC deep in the suite.
+tmp=${TMPDIR:-/tmp}
+free_gib=$(( $(df -Pk "$tmp" | awk 'NR==2 {print $4}') / 1048576 ))
+echo "disk: ${free_gib} GiB free in $tmp (the suite needs about 25 GiB, target/ about 2)"
+[ "$free_gib" -ge 25 ] || echo "test.sh: WARNING: only ${free_gib} GiB free in $tmp; tests may fail with 'No space left on device'" >&2
 export LIFEBOAT_KERNEL_FIXTURE="$(bash qemu/fixtures/kernel.sh | tail -1)"
 echo "kernel fixture: $LIFEBOAT_KERNEL_FIXTURE"
 cargo fmt --all -- --check
