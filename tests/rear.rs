@@ -197,6 +197,12 @@ fn get<'a>(v: &'a Value, dotted: &str) -> &'a Value {
         .fold(v, |v, k| v.get(k).unwrap_or(&Value::Null))
 }
 
+/// `lifeboat -c FILE dump --json` with no system configuration.
+fn dump_json(etc: &Path, file: &Path) -> Value {
+    let d = run_ok(lifeboat(etc).arg("-c").arg(file).args(["dump", "--json"]));
+    serde_json::from_slice(&d.stdout).unwrap()
+}
+
 /// The variables a ReaR file sets (`NAME=` or `NAME+=` at a line start).
 fn assigned(file: &Path) -> BTreeSet<String> {
     std::fs::read_to_string(file)
@@ -305,13 +311,7 @@ fn real_world_rear_configurations_import_validate_and_report_the_rest() {
             v.status.success(),
             verdict["problems"].as_array().unwrap().is_empty()
         );
-        let d = run_ok(
-            lifeboat(empty.path())
-                .arg("-c")
-                .arg(&out)
-                .args(["dump", "--json"]),
-        );
-        let dump: Value = serde_json::from_slice(&d.stdout).unwrap();
+        let dump = dump_json(empty.path(), &out);
         for (k, want) in case.want {
             let want: Value = serde_json::from_str(want).unwrap();
             assert_eq!(get(&dump["config"], k), &want, "{name}: {k}\n{toml}");
@@ -351,13 +351,7 @@ fn mapping_files_and_secrets_are_written_as_files_lifeboat_uses() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let d = run_ok(
-        lifeboat(empty.path())
-            .arg("-c")
-            .arg(&out)
-            .args(["dump", "--json"]),
-    );
-    let dump: Value = serde_json::from_slice(&d.stdout).unwrap();
+    let dump = dump_json(empty.path(), &out);
     assert_eq!(
         dump["config"]["network"]["file"],
         json!(work.path().join("rear-network.json"))

@@ -769,16 +769,7 @@ pub fn convert(
             done.insert(n.into());
             let w = v.words();
             if !w.is_empty() {
-                let mut all: Vec<String> = o
-                    .sections
-                    .get("")
-                    .and_then(|k| k.iter().find(|(k, _, _)| k == "backup_exclude"))
-                    .and_then(|(_, v, _)| v.as_array().cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect();
-                all.extend(w);
+                let all = extend_key(&o, "", "backup_exclude", &w);
                 o.set(
                     "",
                     "backup_exclude",
@@ -881,16 +872,7 @@ pub fn convert(
         done.insert("MODULES_LOAD".into());
         let w = v.words();
         if !w.is_empty() {
-            let mut all: Vec<String> = o
-                .sections
-                .get("rescue")
-                .and_then(|k| k.iter().find(|(k, _, _)| k == "add_modules"))
-                .and_then(|(_, v, _)| v.as_array().cloned())
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect();
-            all.extend(w);
+            let all = extend_key(&o, "rescue", "add_modules", &w);
             o.set(
                 "rescue",
                 "add_modules",

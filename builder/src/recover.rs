@@ -869,22 +869,7 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         }
     }
 
-    let hook_ctx = |error: Option<String>| crate::hooks::HookEnv {
-        hostname: &o.layout.hostname,
-        backup_url: Some(&o.backup.url),
-        target: Some(&o.root),
-        error,
-    };
-    if o.dry_run {
-        for c in &o.hooks.pre_recovery {
-            r.say(&format!("+ pre_recovery hook: {c}"));
-        }
-    } else {
-        crate::hooks::run(Hook::PreRecovery, &o.hooks, &hook_ctx(None), &mut |l| {
-            r.say(l)
-        })
-        .context("nothing was written")?;
-    }
+    run_hooks(o, Hook::PreRecovery, &mut r).context("nothing was written")?;
 
     // ---- Disks.
     r.say("lifeboat: recover: recreating disks");
@@ -1077,17 +1062,9 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
     finalize(o, &layout, &pairs, &names, &mut r)?;
 
     // The user's post hooks, with the recovered system still mounted.
-    if o.dry_run {
-        for c in &o.hooks.post_recovery {
-            r.say(&format!("+ post_recovery hook: {c}"));
-        }
-    } else {
-        *post_ran = true;
-        crate::hooks::run(Hook::PostRecovery, &o.hooks, &hook_ctx(None), &mut |l| {
-            r.say(l)
-        })
+    *post_ran = !o.dry_run;
+    run_hooks(o, Hook::PostRecovery, &mut r)
         .context("the system is recovered, but a post_recovery hook failed")?;
-    }
 
     // A rehearsal (`lifeboat rehearse`): the recovered copy reports its boot.
     if !o.dry_run
@@ -1127,6 +1104,24 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         "lifeboat: recovery finished"
     });
     Ok(())
+}
+
+/// The user's recovery hooks (a successful run so far); under --dry-run
+/// only printed.
+fn run_hooks(o: &Options, hook: Hook, r: &mut Runner) -> Result<()> {
+    if o.dry_run {
+        for c in hook.commands(&o.hooks) {
+            r.say(&format!("+ {} hook: {c}", hook.name()));
+        }
+        return Ok(());
+    }
+    let env = crate::hooks::HookEnv {
+        hostname: &o.layout.hostname,
+        backup_url: Some(&o.backup.url),
+        target: Some(&o.root),
+        error: None,
+    };
+    crate::hooks::run(hook, &o.hooks, &env, &mut |l| r.say(l))
 }
 
 /// The /dev/disk/by-uuid and by-partuuid links udev would make: without
