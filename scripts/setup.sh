@@ -20,6 +20,8 @@ PKGS=(
   mmdebstrap debian-archive-keyring
   # backup locations tested against real servers on 127.0.0.1
   nginx-light nfs-ganesha nfs-ganesha-vfs samba
+  # systemd-analyze checks the packaged units
+  systemd
   # HTTP client for the lifeboat serve tests (ranges, headers, TLS)
   curl
   # backup tools whose remote repositories the recipe tests use

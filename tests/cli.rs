@@ -246,3 +246,34 @@ fn the_error_catalogue_in_docs_is_current() {
     }
     assert!(fresh.matches("\n- ").count() > 200, "too few messages");
 }
+
+#[test]
+fn the_packaged_systemd_units_verify() {
+    // The units as installed, pointing at the binary under test (the VM
+    // test in recover.rs verifies them from the installed package too).
+    let d = tempfile::tempdir().unwrap();
+    let mut names = vec![];
+    for e in std::fs::read_dir(repo().join("dist/systemd")).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        if p.extension().is_some_and(|x| x == "service") {
+            assert!(text.contains("/usr/bin/lifeboat"), "{}", p.display());
+        }
+        let text = text.replace("/usr/bin/lifeboat", &lifeboat_bin().display().to_string());
+        let n = p.file_name().unwrap().to_owned();
+        std::fs::write(d.path().join(&n), text).unwrap();
+        names.push(d.path().join(n));
+    }
+    assert_eq!(names.len(), 4, "{names:?}");
+    let o = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(&names)
+        .output()
+        .expect("systemd-analyze (package systemd) is needed");
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
