@@ -479,7 +479,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             &mut vm,
             &mut pos,
             "/backup/bin/lifeboat -c /root/lb.toml mkbackup --backup-url file:///backup/store --output-dir /backup/rescue \
-             > /backup/mkbackup.log 2>&1; s=$?; tail -25 /backup/mkbackup.log; test $s = 0",
+             > /backup/mkbackup.log 2>&1; s=$?; grep 'backup with' /backup/mkbackup.log; tail -25 /backup/mkbackup.log; test $s = 0",
             30 * MIN,
         );
         assert!(out.contains("backup with restic"), "{out}");
