@@ -527,11 +527,14 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             &mut vm,
             &mut pos,
             "systemctl start lifeboat-mkbackup.service; s=$?; \
-             journalctl -u lifeboat-mkbackup.service --no-pager -o cat | tail -40; test $s = 0",
+             journalctl -u lifeboat-mkbackup.service --no-pager -o cat \
+             | grep -E '^(layout saved to|backup .* written to|rescue image for kernel)'; test $s = 0",
             20 * MIN,
         );
         assert!(
-            out.contains("layout saved to") && out.contains("written to"),
+            out.contains("layout saved to")
+                && out.contains("written to")
+                && out.contains("rescue image for kernel"),
             "no mkbackup output in the service's journal:\n{out}"
         );
         let m = run(
