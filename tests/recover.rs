@@ -393,7 +393,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
                 .trim_start_matches("token: ")
                 .to_string(),
         );
-        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+        run(&mut vm, &mut pos, "umount /backup && sync", 10 * MIN);
         for (name, _, _) in &urls {
             let (k, i) = match *name {
                 "nfs" => rescue_in(&sv.nfs.root.join("rescue-nfs")),
@@ -427,7 +427,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             30 * MIN,
         );
         assert!(out.contains("backup with borg"), "{out}");
-        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+        run(&mut vm, &mut pos, "umount /backup && sync", 10 * MIN);
     } else if variant == Variant::Encrypted {
         run(
             &mut vm,
@@ -460,7 +460,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             20 * MIN,
         );
         assert!(out.contains("incremental backup"), "{out}");
-        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+        run(&mut vm, &mut pos, "umount /backup && sync", 10 * MIN);
         extra = Some((
             "echo state: $(cat /root/changed.txt) $(cat /root/new.txt) $(test -e /root/gone.txt && echo gone-present || echo gone-absent) \
              $(grep -rlF 'harness passphrase' /var/log/lifeboat || echo no-key-in-logs)",
@@ -483,7 +483,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             30 * MIN,
         );
         assert!(out.contains("backup with restic"), "{out}");
-        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+        run(&mut vm, &mut pos, "umount /backup && sync", 10 * MIN);
     } else if variant == Variant::Usb {
         // Lifeboat from its Debian package, its units checked by systemd,
         // and mkbackup run as the packaged service. BACKUP_URL and
@@ -547,7 +547,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             m.contains("medium-unmounted"),
             "mkbackup left the medium mounted: {m}"
         );
-        run(&mut vm, &mut pos, "sync", MIN);
+        run(&mut vm, &mut pos, "sync", 10 * MIN);
     } else {
         // Hooks, in the system configuration (so every image built here
         // carries them): the pre_backup hook's file is in the backup, the
@@ -603,7 +603,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             20 * MIN,
         );
         assert!(out.contains("backup continued on ISO"), "{out}");
-        run(&mut vm, &mut pos, "umount /backup && sync", MIN);
+        run(&mut vm, &mut pos, "umount /backup && sync", 10 * MIN);
     }
     drop(vm);
     let (kernel, initrd) = match images.first() {
@@ -662,34 +662,59 @@ fn read_rescue(backup: &Path, work: &Path, name: &str) -> (PathBuf, PathBuf) {
     (kernel, initrd)
 }
 
+/// A source built once per test process. A failed build is remembered, not
+/// retried by every later test that needs it (each retry costs minutes and
+/// fails the same way).
+fn shared_source(
+    cell: &'static OnceLock<Result<Source, String>>,
+    layout: &str,
+    variant: Variant,
+) -> &'static Source {
+    let built = cell.get_or_init(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            make_source(layout, variant)
+        }))
+        .map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        })
+    });
+    match built {
+        Ok(s) => s,
+        Err(e) => panic!("the {layout} source system could not be built: {e}"),
+    }
+}
+
 fn gpt_source() -> &'static Source {
-    static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("gpt-bios", Variant::Plain))
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "gpt-bios", Variant::Plain)
 }
 
 fn lvm_source() -> &'static Source {
-    static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("mbr-lvm", Variant::Usb))
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "mbr-lvm", Variant::Usb)
 }
 
 fn enc_source() -> &'static Source {
-    static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("gpt-bios", Variant::Encrypted))
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "gpt-bios", Variant::Encrypted)
 }
 
 fn restic_source() -> &'static Source {
-    static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("gpt-bios", Variant::Restic))
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "gpt-bios", Variant::Restic)
 }
 
 fn borg_source() -> &'static Source {
-    static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("gpt-bios", Variant::Borg))
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "gpt-bios", Variant::Borg)
 }
 
 fn net_source() -> &'static Source {
-    static S: OnceLock<Source> = OnceLock::new();
-    S.get_or_init(|| make_source("gpt-bios", Variant::Network))
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "gpt-bios", Variant::Network)
 }
 
 fn blank(path: &Path, size: &str) {
@@ -1527,7 +1552,7 @@ fn portable_lifeboat_recovers_from_another_live_system() {
         prefixed(&after, "live: "),
         "the live system's disk changed"
     );
-    run(&mut vm, &mut pos, "sync", MIN);
+    run(&mut vm, &mut pos, "sync", 10 * MIN);
     drop(vm);
     check_recovered(src, &target, "portable-boot.log");
 }
