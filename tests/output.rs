@@ -263,6 +263,20 @@ fn format_refuses_a_mounted_device_and_writes_the_documented_layout() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--yes"), "{e}");
     assert_eq!(sha256(Path::new(&dev.0)), before);
+    // --dry-run: every check, the summary, and no write.
+    let o = run_ok(lifeboat(&conf).args(["format", "--dry-run", &dev.0]));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("dry run: would erase")
+            && said.contains("labelled LIFEBOAT-000")
+            && said.contains("nothing was written"),
+        "{said}"
+    );
+    assert_eq!(
+        sha256(Path::new(&dev.0)),
+        before,
+        "--dry-run wrote the device"
+    );
     let o = run_ok(lifeboat(&conf).args(["format", "--yes", &dev.0]));
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(said.contains("label LIFEBOAT-000"), "{said}");

@@ -998,6 +998,13 @@ fn c_gpt_bios_onto_a_bigger_disk_leaves_other_disks_alone() {
         console.contains("[mapping file]"),
         "explicit mapping expected"
     );
+    // Its identity was pinned at pre-flight and compared again right
+    // before the first write.
+    assert!(
+        console
+            .contains("checked /dev/vda again before writing: serial NEWDISK, no partition table"),
+        "no re-check before the first write"
+    );
     assert_eq!(sha(&other), before, "an unmapped disk was written");
     // The root partition grew by the extra 1.5 GiB.
     let t = sh_ok(&format!("sfdisk --json {}", target.display()));
@@ -1118,6 +1125,26 @@ fn dry_run_prints_the_plan_and_a_too_small_disk_is_refused_untouched() {
         "{}",
         r.output
     );
+    // The plan's disk write-protected by serial: it is refused as a target
+    // with the reason, so the expected disk is missing and nothing is done.
+    let r = vm
+        .run_command(
+            pos,
+            "printf '[recover]\\nprotect = [\"SERIAL=LBSRC0\"]\\n' > /tmp/protect.toml; \
+             lifeboat -c /tmp/protect.toml recover --auto 2>&1",
+            5 * MIN,
+        )
+        .unwrap();
+    pos = r.end;
+    assert_ne!(r.status, 0, "a protected disk was accepted:\n{}", r.output);
+    for want in [
+        "not a target: /dev/vda: /dev/vda matches the write-protected identity SERIAL=LBSRC0",
+        "no target disk for /dev/vda",
+        "serial LBSRC0",
+        "Nothing was written",
+    ] {
+        assert!(r.output.contains(want), "{want:?} missing:\n{}", r.output);
+    }
     let _ = pos;
     drop(vm);
     assert_eq!(sha(&target), t0, "dry run wrote the disk");

@@ -187,6 +187,12 @@ pub struct Recover {
     /// Rebuild the target's initramfs: `auto` (when disk names changed),
     /// `always` or `never`.
     pub rebuild_initramfs: String,
+    /// Disks recovery must never write, as `KIND=value` with KIND one of
+    /// SERIAL, WWN, PTUUID, UUID, PARTUUID, LABEL, PARTLABEL (e.g.
+    /// `["SERIAL=WD-WCC4N1234567", "LABEL=archive"]`). The disk holding the
+    /// backup, hybrid ISOs, `lifeboat format` sticks and the configured
+    /// usb:// media are always protected.
+    pub protect: Vec<String>,
 }
 
 impl Default for Recover {
@@ -196,6 +202,7 @@ impl Default for Recover {
             grow: "last".into(),
             keyfile: None,
             rebuild_initramfs: "auto".into(),
+            protect: vec![],
         }
     }
 }
@@ -648,7 +655,13 @@ impl Loaded {
 /// URLs that cannot be used, files the configuration names that are
 /// missing. Each names the key and says what is allowed.
 pub fn check(c: &Config) -> Vec<String> {
-    let mut p = Vec::new();
+    let mut p: Vec<String> = c
+        .recover
+        .protect
+        .iter()
+        .filter_map(|rule| crate::safety::check_rule(rule).err())
+        .map(|e| e.to_string())
+        .collect();
     let mut one_of = |key: &str, v: &str, allowed: &[&str]| {
         if !allowed.iter().any(|a| a.eq_ignore_ascii_case(v)) {
             p.push(format!(

@@ -33,6 +33,7 @@ pub mod recipe;
 pub mod recover;
 pub mod rehearse;
 pub mod rescue;
+pub mod safety;
 pub mod serve;
 pub mod sftp;
 pub mod tape;

@@ -60,6 +60,10 @@ pub struct Options {
     pub access: crate::url::Access,
     /// `[hooks]` pre_recovery and post_recovery.
     pub hooks: crate::config::Hooks,
+    /// Write-protected disk identities (`recover.protect`, `KIND=value`).
+    pub protect: Vec<String>,
+    /// Filesystem labels of the configured usb:// media (never targets).
+    pub media_labels: Vec<String>,
 }
 
 /// Runs commands (or only prints them under --dry-run) and logs all of it.
@@ -67,6 +71,8 @@ struct Runner {
     dry_run: bool,
     log: Option<std::fs::File>,
     keyfile: Option<PathBuf>,
+    /// Once the targets are mapped: the only devices a step may name.
+    allowed: Option<BTreeSet<String>>,
 }
 
 impl Runner {
@@ -133,6 +139,14 @@ impl Runner {
     }
 
     fn cmd(&mut self, device: &str, argv: &[&str]) -> Result<()> {
+        if let Some(allowed) = &self.allowed {
+            if !device.is_empty() && !allowed.contains(device) {
+                bail!(
+                    "refusing to run `{}`: it writes {device}, which is not a mapped target disk or a device made on one",
+                    argv.join(" ")
+                );
+            }
+        }
         self.run(&Step {
             device: device.into(),
             argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -178,23 +192,6 @@ fn mounted() -> BTreeSet<String> {
         .filter_map(|l| l.split(' ').nth(4))
         .map(|m| m.replace("\\040", " "))
         .collect()
-}
-
-/// Block devices that have something mounted (whole disks, by kernel name).
-fn disks_with_mounts() -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for l in std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-    {
-        let src = l.split(' ').next().unwrap_or("");
-        if let Some(n) = src.strip_prefix("/dev/") {
-            if let Some(d) = disk_of(n) {
-                out.insert(d);
-            }
-        }
-    }
-    out
 }
 
 /// Mount a filesystem somewhere private, run `f` on the mount point, unmount.
@@ -347,18 +344,47 @@ fn writable(l: &Layout) -> BTreeSet<String> {
     w
 }
 
+/// Compare a target disk with its identity pinned at pre-flight, and check
+/// again that nothing uses it; refuse to write it otherwise.
+fn recheck(before: &crate::safety::Identity, disk: &str, r: &mut Runner) -> Result<()> {
+    let sys = crate::safety::Sys::live();
+    let now = crate::safety::identity(&sys, &before.name);
+    if let Some(what) = before.differs(&now) {
+        bail!(
+            "{disk} is not the disk that was checked: {what}. Nothing was written to it; \
+             check the disks and run lifeboat recover again"
+        );
+    }
+    if let Some(why) = crate::safety::busy(&sys, &before.name)
+        .or_else(|| crate::safety::exclusive_open_fails(Path::new(disk)))
+    {
+        bail!("{disk} came into use after it was checked: {why}. Nothing was written to it");
+    }
+    r.say(&format!(
+        "checked {disk} again before writing: {}",
+        before.describe()
+    ));
+    Ok(())
+}
+
+/// The device an argument names: `/dev/x` itself, or the value of an
+/// option like `of=/dev/x` or `--device=/dev/x`.
+fn device_in_arg(a: &str) -> Option<&str> {
+    if a.starts_with("/dev/") {
+        return Some(a);
+    }
+    a.split_once('=')
+        .map(|(_, v)| v)
+        .filter(|v| v.starts_with("/dev/"))
+}
+
 /// Refuse a plan whose commands name a device outside `allowed`.
 fn check_writes(groups: &[plan::Group], allowed: &BTreeSet<String>) -> Result<()> {
     for s in groups.iter().flat_map(|g| &g.steps) {
         // An empty device: the step writes no disk (scratch files in /run).
         let named = std::iter::once(s.device.as_str())
             .filter(|d| !d.is_empty())
-            .chain(
-                s.argv
-                    .iter()
-                    .map(|a| a.as_str())
-                    .filter(|a| a.starts_with("/dev/")),
-            );
+            .chain(s.argv.iter().filter_map(|a| device_in_arg(a)));
         for d in named {
             if !allowed.contains(d) {
                 bail!(
@@ -371,10 +397,19 @@ fn check_writes(groups: &[plan::Group], allowed: &BTreeSet<String>) -> Result<()
     Ok(())
 }
 
-/// Disks of this machine that may receive the recovery.
-pub fn candidate_disks(exclude: &BTreeSet<String>) -> Result<Vec<Disk>> {
+/// Disks refused as targets: (kernel name, why).
+pub type Refused = Vec<(String, String)>;
+
+/// Disks of this machine that may receive the recovery, and those refused
+/// with the reason (in use, write-protected, a Lifeboat medium, read-only).
+pub fn candidate_disks(
+    exclude: &BTreeSet<String>,
+    protect: &[String],
+    media_labels: &[String],
+) -> Result<(Vec<Disk>, Refused)> {
     let mut v = Vec::new();
-    let busy = disks_with_mounts();
+    let mut refused = Vec::new();
+    let sys = crate::safety::Sys::live();
     let mut names: Vec<String> = std::fs::read_dir("/sys/block")
         .context("cannot read /sys/block")?
         .flatten()
@@ -383,10 +418,25 @@ pub fn candidate_disks(exclude: &BTreeSet<String>) -> Result<Vec<Disk>> {
         .collect();
     names.sort();
     for n in names {
-        if busy.contains(&n) || exclude.contains(&n) {
+        if exclude.contains(&n) {
+            refused.push((n, "it holds the backup".to_string()));
             continue;
         }
         if std::fs::read_to_string(format!("/sys/block/{n}/ro")).is_ok_and(|s| s.trim() == "1") {
+            refused.push((n, "it is read-only".to_string()));
+            continue;
+        }
+        if let Some(why) = crate::safety::busy(&sys, &n) {
+            refused.push((n, why));
+            continue;
+        }
+        let id = crate::safety::identity(&sys, &n);
+        if let Some(why) = crate::safety::protected(&id, protect, media_labels) {
+            refused.push((n, why));
+            continue;
+        }
+        if let Some(why) = crate::safety::exclusive_open_fails(&Path::new("/dev").join(&n)) {
+            refused.push((n, why));
             continue;
         }
         let d = crate::layout::disk_from_sysfs(&n)?;
@@ -394,7 +444,7 @@ pub fn candidate_disks(exclude: &BTreeSet<String>) -> Result<Vec<Disk>> {
             v.push(d);
         }
     }
-    Ok(v)
+    Ok((v, refused))
 }
 
 /// Where the backup was found.
@@ -643,6 +693,7 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         dry_run: o.dry_run,
         log: None,
         keyfile: o.keyfile.clone(),
+        allowed: None,
     };
     if !o.dry_run {
         std::fs::create_dir_all("/var/log/lifeboat").ok();
@@ -736,9 +787,14 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
     }
     let mut exclude = BTreeSet::new();
     if let Some(d) = &backup_disk {
+        // The disks under the backup's filesystem (through LVM, RAID, LUKS).
+        exclude.extend(crate::safety::Sys::live().disks_under(d));
         exclude.insert(d.clone());
     }
-    let targets = candidate_disks(&exclude)?;
+    let (targets, refused) = candidate_disks(&exclude, &o.protect, &o.media_labels)?;
+    for (n, why) in &refused {
+        r.say(&format!("not a target: /dev/{n}: {why}"));
+    }
     let sources = migrate::disks_in_use(&o.layout);
     let interactive = !o.auto && stdin_is_tty();
     let mut ask = |s: &Disk, free: &[&Disk]| -> Option<String> {
@@ -820,7 +876,34 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         }
     }
     let groups = plan::groups(&layout)?;
-    check_writes(&groups, &writable(&layout))?;
+    let allowed = writable(&layout);
+    check_writes(&groups, &allowed)?;
+    r.allowed = Some(allowed);
+    // The identity of every target, pinned now and compared again right
+    // before its first write.
+    let sys = crate::safety::Sys::live();
+    let mut pinned: BTreeMap<String, crate::safety::Identity> = pairs
+        .iter()
+        .map(|p| {
+            (
+                p.target.path.clone(),
+                crate::safety::identity(&sys, &p.target.name),
+            )
+        })
+        .collect();
+    // Partition and virtual devices of the new layout -> their target disk.
+    let disk_of_node: BTreeMap<String, String> = layout
+        .disks
+        .iter()
+        .flat_map(|d| {
+            std::iter::once((d.path.clone(), d.path.clone())).chain(
+                d.table
+                    .iter()
+                    .flat_map(|t| &t.partitions)
+                    .map(|p| (p.node.clone(), d.path.clone())),
+            )
+        })
+        .collect();
     if !layout.luks.is_empty() && r.keyfile.is_none() {
         if o.auto || !interactive {
             bail!("the layout has LUKS containers but no key was given (recover.keyfile or --keyfile); unattended recovery cannot ask. Nothing was written.");
@@ -855,10 +938,17 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         println!("  bootloader, configuration and logs of the recovered system");
         println!("These disks will be ERASED and recreated:");
         for p in &pairs {
+            let id = &pinned[&p.target.path];
             println!(
-                "  {} ({})",
+                "  {} ({}, {}{})",
                 p.target.path,
-                migrate::human(p.target.size_bytes)
+                migrate::human(p.target.size_bytes),
+                p.target
+                    .model
+                    .as_deref()
+                    .map(|m| format!("{m}, "))
+                    .unwrap_or_default(),
+                id.describe()
             );
         }
         if !stdin_is_tty() {
@@ -887,6 +977,13 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         }
         r.say(&format!("# {}", g.what));
         for s in &g.steps {
+            // Right before the first write to a target disk: is it still the
+            // disk that was checked, and still unused?
+            if let Some(disk) = disk_of_node.get(&s.device) {
+                if let Some(before) = pinned.remove(disk) {
+                    recheck(&before, disk, &mut r)?;
+                }
+            }
             r.run(s)?;
             if s.argv[0] == "partx" && !o.dry_run {
                 wait_partitions(&layout, &s.device);

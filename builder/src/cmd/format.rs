@@ -23,6 +23,10 @@ pub struct Args {
     /// Size of a new image file (e.g. 2G, 512M); files only.
     #[arg(long, value_name = "SIZE")]
     pub size: Option<String>,
+    /// Make every check (in use, size), say what would be erased and
+    /// written, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `2G`, `512M`, `1048576` → bytes.
@@ -64,84 +68,12 @@ fn block_names(dev: &Path) -> Result<(String, Vec<String>)> {
     Ok((name, parts))
 }
 
-/// Why the block device cannot be formatted now, if it cannot.
+/// Why the block device cannot be formatted now, if it cannot: the same
+/// interlocks as recovery (mounts, swap, holders, exclusive open).
 pub fn in_use(dev: &Path) -> Result<Option<String>> {
-    let (name, parts) = block_names(dev)?;
-    let mut all = vec![name.clone()];
-    all.extend(parts);
-    let devno = |n: &str| {
-        std::fs::read_to_string(Path::new("/sys/class/block").join(n).join("dev"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    };
-    let nums: Vec<(String, String)> = all.iter().map(|n| (n.clone(), devno(n))).collect();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let (Some(num), Some(target)) = (f.get(2), f.get(4)) else {
-            continue;
-        };
-        let source = line
-            .split(" - ")
-            .nth(1)
-            .and_then(|r| r.split(' ').nth(1))
-            .unwrap_or("");
-        let src_name = std::fs::canonicalize(source)
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-        for (n, d) in &nums {
-            if (!d.is_empty() && d == num) || src_name.as_deref() == Some(n.as_str()) {
-                return Ok(Some(format!(
-                    "/dev/{n} is mounted on {target}; unmount it first (umount {target})"
-                )));
-            }
-        }
-    }
-    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
-    for l in swaps.lines().skip(1) {
-        let s = l.split_whitespace().next().unwrap_or("");
-        if let Some(n) = Path::new(s)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-        {
-            if all.contains(&n) {
-                return Ok(Some(format!(
-                    "/dev/{n} is in use as swap; swapoff it first"
-                )));
-            }
-        }
-    }
-    for n in &all {
-        let h = Path::new("/sys/class/block").join(n).join("holders");
-        if let Ok(rd) = std::fs::read_dir(&h) {
-            let holders: Vec<String> = rd
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            if !holders.is_empty() {
-                return Ok(Some(format!(
-                    "/dev/{n} is in use by {} (LVM, RAID or an open LUKS container); stop that first",
-                    holders.join(", ")
-                )));
-            }
-        }
-    }
-    // The kernel's own check: an exclusive open fails while anything holds it.
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL)
-        .open(dev)
-    {
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            return Ok(Some(format!(
-                "{} is busy (held open by the kernel or a program)",
-                dev.display()
-            )));
-        }
-        return Err(e).with_context(|| format!("cannot open {}", dev.display()));
-    }
-    Ok(None)
+    let (name, _) = block_names(dev)?;
+    let sys = crate::safety::Sys::live();
+    Ok(crate::safety::busy(&sys, &name).or_else(|| crate::safety::exclusive_open_fails(dev)))
 }
 
 fn describe(dev: &Path) -> String {
@@ -193,6 +125,15 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                     min >> 20
                 );
             }
+            if a.dry_run {
+                println!(
+                    "dry run: would create the image file {} of {} MiB and format it with label {}; nothing was written",
+                    a.device.display(),
+                    n >> 20,
+                    a.label
+                );
+                return Ok(());
+            }
             std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -218,6 +159,20 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             size >> 20,
             min >> 20
         );
+    }
+    if a.dry_run {
+        println!(
+            "dry run: would erase {} ({}) and write a GPT with a BIOS boot partition, an EFI system partition \
+             and an ext4 data partition labelled {}, with GRUB for BIOS and UEFI; nothing was written",
+            a.device.display(),
+            if is_block {
+                describe(&a.device)
+            } else {
+                format!("image file, {} MiB", size >> 20)
+            },
+            a.label
+        );
+        return Ok(());
     }
     if !a.yes {
         if !std::io::stdin().is_terminal() {

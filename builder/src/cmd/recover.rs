@@ -124,5 +124,12 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             ca_file: cfg.backup_ca_file.clone(),
         },
         hooks: cfg.hooks.clone(),
+        protect: cfg.recover.protect.clone(),
+        media_labels: [cfg.backup_url.as_deref(), Some(cfg.output_url.as_str())]
+            .into_iter()
+            .flatten()
+            .filter_map(crate::url::parse_usb)
+            .map(|(label, _)| label)
+            .collect(),
     })
 }
