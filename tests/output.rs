@@ -778,3 +778,200 @@ fn output_url_sftp_uploads_the_output_to_the_hosts_directory() {
     let (ok, list, err) = sh(&format!("tar tzf {}", up.display()));
     assert!(ok && list.contains("/lifeboat.toml"), "{list}{err}");
 }
+
+/// Secrets: a host key among copy_as_is, a root password hash and an age
+/// backup key are configured. By default no output (image directory and
+/// its layers, ISO, USB stick, PXE tree) carries any of them, as the
+/// scanner finds by looking into every ISO, partition and initramfs
+/// member; with --expose-secrets they are all in the plan layer and
+/// nowhere else, and the files holding it are 0600.
+#[test]
+fn secret_scanner_finds_nothing_by_default_and_exposed_secrets_only_in_the_plan_layer() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let key = work.join("host_ed25519_key");
+    let (ok, _, err) = sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {}",
+        key.display()
+    ));
+    assert!(ok, "ssh-keygen: {err}");
+    let (ok, hash, err) = sh("openssl passwd -6 -salt saltsalt rescue-pw");
+    assert!(ok, "{err}");
+    let age = work.join("backup.key");
+    std::fs::write(
+        &age,
+        "# created: 2026-12-02\nAGE-SECRET-KEY-1QYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSQ6AJDZ7\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "backup_key_file = \"{}\"\n{MENU}\n[ssh]\npassword_hash = \"{}\"\n[rescue]\ncopy_as_is = [\"{}\"]\n",
+        age.display(),
+        hash.trim(),
+        key.display()
+    );
+    let scan = |p: &Path| -> (bool, serde_json::Value) {
+        let o = lifeboat(&work.join("etc"))
+            .args(["image", "scan", "--json"])
+            .arg(p)
+            .output()
+            .unwrap();
+        let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        (o.status.success(), v)
+    };
+    // A USB stick to write to.
+    let stick = work.join("stick.img");
+    run_ok(
+        lifeboat(&work.join("etc"))
+            .args(["format", "--yes", "--size", "320M"])
+            .arg(&stick),
+    );
+    let (ok, j, err) = sh(&format!("sfdisk --json {}", stick.display()));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    let data = &v["partitiontable"]["partitions"][2];
+    let span = (
+        data["start"].as_u64().unwrap() * 512,
+        data["size"].as_u64().unwrap() * 512,
+    );
+    let usb = |args: &[&str]| {
+        let part = Loop::new(&stick, Some(span));
+        let mnt = work.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let (ok, _, err) = sh(&format!("mount {} {}", part.0, mnt.display()));
+        assert!(ok, "{err}");
+        build(&work, &mnt, &format!("OUTPUT = \"USB\"\n{toml}"), args);
+        let (ok, _, err) = sh(&format!("umount {}", mnt.display()));
+        assert!(ok, "{err}");
+    };
+
+    // 1. Default: every output is clean, and each secret left out is named.
+    let img = work.join("img");
+    let o = build(&work, &img, &toml, &[]);
+    let said = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains(&format!(
+            "left out of the image: {} (private key",
+            key.display()
+        )) && said.contains("ssh.password_hash is not put into the image"),
+        "{said}"
+    );
+    let iso = work.join("iso");
+    build(&work, &iso, &format!("OUTPUT = \"ISO\"\n{toml}"), &[]);
+    let pxe = work.join("pxe");
+    build(&work, &pxe, &format!("{PXE}{toml}"), &[]);
+    usb(&[]);
+    for p in [&img, &iso, &pxe, &stick] {
+        let (clean, found) = scan(p);
+        assert!(
+            clean && found.as_array().unwrap().is_empty(),
+            "{}: {found}",
+            p.display()
+        );
+    }
+
+    // 2. Exposed: the three secrets, in the plan layer only.
+    let img = work.join("img-exposed");
+    build(&work, &img, &toml, &["--expose-secrets"]);
+    let iso = work.join("iso-exposed");
+    build(
+        &work,
+        &iso,
+        &format!("OUTPUT = \"ISO\"\n{toml}"),
+        &["--expose-secrets"],
+    );
+    usb(&["--expose-secrets"]);
+    let key_path = key.display().to_string();
+    let age_path = age.display().to_string();
+    for p in [&img, &iso, &stick] {
+        let (clean, found) = scan(p);
+        assert!(!clean, "{}: the scan must fail", p.display());
+        let found = found.as_array().unwrap();
+        let kinds: Vec<(&str, &str)> = found
+            .iter()
+            .map(|f| (f["place"].as_str().unwrap(), f["kind"].as_str().unwrap()))
+            .collect();
+        for (path, kind) in [
+            (key_path.as_str(), "private key"),
+            ("/etc/lifeboat/init.json", "password hash"),
+            (age_path.as_str(), "age identity (backup key)"),
+        ] {
+            assert!(
+                kinds.iter().any(|(pl, k)| pl.ends_with(path) && *k == kind),
+                "{}: {kind} at {path} not found in {kinds:?}",
+                p.display()
+            );
+        }
+        for f in found {
+            assert_eq!(
+                f["layer"],
+                "plan",
+                "{}: a secret outside the plan layer: {f}",
+                p.display()
+            );
+        }
+    }
+    // `image ls` marks them; the files holding the plan are root's alone.
+    let o = run_ok(
+        lifeboat(&work.join("etc"))
+            .args(["image", "ls", "--json"])
+            .arg(&img),
+    );
+    let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let marked: Vec<String> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("secret").is_some())
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["layer"].as_str().unwrap(),
+                e["mode"].as_str().unwrap(),
+                e["path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    // The three, and the configuration copy holding the password hash.
+    assert_eq!(marked.len(), 4, "{marked:?}");
+    for want in [
+        "etc/lifeboat/init.json",
+        "etc/lifeboat/lifeboat.toml",
+        "backup.key",
+        "host_ed25519_key",
+    ] {
+        assert!(
+            marked.iter().any(|m| m.ends_with(want)),
+            "{want} not marked: {marked:?}"
+        );
+    }
+    assert!(
+        marked.iter().all(|m| m.starts_with("plan -rw------- ")),
+        "{marked:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let m = manifest(&img);
+    for f in [
+        m.initrd.clone(),
+        m.layers
+            .iter()
+            .find(|l| l.name == "plan")
+            .unwrap()
+            .file
+            .clone(),
+    ] {
+        let mode = std::fs::metadata(img.join(&f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f} is {mode:o}");
+    }
+    let iso_file = written(&iso, "iso");
+    let mode = std::fs::metadata(&iso_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} is {mode:o}", iso_file.display());
+}

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use lifeboat_contract::Compression;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::Path;
 
 /// A compressing sink that must be finished explicitly.
@@ -144,6 +144,25 @@ pub fn decoder<'a, R: Read + 'a>(inp: R, c: Compression) -> Result<Box<dyn Read 
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(inp)?),
         Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(inp)),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(inp)),
+        Compression::Lz4 => Box::new(Lz4LegacyReader::new(inp)),
+    })
+}
+
+/// A decoder of exactly one compressed stream at the start of `inp`,
+/// leaving whatever follows it (the next member of a concatenated
+/// initramfs) unread in `inp`. An lz4 legacy stream has no end marker: it
+/// runs to the end of the input.
+pub fn single_stream_decoder<'a, R: BufRead + 'a>(
+    inp: R,
+    c: Compression,
+) -> Result<Box<dyn Read + 'a>> {
+    Ok(match c {
+        Compression::None => Box::new(inp),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(inp)?.single_frame())
+        }
+        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new(inp)),
+        Compression::Gzip => Box::new(flate2::bufread::GzDecoder::new(inp)),
         Compression::Lz4 => Box::new(Lz4LegacyReader::new(inp)),
     })
 }

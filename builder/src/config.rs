@@ -71,6 +71,14 @@ pub struct Config {
     /// 0600) so an unattended recovery can reach the share. Off: recovery
     /// needs `lifeboat recover --credentials FILE`.
     pub backup_credentials_in_image: bool,
+    /// Put secrets into the rescue image, in the plan layer only (mode
+    /// 0600; the image files holding it are 0600 too): the backup key file
+    /// (so an unattended recovery can decrypt), `ssh.password_hash`, and
+    /// secret files found among copy_as_is and overlays (SSH host keys,
+    /// private keys, credentials). Off: they are left out, each named in a
+    /// warning. `mkrescue --expose-secrets` / `mkbackup --expose-secrets`
+    /// turn it on for one run.
+    pub expose_secrets: bool,
     /// Extra mount options for `nfs://` and `cifs://` (e.g. `vers=3`,
     /// `nolock`, `vers=3.0`); ReaR's BACKUP_OPTIONS.
     #[serde(alias = "BACKUP_OPTIONS")]
@@ -340,6 +348,7 @@ impl Default for Config {
             backup_key_file: None,
             backup_credentials: None,
             backup_credentials_in_image: false,
+            expose_secrets: false,
             backup_mount_options: None,
             backup_ssh_options: vec![],
             backup_ca_file: None,

@@ -30,6 +30,10 @@ pub struct Listed {
     pub size: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
+    /// What kind of secret the file is (private key, password hash,
+    /// credentials, ...), when it is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 pub fn mode_string(mode: u32) -> String {
@@ -77,12 +81,17 @@ pub fn list(dir: &Path) -> Result<Vec<Listed>> {
         walk_layer(dir, l, |h, data| {
             let link = (h.mode & cpio::S_IFMT == cpio::S_IFLNK)
                 .then(|| String::from_utf8_lossy(&data).to_string());
+            let secret = (h.mode & cpio::S_IFMT == cpio::S_IFREG)
+                .then(|| crate::secrets::classify(&h.name, &data))
+                .flatten()
+                .map(str::to_string);
             out.push(Listed {
                 layer: l.name.clone(),
                 path: h.name.clone(),
                 mode: mode_string(h.mode),
                 size: h.filesize,
                 link,
+                secret,
             });
             Ok(())
         })?;

@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 /// Bump when the archive encoding changes, to invalidate caches.
 const FORMAT_VERSION: &str = "lifeboat-layer-v1";
 
+/// Every layer carries an empty file named after itself in this directory,
+/// so a layer is recognised inside a concatenated initramfs.
+pub const LAYER_TAG_DIR: &str = "etc/lifeboat/layers/";
+
 #[derive(Debug, Clone)]
 pub struct LayerParams {
     pub compression: Compression,
@@ -318,6 +322,10 @@ impl LayerCache {
     fn store(&self, built: &Path, data: &Path, meta: &Path, m: &CacheMeta) -> Result<()> {
         let dir = data.parent().unwrap();
         std::fs::create_dir_all(dir)?;
+        // Plan layers (the host's configuration, maybe exposed secrets) and
+        // initrds made of them live here: root's alone.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         let tmp = tempfile::NamedTempFile::new_in(dir)?;
         std::fs::copy(built, tmp.path())?;
         tmp.persist(data)?;

@@ -34,6 +34,7 @@ pub mod recover;
 pub mod rehearse;
 pub mod rescue;
 pub mod safety;
+pub mod secrets;
 pub mod serve;
 pub mod sftp;
 pub mod tape;

@@ -779,7 +779,8 @@ fn plan_layer(
         ssh: SshConfig {
             enabled: cfg.ssh.enabled,
             port: cfg.ssh.port,
-            password_hash: cfg.ssh.password_hash.clone(),
+            // A password hash is a secret: only with expose_secrets.
+            password_hash: cfg.ssh.password_hash.clone().filter(|_| cfg.expose_secrets),
         },
         disks: cfg.boot.require_disks.clone(),
         disk_timeout_secs: cfg.boot.disk_timeout,
@@ -888,6 +889,7 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
         layers.push(("firmware".to_string(), fw, comp));
     }
     if inp.generic {
+        finish_layers(cfg, &mut layers, &mut warnings);
         return Ok(Plan {
             kver,
             kernel,
@@ -921,12 +923,66 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
         }
         layers.push((name, t, comp));
     }
+    finish_layers(cfg, &mut layers, &mut warnings);
     Ok(Plan {
         kver,
         kernel,
         layers,
         warnings,
     })
+}
+
+/// Keep secrets where they belong (see `secrets::guard`), then tag every
+/// layer with its name.
+fn finish_layers(
+    cfg: &Config,
+    layers: &mut [(String, Tree, Compression)],
+    warnings: &mut Vec<String>,
+) {
+    if let Some((_, plan, _)) = layers.iter_mut().find(|(n, _, _)| n == "plan") {
+        // The backup key: with it in the image an unattended recovery of an
+        // encrypted backup needs no one to type it.
+        if let Some(k) = cfg.backup_key_file.as_ref().filter(|_| cfg.expose_secrets) {
+            match std::fs::read(k) {
+                Ok(b) => {
+                    let rel = k.to_string_lossy().trim_start_matches('/').to_string();
+                    plan.add_parents(&rel);
+                    plan.add_bytes(&rel, b, 0o600);
+                }
+                Err(e) => warnings.push(format!(
+                    "backup_key_file: cannot read {} ({e}); not put into the image",
+                    k.display()
+                )),
+            }
+        }
+    }
+    let known: Vec<PathBuf> = [
+        &cfg.backup_key_file,
+        &cfg.backup_credentials,
+        &cfg.serve_enroll_token_file,
+        &cfg.uki_sign_key,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
+    let mut allowed = Vec::new();
+    if let (true, Some(c)) = (cfg.backup_credentials_in_image, &cfg.backup_credentials) {
+        allowed.push(c.to_string_lossy().trim_start_matches('/').to_string());
+    }
+    if cfg.expose_secrets {
+        if let Some(k) = &cfg.backup_key_file {
+            allowed.push(k.to_string_lossy().trim_start_matches('/').to_string());
+        }
+    }
+    crate::secrets::guard(layers, &known, cfg.expose_secrets, &allowed, warnings);
+    for (name, t, _) in layers.iter_mut() {
+        if name != "microcode" {
+            let tag = format!("{}{name}", crate::layers::LAYER_TAG_DIR);
+            t.add_parents(&tag);
+            t.add_bytes(&tag, Vec::new(), 0o644);
+        }
+    }
 }
 
 fn cache_dir(cfg: &Config, inp: &BuildInputs) -> Option<PathBuf> {

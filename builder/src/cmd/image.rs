@@ -24,6 +24,16 @@ pub enum Command {
         #[arg(long)]
         layer: Option<String>,
     },
+    /// Look through outputs for secrets (private keys, password hashes,
+    /// credentials): image directories, layers, initrds, ISOs, USB and raw
+    /// disk images, PXE trees, portable tarballs. Exit 1 when any is found.
+    Scan {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check every file's sha256 against the manifest, and every archive's structure.
     Verify {
         dir: PathBuf,
@@ -46,14 +56,49 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for e in v {
+                    let mark = e
+                        .secret
+                        .as_ref()
+                        .map(|k| format!("  [SECRET: {k}]"))
+                        .unwrap_or_default();
                     match e.link {
                         Some(t) => println!(
                             "{:<14} {} {:>9} /{} -> {t}",
                             e.layer, e.mode, e.size, e.path
                         ),
-                        None => println!("{:<14} {} {:>9} /{}", e.layer, e.mode, e.size, e.path),
+                        None => {
+                            println!("{:<14} {} {:>9} /{}{mark}", e.layer, e.mode, e.size, e.path)
+                        }
                     }
                 }
+            }
+            Ok(())
+        }
+        Command::Scan { paths, json } => {
+            let mut all = Vec::new();
+            for p in &paths {
+                all.extend(crate::secrets::scan(p)?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for f in &all {
+                    println!(
+                        "SECRET {}: {}{}",
+                        f.kind,
+                        f.place,
+                        f.layer
+                            .as_ref()
+                            .map(|l| format!(" (layer {l})"))
+                            .unwrap_or_default()
+                    );
+                }
+                if all.is_empty() && !g.quiet {
+                    println!("no secrets found");
+                }
+            }
+            if !all.is_empty() {
+                return Err(crate::cmd::Exit(1).into());
             }
             Ok(())
         }

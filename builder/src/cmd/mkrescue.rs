@@ -39,6 +39,11 @@ pub struct Args {
     /// The `lifeboat serve` a generic medium chains to (http:// or https://).
     #[arg(long, value_name = "URL")]
     pub chain: Option<String>,
+    /// Put secrets into the image (plan layer only, files 0600): the backup
+    /// key, ssh.password_hash, credentials, private keys found among
+    /// copy_as_is/overlays. Same as expose_secrets = true for this run.
+    #[arg(long)]
+    pub expose_secrets: bool,
     /// An `iso://` backup to put on the ISO(s): its staging directory and
     /// its directory on the ISO (set by mkbackup).
     #[arg(skip)]
@@ -97,6 +102,19 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     }
     if let Some(o) = a.output {
         cfg.output = o;
+    }
+    if a.expose_secrets {
+        cfg.expose_secrets = true;
+    }
+    // A password hash is a secret: neither init.json nor the copy of the
+    // configuration in the image carry it unless secrets are exposed.
+    let mut early_warnings = Vec::new();
+    if !cfg.expose_secrets && cfg.ssh.password_hash.take().is_some() {
+        early_warnings.push(
+            "ssh.password_hash is not put into the image (a password hash is a secret): log in with \
+             ssh.authorized_keys, or build with --expose-secrets (expose_secrets = true)"
+                .to_string(),
+        );
     }
     let kind = cfg.output.to_ascii_uppercase();
     if ![
@@ -306,6 +324,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         crate::tape::check_overwrite(t)?;
     }
     let mut report = rescue::build(&cfg, &cfg_text, &inp)?;
+    report.warnings.splice(0..0, early_warnings);
     let mut medium_line = None;
     let m = report.manifest.clone().unwrap();
     // Where the kernel and layers are (the PXE arm moves output_dir to the tree).
@@ -499,6 +518,13 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
             output_dir = tree.clone();
         }
         _ => {}
+    }
+    // Outputs holding the plan (the host's configuration, and any exposed
+    // secret) are root's alone. A PXE tree stays readable for the TFTP or
+    // HTTP server, unless it carries secrets.
+    if kind != "PXE" || cfg.expose_secrets {
+        crate::secrets::restrict(&built_dir)?;
+        crate::secrets::restrict(&output_dir)?;
     }
     if let Some(r) = &remote {
         upload_dir(r, &output_dir, g.quiet)?;
