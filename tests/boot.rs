@@ -325,6 +325,7 @@ fn a_kernel_that_does_not_match_the_image_is_reported() {
             cache().display()
         ),
         &[
+            "--allow-kernel-mismatch",
             "--kver",
             "6.1.0-0-other-amd64",
             "--modules-dir",

@@ -229,3 +229,135 @@ fn unsupported_output_and_url_are_refused_clearly() {
         "{err}"
     );
 }
+
+/// Fault matrix: a kernel image of another release than --kver, and
+/// modules built for another kernel, are refused before anything is built.
+#[test]
+fn kernel_and_modules_of_another_release_are_refused() {
+    let f = fixture();
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    let run = |kver: &str, mdir: &Path| {
+        let o = lifeboat(w.path())
+            .arg("mkrescue")
+            .arg("--kernel")
+            .arg(f.kernel())
+            .args(["--kver", kver])
+            .arg("--modules-dir")
+            .arg(mdir)
+            .arg("--output-dir")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run("6.1.0-99-amd64", &f.modules_dir());
+    assert!(
+        e.contains(&format!("is release {}", f.kver))
+            && e.contains("built for 6.1.0-99-amd64")
+            && e.contains(&format!("--kver {}", f.kver)),
+        "{e}"
+    );
+    // Modules of another release (a modules.dep and one module whose
+    // vermagic names 5.10.0-1-amd64).
+    let m = w.path().join("modules-5.10");
+    std::fs::create_dir_all(m.join("kernel/fs")).unwrap();
+    std::fs::write(m.join("modules.dep"), "kernel/fs/x.ko:\n").unwrap();
+    std::fs::write(
+        m.join("kernel/fs/x.ko"),
+        b"\x7fELF\0license=GPL\0vermagic=5.10.0-1-amd64 SMP mod_unload modversions \0",
+    )
+    .unwrap();
+    let e = run(&f.kver, &m);
+    assert!(
+        e.contains("are built for kernel 5.10.0-1-amd64") && e.contains("x.ko"),
+        "{e}"
+    );
+    assert!(!out.exists(), "an image was written");
+}
+
+/// Fault matrix: a plan (layout) written by a newer Lifeboat, with fields
+/// this one does not know, is refused as newer, naming the file.
+#[test]
+fn a_plan_from_a_newer_schema_is_refused_as_newer() {
+    let w = tempfile::tempdir().unwrap();
+    let layout = w.path().join("layout.json");
+    std::fs::write(
+        &layout,
+        r#"{"schema_version":99,"hostname":"h","disks":[],"raid_v2":{"arrays":[]}}"#,
+    )
+    .unwrap();
+    let backup = w.path().join("backup.json");
+    std::fs::write(&backup, "{}").unwrap();
+    let o = lifeboat(w.path())
+        .args(["recover", "--dry-run", "--layout"])
+        .arg(&layout)
+        .arg("--backup")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains(&layout.display().to_string())
+            && e.contains("layout has schema_version 99")
+            && e.contains("understands only up to"),
+        "{e}"
+    );
+}
+
+/// Fault matrix: the output filesystem fills up during mkrescue. The
+/// error says so; the previous image (directory and ISO) is intact and
+/// verifies, and no temporary files are left.
+#[test]
+fn a_full_output_filesystem_leaves_the_previous_image_and_iso_intact() {
+    let w = tempfile::tempdir().unwrap();
+    let fs = w.path().join("fs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let (ok, _, err) = sh(&format!(
+        "mount -t tmpfs -o size=160m lbfull {}",
+        fs.display()
+    ));
+    assert!(ok, "cannot mount a tmpfs: {err}");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(fs.clone());
+    let out = fs.join("img");
+    let toml = "OUTPUT = \"ISO\"\n[rescue]\nmodules = \"none\"\n[network]\ncapture = false\n";
+    build(w.path(), &out, toml, &["--no-cache"]);
+    let iso = written(&out, "iso");
+    let before = (sha256(&out.join("manifest.json")), sha256(&iso));
+    // Leave 3 MiB.
+    let (ok, avail, err) = sh(&format!("df -B1 --output=avail {} | tail -1", fs.display()));
+    assert!(ok, "{err}");
+    let avail: u64 = avail.trim().parse().unwrap();
+    let (ok, _, err) = sh(&format!(
+        "fallocate -l {} {}/fill",
+        avail - (3 << 20),
+        fs.display()
+    ));
+    assert!(ok, "{err}");
+    let e = fails(
+        w.path(),
+        &out,
+        &format!("KERNEL_CMDLINE = \"changed\"\n{toml}"),
+        &[],
+    );
+    assert!(e.contains("No space left on device"), "{e}");
+    assert!(
+        e.contains(&out.display().to_string()) && e.contains("previous image"),
+        "the error does not say what happened to the image: {e}"
+    );
+    assert_eq!(
+        (sha256(&out.join("manifest.json")), sha256(&iso)),
+        before,
+        "the previous image changed"
+    );
+    run_ok(lifeboat(w.path()).args(["image", "verify"]).arg(&out));
+    no_leftovers(&fs);
+}

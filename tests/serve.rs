@@ -804,3 +804,180 @@ fn https_registration_and_fetch_refuse_a_tampered_layer() {
         "the bad download was kept"
     );
 }
+
+/// A host registered with a signing key: openssl verifies the plan's and
+/// the manifest's signatures; the init's fetcher takes the signed personal
+/// layer, and when the server's copy of the plan is changed, the init in a
+/// QEMU boot through iPXE refuses it, names the file and does not go on.
+#[test]
+fn signed_plan_tampered_on_the_server_is_refused_by_the_init() {
+    let work = tempfile::tempdir().unwrap().keep();
+    let conf = work.join("etc-lifeboat");
+    std::fs::create_dir_all(&conf).unwrap();
+    let key = work.join("signing.key");
+    let said = String::from_utf8_lossy(
+        &run_ok(lifeboat(&conf).arg("keygen").arg("--out").arg(&key)).stdout,
+    )
+    .to_string();
+    let pubkey = work.join("signing.pub");
+    // openssl reads the key and derives the same public key.
+    let (ok_, pem, err) = sh(&format!("openssl pkey -in {} -pubout", key.display()));
+    assert!(ok_, "openssl cannot read the key: {err}");
+    assert_eq!(pem, std::fs::read_to_string(&pubkey).unwrap());
+    let fp = said
+        .split("fingerprint ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("{said}"))
+        .to_string();
+    let srv = lifeboat_serve(&work.join("srv"), &lifeboat_bin(), 0, &[]);
+    let p = srv.port;
+    ok(register(
+        &work,
+        p,
+        "hosta",
+        MAC_A,
+        &format!("signing_key = \"{}\"\n", key.display()),
+    ));
+    let ta = token(&work, p, "hosta");
+    let img = work.join("hosta");
+    // Independent checks: openssl verifies both signatures.
+    let plan = work.join("plan-unpacked");
+    run_ok(
+        lifeboat(&conf)
+            .args(["image", "unpack"])
+            .arg(&img)
+            .arg(&plan)
+            .args(["--layer", "plan"]),
+    );
+    for (data, sig) in [
+        (
+            plan.join("etc/lifeboat/plan.sums"),
+            plan.join("etc/lifeboat/plan.sums.sig"),
+        ),
+        (img.join("manifest.json"), img.join("manifest.json.sig")),
+    ] {
+        let (_, out, err) = sh(&format!(
+            "openssl pkeyutl -verify -pubin -inkey {} -rawin -in {} -sigfile {} 2>&1",
+            pubkey.display(),
+            data.display(),
+            sig.display()
+        ));
+        assert!(
+            out.contains("Signature Verified Successfully"),
+            "{}: {out}{err}",
+            data.display()
+        );
+    }
+    let sums = std::fs::read_to_string(plan.join("etc/lifeboat/plan.sums")).unwrap();
+    assert!(sums.contains(" etc/lifeboat/lifeboat.toml\n"), "{sums}");
+    run_ok(
+        lifeboat(&conf)
+            .args(["image", "verify"])
+            .arg(&img)
+            .arg("--pubkey")
+            .arg(&pubkey),
+    );
+    // The init's fetcher, on a root where the kernel unpacked the base
+    // layer (which carries the public key): the signed layer is taken.
+    let cmdline = work.join("cmdline");
+    std::fs::write(
+        &cmdline,
+        format!("console=ttyS0 lifeboat.chain=http://127.0.0.1:{p}/ lifeboat.host={MAC_A} lifeboat.token={ta}\n"),
+    )
+    .unwrap();
+    let fetch = |name: &str| {
+        let dest = work.join(format!("root-{name}"));
+        run_ok(
+            lifeboat(&conf)
+                .args(["image", "unpack"])
+                .arg(&img)
+                .arg(&dest)
+                .args(["--layer", "base"]),
+        );
+        assert!(dest.join("etc/lifeboat/signing.pub").is_file());
+        let o = lifeboat(&conf)
+            .arg("fetch-layers")
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--dest")
+            .arg(&dest)
+            .arg("--state")
+            .arg(work.join(format!("state-{name}")))
+            .output()
+            .unwrap();
+        (o, dest)
+    };
+    let (o, dest) = fetch("good");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains(&format!("personal signature verified (key {fp})")),
+        "{e}"
+    );
+    assert!(dest.join("etc/lifeboat/init.json").is_file());
+
+    // The server's stored plan of host A changed (one line added to its
+    // configuration), repacked as the server keeps it.
+    let stored: Vec<PathBuf> = std::fs::read_dir(srv.root.join("hosts/hosta"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("plan-")
+        })
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let toml = plan.join("etc/lifeboat/lifeboat.toml");
+    let mut t = std::fs::read_to_string(&toml).unwrap();
+    t.push_str("\n[recover]\nmapping = \"/tmp/elsewhere\"\n");
+    std::fs::write(&toml, t).unwrap();
+    let (ok_, _, err) = sh(&format!(
+        "cd {} && find . | cpio --quiet -o -H newc > {}",
+        plan.display(),
+        stored[0].display()
+    ));
+    assert!(ok_, "{err}");
+    let (o, dest) = fetch("tampered");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a tampered plan was accepted: {e}");
+    assert!(
+        e.contains("/etc/lifeboat/lifeboat.toml does not match the signed plan")
+            && e.contains(&format!("signed by key {fp}")),
+        "{e}"
+    );
+    assert!(
+        !dest.join("etc/lifeboat/init.json").exists(),
+        "the refused layer was unpacked"
+    );
+
+    // The same in a real boot: QEMU's iPXE runs host A's script (with its
+    // token); the init refuses the personal layer and stops.
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(work.join("ipxe-tampered.log")),
+        ..BootSpec::from_disks()
+    }
+    .with_user_net(&format!(
+        "bootfile=http://10.0.2.2:{p}/hosts/hosta/boot.ipxe?token={ta}"
+    ));
+    spec.extra_args
+        .extend(["-boot".to_string(), "n".to_string()]);
+    let mut vm = Vm::boot(&spec).unwrap();
+    vm.wait_for("the chained layers could not be loaded", BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(3));
+    let c = vm.console();
+    assert!(
+        c.contains("/etc/lifeboat/lifeboat.toml does not match the signed plan")
+            && c.contains(&format!("signed by key {fp}")),
+        "no clear refusal on the console:\n{c}"
+    );
+    assert!(
+        !c.contains("starting `lifeboat recover --auto`") && !c.contains("lifeboat: ready"),
+        "the rescue system went on:\n{c}"
+    );
+}

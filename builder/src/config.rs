@@ -79,6 +79,12 @@ pub struct Config {
     /// warning. `mkrescue --expose-secrets` / `mkbackup --expose-secrets`
     /// turn it on for one run.
     pub expose_secrets: bool,
+    /// ed25519 private key (PKCS#8 PEM; `lifeboat keygen --out FILE` or
+    /// `openssl genpkey -algorithm ed25519`) that signs the plan and the
+    /// image manifest. Its public key goes into the image, and the rescue
+    /// OS then refuses a plan or personal layer (from lifeboat serve) that
+    /// is unsigned or does not match its signature.
+    pub signing_key: Option<PathBuf>,
     /// Extra mount options for `nfs://` and `cifs://` (e.g. `vers=3`,
     /// `nolock`, `vers=3.0`); ReaR's BACKUP_OPTIONS.
     #[serde(alias = "BACKUP_OPTIONS")]
@@ -349,6 +355,7 @@ impl Default for Config {
             backup_credentials: None,
             backup_credentials_in_image: false,
             expose_secrets: false,
+            signing_key: None,
             backup_mount_options: None,
             backup_ssh_options: vec![],
             backup_ca_file: None,

@@ -439,6 +439,30 @@ pub fn run(
                 t.elapsed().as_secs_f64()
             );
         }
+        // An image built with a signing key takes only the plan its key
+        // signed: checked before anything of the layer is unpacked.
+        if p.name == "personal" || p.name == "plan" {
+            if let Some(key) = crate::signing::image_key(dest)? {
+                let what = format!("the {} layer of host {host} ({})", p.name, p.url);
+                let checked = crate::signing::layer_entries(&full)
+                    .with_context(|| format!("{what} is not a readable archive"))
+                    .and_then(|e| {
+                        // From a chain: the server's name for this host,
+                        // which the signed plan must carry.
+                        let id = req.chain.as_ref().map(|_| host.as_str());
+                        crate::signing::check_layer(&key, &e, id, &what)
+                    });
+                if let Err(e) = checked {
+                    let _ = std::fs::remove_file(&full);
+                    return Err(e);
+                }
+                eprintln!(
+                    "lifeboat: {} signature verified (key {})",
+                    p.name,
+                    crate::signing::fingerprint(&key)
+                );
+            }
+        }
         let comp = crate::compress::detect(&full)?;
         let f = std::fs::File::open(&full)?;
         let dec = crate::compress::decoder(std::io::BufReader::new(f), comp)?;

@@ -37,6 +37,7 @@ pub mod safety;
 pub mod secrets;
 pub mod serve;
 pub mod sftp;
+pub mod signing;
 pub mod tape;
 pub mod tree;
 pub mod uki;

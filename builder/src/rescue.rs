@@ -56,6 +56,9 @@ pub struct BuildInputs {
     /// Progress while the layers are built: a bar on a terminal, a line
     /// per layer otherwise.
     pub progress: bool,
+    /// Build even when the kernel image or the modules are of another
+    /// release than kver (the init then warns at boot).
+    pub allow_kernel_mismatch: bool,
 }
 
 /// What a build did, for the report and the tests.
@@ -121,7 +124,69 @@ pub fn resolve_kernel(cfg: &Config, inp: &BuildInputs) -> Result<(PathBuf, Strin
     if cfg.rescue.modules != "none" && !mdir.join("modules.dep").is_file() {
         return Err(BuildError::ModulesDirNotFound(mdir).into());
     }
+    if !inp.allow_kernel_mismatch {
+        if let Some(v) = kernel_image_version(&kernel) {
+            if v != kver {
+                bail!(
+                    "the kernel {} is release {v}, but the image is being built for {kver} \
+                     (--kver, rescue.kver or the file name): its modules would not load. Give --kver {v} \
+                     (and that release's modules), or the kernel of {kver}",
+                    kernel.display()
+                );
+            }
+        }
+        if cfg.rescue.modules != "none" {
+            if let Some((m, v)) = modules_release(&mdir) {
+                if v != kver {
+                    bail!(
+                        "the modules in {} are built for kernel {v} (vermagic of {}), not {kver}: \
+                         give --modules-dir with the modules of {kver} (/lib/modules/{kver})",
+                        mdir.display(),
+                        m.display()
+                    );
+                }
+            }
+        }
+    }
     Ok((kernel, kver, mdir))
+}
+
+/// The release an x86 bzImage says it is (its setup header's
+/// kernel_version string), if the file is one.
+pub fn kernel_image_version(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut hdr = [0u8; 0x210];
+    f.read_exact(&mut hdr).ok()?;
+    if &hdr[0x202..0x206] != b"HdrS" {
+        return None;
+    }
+    let ptr = u16::from_le_bytes([hdr[0x20e], hdr[0x20f]]) as u64;
+    if ptr == 0 {
+        return None;
+    }
+    f.seek(SeekFrom::Start(ptr + 0x200)).ok()?;
+    let mut s = [0u8; 256];
+    let n = f.read(&mut s).ok()?;
+    let text = String::from_utf8_lossy(&s[..n]);
+    let v = text.split(['\0', ' ']).next()?.trim().to_string();
+    (!v.is_empty()).then_some(v)
+}
+
+/// The kernel release the modules in `mdir` are built for: the vermagic
+/// of the first module modules.dep lists (its path, the release).
+pub fn modules_release(mdir: &Path) -> Option<(PathBuf, String)> {
+    let dep = std::fs::read_to_string(mdir.join("modules.dep")).ok()?;
+    let first = dep
+        .lines()
+        .find_map(|l| l.split(':').next().filter(|s| !s.is_empty()))?;
+    let p = mdir.join(first);
+    let data = crate::compress::read_maybe_compressed(&p).ok()?;
+    let at = data.windows(9).position(|w| w == b"vermagic=")?;
+    let rest = &data[at + 9..];
+    let end = rest.iter().position(|b| *b == 0 || *b == b' ')?;
+    let v = String::from_utf8_lossy(&rest[..end]).to_string();
+    (!v.is_empty()).then_some((p, v))
 }
 
 /// Find the lifeboat-init binary.
@@ -236,6 +301,15 @@ fn base_layer(cfg: &Config, root: &Path) -> Result<Tree> {
         let text = std::fs::read(ca)
             .with_context(|| format!("backup_ca_file: cannot read {}", ca.display()))?;
         t.add_bytes("etc/lifeboat/ca-bundle.pem", text, 0o644);
+    }
+    // The key plans must be signed with; checked before any is used.
+    if let Some(k) = &cfg.signing_key {
+        let key = crate::signing::load_key(k)?;
+        t.add_bytes(
+            crate::signing::PUBKEY_PATH,
+            crate::signing::public_pem(&key).into_bytes(),
+            0o644,
+        );
     }
     Ok(t)
 }
@@ -889,7 +963,7 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
         layers.push(("firmware".to_string(), fw, comp));
     }
     if inp.generic {
-        finish_layers(cfg, &mut layers, &mut warnings);
+        finish_layers(cfg, &mut layers, &mut warnings)?;
         return Ok(Plan {
             kver,
             kernel,
@@ -923,7 +997,7 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
         }
         layers.push((name, t, comp));
     }
-    finish_layers(cfg, &mut layers, &mut warnings);
+    finish_layers(cfg, &mut layers, &mut warnings)?;
     Ok(Plan {
         kver,
         kernel,
@@ -938,7 +1012,7 @@ fn finish_layers(
     cfg: &Config,
     layers: &mut [(String, Tree, Compression)],
     warnings: &mut Vec<String>,
-) {
+) -> Result<()> {
     if let Some((_, plan, _)) = layers.iter_mut().find(|(n, _, _)| n == "plan") {
         // The backup key: with it in the image an unattended recovery of an
         // encrypted backup needs no one to type it.
@@ -961,6 +1035,7 @@ fn finish_layers(
         &cfg.backup_credentials,
         &cfg.serve_enroll_token_file,
         &cfg.uki_sign_key,
+        &cfg.signing_key,
     ]
     .into_iter()
     .flatten()
@@ -983,6 +1058,50 @@ fn finish_layers(
             t.add_bytes(&tag, Vec::new(), 0o644);
         }
     }
+    if let Some(k) = &cfg.signing_key {
+        if let Some((_, plan, _)) = layers.iter_mut().find(|(n, _, _)| n == "plan") {
+            sign_plan(cfg, k, plan)?;
+        }
+    }
+    Ok(())
+}
+
+/// Add the signed statement of the plan layer's files (see `signing`).
+fn sign_plan(cfg: &Config, key_file: &Path, plan: &mut Tree) -> Result<()> {
+    let key = crate::signing::load_key(key_file)?;
+    let mut files = BTreeMap::new();
+    for (p, e) in &plan.entries {
+        let data = match &e.node {
+            Node::Bytes(b) => b.clone(),
+            Node::File { src } => {
+                std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?
+            }
+            Node::Decompress { src } => crate::compress::read_maybe_compressed(src)?,
+            _ => continue,
+        };
+        files.insert(p.clone(), data);
+    }
+    // The name lifeboat serve knows the host by, else its hostname.
+    let host = cfg.serve_host.clone().unwrap_or_else(|| {
+        files
+            .get("etc/hostname")
+            .map(|h| String::from_utf8_lossy(h).trim().to_string())
+            .unwrap_or_default()
+    });
+    // What a server may add to this host's personal layer: the credential
+    // and key files the configuration names, and the CA bundle.
+    let rel = |p: &PathBuf| p.to_string_lossy().trim_start_matches('/').to_string();
+    let mut may_add: Vec<String> = [&cfg.backup_credentials, &cfg.backup_key_file]
+        .into_iter()
+        .flatten()
+        .map(rel)
+        .collect();
+    may_add.push("etc/lifeboat/ca-bundle.pem".into());
+    let st = crate::signing::statement(&host, &files, &may_add);
+    let sig = crate::signing::sign(&key, st.as_bytes());
+    plan.add_bytes(crate::signing::SUMS_PATH, st.into_bytes(), 0o644);
+    plan.add_bytes(crate::signing::SIG_PATH, sig, 0o644);
+    Ok(())
 }
 
 fn cache_dir(cfg: &Config, inp: &BuildInputs) -> Option<PathBuf> {
@@ -1173,7 +1292,15 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
     };
     let mut mj = serde_json::to_vec_pretty(&manifest)?;
     mj.push(b'\n');
-    std::fs::write(staging.path().join("manifest.json"), mj)?;
+    std::fs::write(staging.path().join("manifest.json"), &mj)?;
+    // A detached signature of the manifest (which pins every layer).
+    if let Some(k) = &cfg.signing_key {
+        let key = crate::signing::load_key(k)?;
+        std::fs::write(
+            staging.path().join("manifest.json.sig"),
+            crate::signing::sign(&key, &mj),
+        )?;
+    }
     // Files holding configuration (possibly secrets later) are not world-readable.
     let staged = staging.keep();
     if in_place {

@@ -59,6 +59,25 @@ impl std::fmt::Display for ContractError {
 
 impl std::error::Error for ContractError {}
 
+/// Parse a versioned document: the version is checked first, so that a
+/// newer document (which may have fields this version does not know) is
+/// reported as newer, not as malformed.
+fn parse_versioned<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+    supported: u32,
+) -> Result<T, ContractError> {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        #[serde(default)]
+        schema_version: u32,
+    }
+    if let Ok(v) = serde_json::from_str::<VersionOnly>(text) {
+        check_version(what, v.schema_version, supported)?;
+    }
+    serde_json::from_str(text).map_err(ContractError::Parse)
+}
+
 fn check_version(what: &'static str, found: u32, supported: u32) -> Result<(), ContractError> {
     if found > supported {
         Err(ContractError::NewerSchema {
@@ -159,7 +178,7 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn from_json(text: &str) -> Result<Manifest, ContractError> {
-        let m: Manifest = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        let m: Manifest = parse_versioned("manifest", text, MANIFEST_SCHEMA_VERSION)?;
         check_version("manifest", m.schema_version, MANIFEST_SCHEMA_VERSION)?;
         Ok(m)
     }
@@ -317,7 +336,7 @@ impl Default for SshConfig {
 
 impl InitConfig {
     pub fn from_json(text: &str) -> Result<InitConfig, ContractError> {
-        let c: InitConfig = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        let c: InitConfig = parse_versioned("init config", text, INIT_CONFIG_SCHEMA_VERSION)?;
         check_version("init config", c.schema_version, INIT_CONFIG_SCHEMA_VERSION)?;
         Ok(c)
     }
@@ -358,7 +377,7 @@ pub struct ModuleIndex {
 
 impl ModuleIndex {
     pub fn from_json(text: &str) -> Result<ModuleIndex, ContractError> {
-        let m: ModuleIndex = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        let m: ModuleIndex = parse_versioned("module index", text, MODULE_INDEX_SCHEMA_VERSION)?;
         check_version(
             "module index",
             m.schema_version,
@@ -623,7 +642,7 @@ pub struct BackupVolume {
 
 impl BackupManifest {
     pub fn from_json(text: &str) -> Result<BackupManifest, ContractError> {
-        let m: BackupManifest = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        let m: BackupManifest = parse_versioned("backup manifest", text, BACKUP_SCHEMA_VERSION)?;
         check_version("backup manifest", m.schema_version, BACKUP_SCHEMA_VERSION)?;
         Ok(m)
     }
@@ -656,7 +675,7 @@ impl Filesystem {
 
 impl Layout {
     pub fn from_json(text: &str) -> Result<Layout, ContractError> {
-        let l: Layout = serde_json::from_str(text).map_err(ContractError::Parse)?;
+        let l: Layout = parse_versioned("layout", text, LAYOUT_SCHEMA_VERSION)?;
         check_version("layout", l.schema_version, LAYOUT_SCHEMA_VERSION)?;
         Ok(l)
     }
@@ -937,6 +956,14 @@ mod tests {
         let j = r#"{"schema_version":99,"kver":"x","hostname":"h","shell":"/bin/sh"}"#;
         let e = InitConfig::from_json(j).unwrap_err();
         assert!(e.to_string().contains("schema_version 99"), "{e}");
+        // A newer document with fields this version does not know is
+        // reported as newer, not as malformed.
+        let j = r#"{"schema_version":7,"hostname":"h","disks":[],"new_thing":{"x":1}}"#;
+        let e = Layout::from_json(j).unwrap_err().to_string();
+        assert!(
+            e.contains("layout has schema_version 7") && e.contains("understands only up to"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! `lifeboat image ls|unpack|verify`.
 
 use crate::Global;
-use anyhow::{bail, Result};
-use std::path::PathBuf;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -34,12 +34,77 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check every file's sha256 against the manifest, and every archive's structure.
+    /// Check every file's sha256 against the manifest, and every archive's
+    /// structure; a signed manifest's signature too.
     Verify {
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+        /// The public key the manifest must be signed with (PEM); without
+        /// it, a signature is checked against the key in the image's base
+        /// layer.
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Where to write the private key (e.g. /etc/lifeboat/signing.key);
+    /// the public key goes to the same name with .pub.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+pub fn keygen(g: &Global, a: KeygenArgs) -> Result<()> {
+    let fp = crate::signing::keygen(&a.out)?;
+    if !g.quiet {
+        println!(
+            "signing key {} (fingerprint {fp}), public key {}; set signing_key = \"{}\"",
+            a.out.display(),
+            a.out.with_extension("pub").display(),
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// The manifest's signature: None when unsigned, else the problem if any.
+fn manifest_signature(dir: &Path, pubkey: Option<&Path>) -> Result<Option<Option<String>>> {
+    let sig = match std::fs::read(dir.join("manifest.json.sig")) {
+        Ok(s) => s,
+        Err(_) if pubkey.is_some() => {
+            return Ok(Some(Some(
+                "manifest.json is not signed (no manifest.json.sig), but --pubkey was given".into(),
+            )))
+        }
+        Err(_) => return Ok(None),
+    };
+    let raw = match pubkey {
+        Some(p) => crate::signing::parse_public(&std::fs::read_to_string(p)?)
+            .with_context(|| format!("--pubkey {}", p.display()))?,
+        None => {
+            let t = tempfile::tempdir()?;
+            crate::image::unpack(dir, t.path(), Some("base"))?;
+            match crate::signing::image_key(t.path())? {
+                Some(k) => k,
+                None => {
+                    return Ok(Some(Some(
+                        "manifest.json.sig is there but the base layer has no signing.pub".into(),
+                    )))
+                }
+            }
+        }
+    };
+    let m = std::fs::read(dir.join("manifest.json"))?;
+    Ok(Some(if crate::signing::verify(&raw, &m, &sig) {
+        None
+    } else {
+        Some(format!(
+            "manifest.json's signature does not verify with key {}",
+            crate::signing::fingerprint(&raw)
+        ))
+    }))
 }
 
 pub fn run(g: &Global, c: Command) -> Result<()> {
@@ -109,8 +174,11 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Verify { dir, json } => {
-            let problems = crate::image::verify(&dir)?;
+        Command::Verify { dir, json, pubkey } => {
+            let mut problems = crate::image::verify(&dir)?;
+            if let Some(Some(p)) = manifest_signature(&dir, pubkey.as_deref())? {
+                problems.push(p);
+            }
             if json {
                 println!(
                     "{}",

@@ -44,6 +44,10 @@ pub struct Args {
     /// copy_as_is/overlays. Same as expose_secrets = true for this run.
     #[arg(long)]
     pub expose_secrets: bool,
+    /// Build even when the kernel image or the modules are of another
+    /// release than --kver (the rescue OS warns at boot).
+    #[arg(long)]
+    pub allow_kernel_mismatch: bool,
     /// An `iso://` backup to put on the ISO(s): its staging directory and
     /// its directory on the ISO (set by mkbackup).
     #[arg(skip)]
@@ -306,6 +310,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         plan_files,
         generic,
         progress: !g.quiet,
+        allow_kernel_mismatch: a.allow_kernel_mismatch,
     };
     let cfg_text = toml::to_string(&cfg)?;
     let o = crate::iso::IsoOptions {
@@ -323,7 +328,20 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
     if let Some(t) = &obdr_tape {
         crate::tape::check_overwrite(t)?;
     }
-    let mut report = rescue::build(&cfg, &cfg_text, &inp)?;
+    let had_image = output_dir.join("manifest.json").is_file();
+    let mut report = rescue::build(&cfg, &cfg_text, &inp).with_context(|| {
+        if had_image {
+            format!(
+                "the rescue image was not built; the previous image in {} was kept as it was",
+                output_dir.display()
+            )
+        } else {
+            format!(
+                "the rescue image was not built into {}",
+                output_dir.display()
+            )
+        }
+    })?;
     report.warnings.splice(0..0, early_warnings);
     let mut medium_line = None;
     let m = report.manifest.clone().unwrap();

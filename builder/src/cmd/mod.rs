@@ -85,6 +85,9 @@ pub enum Command {
     /// Turn a ReaR configuration (/etc/rear/local.conf, mapping files)
     /// into Lifeboat TOML, listing what cannot be carried over.
     ImportRear(rear::ImportArgs),
+    /// Make an ed25519 signing key (for `signing_key`): the private key
+    /// (PKCS#8 PEM, 0600) and its public key next to it (.pub).
+    Keygen(image::KeygenArgs),
     /// Print the shell completion script (bash, zsh, fish, ...).
     Completions(gen::CompletionArgs),
     /// Print the man page, or write every command's page with --dir.
@@ -124,6 +127,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rehearse(a) => rehearse::run(&g, a),
         Command::Validate(a) => rear::validate(&g, a),
         Command::ImportRear(a) => rear::import(&g, a),
+        Command::Keygen(a) => image::keygen(&g, a),
         Command::Completions(a) => gen::completions(&g, a),
         Command::Man(a) => gen::man(&g, a),
     }

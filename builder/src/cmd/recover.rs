@@ -56,6 +56,14 @@ fn read(p: &Path, what: &str) -> Result<String> {
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
+    // A rescue image built with a signing key: its plan must match the
+    // signature before anything of it is used.
+    let root = Path::new("/");
+    if root.join(lifeboat_contract::INIT_CONFIG_PATH).is_file() {
+        if let Some(key) = crate::signing::image_key(root)? {
+            crate::signing::check_unpacked(root, &key).context("nothing was written")?;
+        }
+    }
     let cfg = g.load_config()?.config;
     // In the rescue OS the plan is under /; a portable lifeboat has it
     // next to itself.
