@@ -1651,3 +1651,97 @@ fn iso_with_the_backup_on_several_discs_recovers_unattended() {
     assert!(c.contains("backup found in /run/lifeboat/iso/LBISO"), "{c}");
     check_recovered(src, &target, "boot-iso.log");
 }
+
+/// Boot `src`'s rescue image with a network card that leads nowhere
+/// (a UDP socket nobody reads), `mac` chosen by the test.
+fn dead_nic_vm(src: &Source, target: &Path, mac: &str, log: &str) -> Vm {
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        append: "console=ttyS0 lifeboat.recover=auto".into(),
+        log: Some(src.work.join(log)),
+        ..BootSpec::new(&src.kernel, &src.initrd)
+    }
+    .with_disk(target, "raw", Some("LBSRC0"))
+    .with_disk(&src.backup, "raw,readonly=on", None);
+    spec.extra_args.extend(
+        [
+            "-netdev",
+            "socket,id=dead,udp=127.0.0.1:9,localaddr=127.0.0.1:0",
+            "-device",
+            &format!("virtio-net-pci,netdev=dead,mac={mac}"),
+        ]
+        .map(String::from),
+    );
+    Vm::boot(&spec).unwrap()
+}
+
+/// The unattended recovery's failure: its console from the start of the
+/// recovery.
+fn await_failure(vm: &mut Vm, what: &str) -> String {
+    vm.wait_for("ERROR: recovery failed", 10 * MIN)
+        .unwrap_or_else(|e| panic!("{what}: the recovery did not fail as expected: {e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    vm.console()
+}
+
+/// Fault matrix, in the rescue OS: the network is down (a DHCP time-out;
+/// the captured static address with the server unreachable) and the
+/// expected disk is missing. Each time the recovery stops with a message
+/// that says what is wrong, and the disks are not written.
+#[test]
+fn network_down_and_a_missing_disk_stop_the_recovery_before_any_write() {
+    // 1. DHCP: a card whose MAC the captured setup does not know asks for
+    //    a lease, nobody answers.
+    let src = net_source().with_image("nfs");
+    let target = src.work.join("target-dhcp.raw");
+    blank(&target, "3G");
+    let t0 = sha(&target);
+    let mut vm = dead_nic_vm(&src, &target, "52:54:00:de:ad:01", "down-dhcp.log");
+    let c = await_failure(&mut vm, "DHCP time-out");
+    drop(vm);
+    for want in [
+        "network: not configured",
+        "cannot be reached",
+        "no address, no default route",
+        "Nothing was written",
+    ] {
+        assert!(c.contains(want), "DHCP time-out: {want:?} missing:\n{c}");
+    }
+    assert_eq!(sha(&target), t0, "a disk was written without network");
+    // 2. Static: the captured address on its own MAC, the server away.
+    let mut vm = dead_nic_vm(&src, &target, "52:54:00:12:34:56", "down-static.log");
+    let c = await_failure(&mut vm, "static address");
+    drop(vm);
+    for want in [
+        "10.0.2.15/24",
+        "port",
+        "cannot be reached",
+        "address 10.0.2.15, a default route",
+        "Nothing was written",
+    ] {
+        assert!(c.contains(want), "static: {want:?} missing:\n{c}");
+    }
+    assert_eq!(sha(&target), t0, "a disk was written without the server");
+    // 3. The disk the plan needs is not there (only a small other one).
+    let src = gpt_source();
+    let other = src.work.join("other-missing.raw");
+    blank(&other, "1G");
+    let o0 = sha(&other);
+    let mut vm = rescue_vm(
+        src,
+        &[(&other, Some("OTHER"))],
+        "lifeboat.recover=auto",
+        "missing-disk.log",
+    );
+    let c = await_failure(&mut vm, "missing disk");
+    drop(vm);
+    for want in [
+        "no target disk for /dev/vda",
+        "serial LBSRC0",
+        "Disks here: /dev/vda (1 GiB",
+        "Nothing was written",
+    ] {
+        assert!(c.contains(want), "missing disk: {want:?} missing:\n{c}");
+    }
+    assert_eq!(sha(&other), o0, "the other disk was written");
+}

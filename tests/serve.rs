@@ -516,6 +516,20 @@ fn restart(dir: &Path, port: u16, args: &[&str]) -> Server {
     lifeboat_serve(dir, &lifeboat_bin(), port, args)
 }
 
+/// A diskless VM that network-boots through QEMU's own iPXE, which slirp's
+/// DHCP points at `bootfile`.
+fn ipxe_vm(work: &Path, bootfile: &str, log: &str) -> Vm {
+    let mut spec = BootSpec {
+        memory_mb: 1536,
+        log: Some(work.join(log)),
+        ..BootSpec::from_disks()
+    }
+    .with_user_net(&format!("bootfile={bootfile}"));
+    spec.extra_args
+        .extend(["-boot".to_string(), "n".to_string()]);
+    Vm::boot(&spec).unwrap()
+}
+
 #[test]
 fn ipxe_without_the_token_gets_403_for_the_personal_layer_and_stops() {
     let work = tempfile::tempdir().unwrap().keep();
@@ -523,15 +537,11 @@ fn ipxe_without_the_token_gets_403_for_the_personal_layer_and_stops() {
     ok(register(&work, srv.port, "hosta", MAC_A, ""));
     // QEMU's iPXE gets the generic script by DHCP; it chains by MAC to
     // host A's script, which has no token to hand on.
-    let mut spec = BootSpec {
-        memory_mb: 1536,
-        log: Some(work.join("ipxe-notoken.log")),
-        ..BootSpec::from_disks()
-    }
-    .with_user_net(&format!("bootfile=http://10.0.2.2:{}/boot.ipxe", srv.port));
-    spec.extra_args
-        .extend(["-boot".to_string(), "n".to_string()]);
-    let mut vm = Vm::boot(&spec).unwrap();
+    let mut vm = ipxe_vm(
+        &work,
+        &format!("http://10.0.2.2:{}/boot.ipxe", srv.port),
+        "ipxe-notoken.log",
+    );
     vm.wait_for("the chained layers could not be loaded", BOOT)
         .unwrap_or_else(|e| panic!("{e}"));
     // Give it time to (wrongly) go on.
@@ -956,17 +966,11 @@ fn signed_plan_tampered_on_the_server_is_refused_by_the_init() {
 
     // The same in a real boot: QEMU's iPXE runs host A's script (with its
     // token); the init refuses the personal layer and stops.
-    let mut spec = BootSpec {
-        memory_mb: 1536,
-        log: Some(work.join("ipxe-tampered.log")),
-        ..BootSpec::from_disks()
-    }
-    .with_user_net(&format!(
-        "bootfile=http://10.0.2.2:{p}/hosts/hosta/boot.ipxe?token={ta}"
-    ));
-    spec.extra_args
-        .extend(["-boot".to_string(), "n".to_string()]);
-    let mut vm = Vm::boot(&spec).unwrap();
+    let mut vm = ipxe_vm(
+        &work,
+        &format!("http://10.0.2.2:{p}/hosts/hosta/boot.ipxe?token={ta}"),
+        "ipxe-tampered.log",
+    );
     vm.wait_for("the chained layers could not be loaded", BOOT)
         .unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_secs(3));

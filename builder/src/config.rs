@@ -484,26 +484,37 @@ pub fn load(files: &[PathBuf]) -> Result<Loaded> {
     for f in files {
         let text = std::fs::read_to_string(f)
             .with_context(|| format!("cannot read config file {}", f.display()))?;
-        // Checking the file alone against the schema gives errors with key and line.
-        toml::from_str::<Config>(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", f.display(), describe(&e, &text)))?;
-        let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", f.display(), e))?;
-        for (upper, lower) in ALIASES {
-            if let Some(v) = table.remove(*upper) {
-                table.insert(lower.to_string(), v);
-            }
-        }
+        let table = parse_text(f, &text)?;
         merge(&mut merged, table, "", f, &mut origin);
     }
-    let config: Config = toml::Value::Table(merged)
-        .try_into()
-        .context("merged configuration is invalid")?;
+    let config = finish(merged)?;
     Ok(Loaded {
         config,
         origin,
         files: files.to_vec(),
     })
+}
+
+/// One configuration file's text, checked against the schema (errors name
+/// the file, line and key), with the ReaR-style aliases renamed.
+pub fn parse_text(f: &Path, text: &str) -> Result<toml::Table> {
+    toml::from_str::<Config>(text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", f.display(), describe(&e, text)))?;
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {}", f.display(), e))?;
+    for (upper, lower) in ALIASES {
+        if let Some(v) = table.remove(*upper) {
+            table.insert(lower.to_string(), v);
+        }
+    }
+    Ok(table)
+}
+
+/// The configuration of merged tables.
+pub fn finish(merged: toml::Table) -> Result<Config> {
+    toml::Value::Table(merged)
+        .try_into()
+        .context("merged configuration is invalid")
 }
 
 /// Make toml's message carry the line number and the offending key explicitly.

@@ -285,51 +285,40 @@ fn scan_into(path: &Path, place: &str, out: &mut Vec<Finding>, depth: u32) -> Re
             anyhow::bail!("xorriso cannot read the ISO {place}");
         }
         // Everything the ISO holds, also its embedded EFI boot image.
-        return scan_into(t.path(), place, out, depth + 1).map(|_| {
-            for f in out.iter_mut() {
-                if f.place.starts_with(&t.path().display().to_string()) {
-                    f.place = f.place.replacen(&t.path().display().to_string(), place, 1);
-                }
-            }
-        });
+        return scan_extracted(t.path(), place, out, depth);
     }
     if let Some(parts) = partitions(&head, path) {
         for (i, (start, fs)) in parts.into_iter().enumerate() {
             let t = tempfile::tempdir()?;
-            let ok = match fs.as_str() {
-                "vfat" => Command::new("mcopy")
-                    .args(["-s", "-n", "-i"])
-                    .arg(format!("{}@@{start}", path.display()))
-                    .arg("::/")
-                    .arg(t.path())
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false),
-                "ext2" | "ext3" | "ext4" => Command::new("debugfs")
-                    .arg("-R")
-                    .arg(format!("rdump / {}", t.path().display()))
-                    .arg(format!("{}?offset={start}", path.display()))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false),
+            let mut c = match fs.as_str() {
+                "vfat" => {
+                    let mut c = Command::new("mcopy");
+                    c.args(["-s", "-n", "-i"])
+                        .arg(format!("{}@@{start}", path.display()))
+                        .arg("::/")
+                        .arg(t.path());
+                    c
+                }
+                "ext2" | "ext3" | "ext4" => {
+                    let mut c = Command::new("debugfs");
+                    c.arg("-R")
+                        .arg(format!("rdump / {}", t.path().display()))
+                        .arg(format!("{}?offset={start}", path.display()));
+                    c
+                }
                 _ => continue,
             };
+            let ok = c
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
             if !ok {
                 anyhow::bail!("cannot read partition {} ({fs}) of {place}", i + 1);
             }
-            let inner = format!("{place}:p{}", i + 1);
-            let before = out.len();
-            scan_into(t.path(), &inner, out, depth + 1)?;
-            let tp = t.path().display().to_string();
-            for f in &mut out[before..] {
-                f.place = f.place.replacen(&tp, &inner, 1);
-            }
+            scan_extracted(t.path(), &format!("{place}:p{}", i + 1), out, depth)?;
         }
         return Ok(());
     }
@@ -409,11 +398,17 @@ fn scan_tar(path: &Path, place: &str, out: &mut Vec<Finding>) -> Result<()> {
     if !st.success() {
         anyhow::bail!("tar cannot read {place}");
     }
-    let tp = t.path().display().to_string();
+    scan_extracted(t.path(), place, out, 0)
+}
+
+/// Scan what was extracted from `place` into `dir`, naming findings by
+/// `place` rather than the temporary directory.
+fn scan_extracted(dir: &Path, place: &str, out: &mut Vec<Finding>, depth: u32) -> Result<()> {
     let before = out.len();
-    scan_into(t.path(), place, out, 1)?;
+    let tmp = dir.display().to_string();
+    scan_into(dir, &tmp, out, depth + 1)?;
     for f in &mut out[before..] {
-        f.place = f.place.replacen(&tp, place, 1);
+        f.place = f.place.replacen(&tmp, place, 1);
     }
     Ok(())
 }

@@ -387,6 +387,44 @@ fn share_mount_args(
     ))
 }
 
+/// How long a network backup server may take to accept a connection.
+const REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The IPv4 addresses and the default route, for messages ("no address,
+/// no default route" when the network never came up).
+pub fn network_summary() -> String {
+    let mut addrs = Vec::new();
+    // /proc/net/fib_trie lists local addresses as "/32 host LOCAL".
+    let trie = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let mut last = "";
+    for l in trie.lines() {
+        let t = l.trim();
+        if let Some(a) = t.strip_prefix("|-- ") {
+            last = a;
+        } else if t.contains("host LOCAL") && !last.starts_with("127.") && !addrs.contains(&last) {
+            addrs.push(last);
+        }
+    }
+    let route = std::fs::read_to_string("/proc/net/route")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(1) == Some("00000000"));
+    format!(
+        "{}, {}",
+        if addrs.is_empty() {
+            "no address".to_string()
+        } else {
+            format!("address {}", addrs.join(", "))
+        },
+        if route {
+            "a default route"
+        } else {
+            "no default route"
+        }
+    )
+}
+
 /// Mount an nfs:// or cifs:// share with the kernel's client.
 fn mount_share(n: &NetUrl, url: &str, key: &str, acc: &Access) -> Result<Local> {
     let mp = net_mountpoint(n);
@@ -415,6 +453,25 @@ fn mount_share(n: &NetUrl, url: &str, key: &str, acc: &Access) -> Result<Local> 
     let ip = n.ip().with_context(|| format!("{key} = {url:?}"))?;
     let (source, fstype, data) =
         share_mount_args(n, ip, acc).with_context(|| format!("{key} = {url:?}"))?;
+    // The kernel's client may retry an unreachable server for minutes: a
+    // plain connect says at once (within REACH_TIMEOUT) when it is not there.
+    let v3 = data.contains("vers=3") || data.contains("vers=2");
+    let port = n.port.unwrap_or(match (fstype.as_str(), v3) {
+        ("cifs", _) => 445,
+        (_, true) => 111,
+        _ => 2049,
+    });
+    if let Err(e) =
+        std::net::TcpStream::connect_timeout(&std::net::SocketAddr::new(ip, port), REACH_TIMEOUT)
+    {
+        bail!(
+            "{key} = {url:?}: the server {ip} port {port} cannot be reached ({e}, waited up to {} s): \
+             the network is down or the server is off. This system's network: {}. Check the cable, DHCP \
+             or the ip= boot option, and that the server runs",
+            REACH_TIMEOUT.as_secs(),
+            network_summary()
+        );
+    }
     // The client modules may not be loaded yet (the rescue OS loads only
     // what its hardware needs).
     let mods: &[&str] = if fstype == "cifs" {
