@@ -28,7 +28,10 @@ pub fn classify(path: &str, data: &[u8]) -> Option<&'static str> {
     if path.starts_with("var/lib/lifeboat/serve/") && name.ends_with(".token") {
         return Some("lifeboat serve token");
     }
-    if data.starts_with(b"\x7fELF") {
+    // Programs, firmware and other binary data: keys, hashes and
+    // credentials are looked for in text only (a NUL in the first 4 KiB
+    // means binary), so a firmware blob is never dropped by chance.
+    if data.starts_with(b"\x7fELF") || data[..data.len().min(4096)].contains(&0) {
         return None;
     }
     if contains(data, b"-----BEGIN") && contains(data, b"PRIVATE KEY-----") {
@@ -533,6 +536,13 @@ mod tests {
         );
         assert_eq!(
             classify("bin/x", b"\x7fELF-----BEGIN PRIVATE KEY-----"),
+            None
+        );
+        assert_eq!(
+            classify(
+                "lib/firmware/x.bin",
+                b"\x01\x00-----BEGIN PRIVATE KEY-----\npassword=x\n"
+            ),
             None
         );
     }
