@@ -277,6 +277,61 @@ fn kernel_and_modules_of_another_release_are_refused() {
     assert!(!out.exists(), "an image was written");
 }
 
+/// `mkrescue --dry-run`: the same checks as a build (a wrong --kver is
+/// refused), a summary, and nothing written or replaced.
+#[test]
+fn mkrescue_dry_run_checks_everything_and_writes_nothing() {
+    let f = fixture();
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("img");
+    build(
+        w.path(),
+        &out,
+        "[rescue]\nmodules = \"none\"\n",
+        &["--no-cache"],
+    );
+    let before = sha256(&out.join("manifest.json"));
+    let o = build(w.path(), &out, "OUTPUT = \"ISO\"\n", &["--dry-run"]);
+    let s = String::from_utf8_lossy(&o.stdout);
+    let kernel_line = format!("for kernel {}", f.kver);
+    for want in [
+        kernel_line.as_str(),
+        "ISO output:",
+        "replaces the image now in",
+        "nothing was written",
+    ] {
+        assert!(s.contains(want), "{want:?} missing: {s}");
+    }
+    assert_eq!(sha256(&out.join("manifest.json")), before);
+    assert!(
+        !std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".iso")),
+        "the dry run wrote an ISO"
+    );
+    let fresh = w.path().join("never");
+    let o = lifeboat(w.path())
+        .args([
+            "mkrescue",
+            "--dry-run",
+            "--kver",
+            "6.1.0-98-amd64",
+            "--kernel",
+        ])
+        .arg(f.kernel())
+        .arg("--modules-dir")
+        .arg(f.modules_dir())
+        .arg("--output-dir")
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("built for 6.1.0-98-amd64"), "{e}");
+    assert!(!fresh.exists());
+}
+
 /// Fault matrix: a plan (layout) written by a newer Lifeboat, with fields
 /// this one does not know, is refused as newer, naming the file.
 #[test]

@@ -368,6 +368,26 @@ fn usb_stick_lists_every_image_and_boots_under_seabios_and_ovmf() {
         let cfg = std::fs::read_to_string(mnt.join("boot/grub/grub.cfg")).unwrap();
         assert_eq!(cfg.matches("submenu").count(), 1, "{cfg}");
         assert_eq!(cfg.matches("menuentry").count(), 12, "{cfg}");
+        // A dry run with usb_retain = 1 names both old images it would
+        // remove, and removes nothing.
+        let o = build(
+            &work,
+            &mnt,
+            &format!("usb_retain = 1\n{toml}"),
+            &["--dry-run"],
+        );
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(
+            s.matches("would remove the old rescue image").count(),
+            2,
+            "{s}"
+        );
+        assert!(s.contains("nothing was written"), "{s}");
+        assert_eq!(
+            std::fs::read_to_string(mnt.join("boot/grub/grub.cfg")).unwrap(),
+            cfg,
+            "the dry run changed the stick"
+        );
         // Without `lifeboat format` there is no stick to write to.
         let bare = work.join("bare");
         let o = lifeboat(&conf)

@@ -562,6 +562,28 @@ fn make_source(layout: &str, variant: Variant) -> Source {
              > /etc/lifeboat/conf.d/hooks.toml && cat /etc/lifeboat/conf.d/hooks.toml",
             MIN,
         );
+        // A dry run first: what would be backed up and built; no hook
+        // runs, nothing is written.
+        let out = run(
+            &mut vm,
+            &mut pos,
+            "/backup/bin/lifeboat mkbackup --dry-run --backup-url file:///backup/store --output-dir /backup/rescue 2>&1; \
+             echo written: $(ls /backup/store /backup/rescue /root/pre-backup.txt 2>&1 | grep -vc 'No such file')",
+            10 * MIN,
+        );
+        for want in [
+            "hooks are not run",
+            "dry run: mkbackup would save the layout",
+            "full backup of /, /boot",
+            "dry run: mkrescue would build the rescue image of lbsrc",
+            "nothing was written",
+            "written: 0",
+        ] {
+            assert!(
+                out.contains(want),
+                "mkbackup --dry-run: {want:?} missing:\n{out}"
+            );
+        }
         let out = run(
             &mut vm,
             &mut pos,

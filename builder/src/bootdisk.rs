@@ -519,18 +519,22 @@ pub fn stick_images(root: &Path, dir: &str) -> Result<Vec<StickImage>> {
 /// host's oldest images so that, with the new one, `retain` remain.
 /// Returns the removed image directories.
 pub fn prune_stick(root: &Path, dir: &str, host: &str, retain: usize) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    let mine: Vec<StickImage> = stick_images(root, dir)?
-        .into_iter()
-        .filter(|i| i.host == host)
-        .collect();
-    for old in mine.iter().skip(retain.max(1) - 1) {
-        let p = root.join(old.path.trim_start_matches('/'));
-        std::fs::remove_dir_all(&p)
+    let removed = to_prune(root, dir, host, retain)?;
+    for p in &removed {
+        std::fs::remove_dir_all(p)
             .with_context(|| format!("cannot remove the old rescue image {}", p.display()))?;
-        removed.push(p);
     }
     Ok(removed)
+}
+
+/// The images of `host` a new one would push out (`usb_retain`).
+pub fn to_prune(root: &Path, dir: &str, host: &str, retain: usize) -> Result<Vec<PathBuf>> {
+    Ok(stick_images(root, dir)?
+        .into_iter()
+        .filter(|i| i.host == host)
+        .skip(retain.max(1) - 1)
+        .map(|old| root.join(old.path.trim_start_matches('/')))
+        .collect())
 }
 
 /// Write the stick's menu: the image of `host` at `stamp` first, every

@@ -209,6 +209,12 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         target: None,
         error: None,
     };
+    if a.rescue.dry_run {
+        if !cfg.hooks.pre_backup.is_empty() || !cfg.hooks.post_backup.is_empty() {
+            println!("dry run: the pre_backup and post_backup hooks are not run");
+        }
+        return backup(g, a);
+    }
     crate::hooks::around(
         crate::hooks::Hook::PreBackup,
         crate::hooks::Hook::PostBackup,
@@ -294,6 +300,28 @@ fn backup(g: &Global, a: Args) -> Result<()> {
             bail!("OUTPUT = \"OBDR\" writes the rescue ISO and the backup together; --no-rescue would leave the tape without either");
         }
         crate::iso::check_tools()?;
+    }
+    if a.rescue.dry_run {
+        // Read-only from here: the layout as it is now, what a backup
+        // would hold, then the rescue image's own dry run.
+        let layout = crate::layout::capture(&[])?;
+        let mounts: Vec<String> = crate::backup::mounts_to_back_up(&layout)
+            .iter()
+            .map(|m| m.target.clone())
+            .collect();
+        println!(
+            "dry run: mkbackup would save the layout to /var/lib/lifeboat/layout.json and make a {} backup of {} \
+             ({}) to {}",
+            cfg.backup_type,
+            mounts.join(", "),
+            recipe.as_ref().map(|r| r.name.as_str()).unwrap_or("tar"),
+            url.as_deref().unwrap_or("the backup tool's own location")
+        );
+        if a.no_rescue {
+            println!("nothing was written");
+            return Ok(());
+        }
+        return mkrescue::run_with(g, a.rescue, vec![]);
     }
     // Keeps a usb:// medium or a network share mounted until the end.
     // A backup tool may have its own kind of URL (rsync://…): it gets it as

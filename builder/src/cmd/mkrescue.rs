@@ -48,6 +48,11 @@ pub struct Args {
     /// release than --kver (the rescue OS warns at boot).
     #[arg(long)]
     pub allow_kernel_mismatch: bool,
+    /// Check everything (configuration, kernel, modules, the output
+    /// medium), say what would be written, replaced or removed, and write
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// An `iso://` backup to put on the ISO(s): its staging directory and
     /// its directory on the ISO (set by mkbackup).
     #[arg(skip)]
@@ -227,7 +232,7 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         stages.push(t);
         Ok(p)
     };
-    let mut output_dir = match (a.output_dir, &remote) {
+    let mut output_dir = match (a.output_dir.clone(), &remote) {
         (Some(d), _) => d,
         (None, Some(_)) => stage_dir("upload")?,
         (None, None) if serve.is_some() => stage_dir("serve")?,
@@ -278,6 +283,34 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         // manifest go onto it.
         output_dir = stage_dir("usb")?;
         stick = Some((root, images, stamp));
+    }
+    if a.dry_run {
+        let inp = BuildInputs {
+            kernel: a.kernel.clone(),
+            kver: a.kver.clone(),
+            modules_dir: a.modules_dir.clone(),
+            output_dir: output_dir.clone(),
+            use_cache: false,
+            root: PathBuf::from("/"),
+            plan_files: vec![],
+            generic,
+            progress: false,
+            allow_kernel_mismatch: a.allow_kernel_mismatch,
+        };
+        return dry_run(
+            &cfg,
+            &inp,
+            &kind,
+            &host,
+            DryTargets {
+                output_dir: &output_dir,
+                pxe_tree: pxe_tree.as_deref(),
+                stick: stick.as_ref(),
+                remote: remote.as_ref(),
+                serve: serve.as_deref(),
+                obdr_tape: obdr_tape.as_deref(),
+            },
+        );
     }
     if kind == "PORTABLE" {
         // No boot image: the binary, the configuration and the plan.
@@ -648,6 +681,75 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
 }
 
 /// Where lifeboat keeps its state (`/var/lib/lifeboat`; `LIFEBOAT_STATE_DIR` for tests).
+/// Where a build would go (for `--dry-run`).
+struct DryTargets<'a> {
+    output_dir: &'a Path,
+    pxe_tree: Option<&'a Path>,
+    stick: Option<&'a (PathBuf, String, String)>,
+    remote: Option<&'a crate::backup::Store>,
+    serve: Option<&'a str>,
+    obdr_tape: Option<&'a str>,
+}
+
+/// `mkrescue --dry-run`: the kernel and modules are checked as for a
+/// build; what would be written, replaced and removed is printed.
+fn dry_run(
+    cfg: &crate::config::Config,
+    inp: &BuildInputs,
+    kind: &str,
+    host: &str,
+    t: DryTargets,
+) -> Result<()> {
+    let (kernel, kver, mdir) = rescue::resolve_kernel(cfg, inp)?;
+    println!(
+        "dry run: mkrescue would build the rescue image of {host} for kernel {kver} ({}, modules {}: {})",
+        kernel.display(),
+        cfg.rescue.modules,
+        mdir.display()
+    );
+    let dest = match (t.remote, t.serve, t.pxe_tree, t.stick) {
+        (Some(r), _, _, _) => format!("uploaded to {}", r.show("")),
+        (_, Some(s), _, _) => format!(
+            "registered with lifeboat serve {s} as host {}",
+            cfg.serve_host.as_deref().unwrap_or(host)
+        ),
+        (_, _, Some(tree), _) => format!("the PXE tree {}", tree.display()),
+        (_, _, _, Some((root, images, stamp))) => format!(
+            "the USB stick {} as {images}/{host}/rescue/{stamp}",
+            root.display()
+        ),
+        _ => t.output_dir.display().to_string(),
+    };
+    println!("  {kind} output: {dest}");
+    if t.remote.is_none() && t.serve.is_none() && t.stick.is_none() {
+        let dir = t.pxe_tree.unwrap_or(t.output_dir);
+        if dir.join("manifest.json").is_file() || dir.join("lifeboat").is_dir() {
+            println!(
+                "  replaces the image now in {} (it stays until the new one is complete)",
+                dir.display()
+            );
+        }
+    }
+    if let Some((root, images, _)) = t.stick {
+        for p in crate::bootdisk::to_prune(root, images, host, cfg.usb_retain)? {
+            println!(
+                "  would remove the old rescue image {} (usb_retain = {})",
+                p.display(),
+                cfg.usb_retain
+            );
+        }
+    }
+    if let Some(tape) = t.obdr_tape {
+        crate::tape::check_overwrite(tape)?;
+        println!("  would overwrite the tape {tape} from its start");
+    }
+    if !cfg.expose_secrets && cfg.ssh.password_hash.is_some() {
+        println!("  ssh.password_hash would be left out (a secret; --expose-secrets)");
+    }
+    println!("nothing was written");
+    Ok(())
+}
+
 pub fn state_dir() -> PathBuf {
     std::env::var_os("LIFEBOAT_STATE_DIR")
         .map(PathBuf::from)
