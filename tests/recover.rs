@@ -574,7 +574,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
         for want in [
             "hooks are not run",
             "dry run: mkbackup would save the layout",
-            "full backup of /, /boot",
+            "full backup of / (tar)",
             "dry run: mkrescue would build the rescue image of lbsrc",
             "nothing was written",
             "written: 0",
