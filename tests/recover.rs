@@ -1760,7 +1760,7 @@ fn network_down_and_a_missing_disk_stop_the_recovery_before_any_write() {
     for want in [
         "no target disk for /dev/vda",
         "serial LBSRC0",
-        "Disks here: /dev/vda (1 GiB",
+        "Disks here: /dev/vda (1.0 GiB, serial OTHER)",
         "Nothing was written",
     ] {
         assert!(c.contains(want), "missing disk: {want:?} missing:\n{c}");

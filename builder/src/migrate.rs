@@ -120,7 +120,17 @@ pub fn map_disks(
     let present = || {
         targets
             .iter()
-            .map(|t| format!("{} ({})", t.path, human(t.size_bytes)))
+            .map(|t| {
+                format!(
+                    "{} ({}{})",
+                    t.path,
+                    human(t.size_bytes),
+                    t.serial
+                        .as_ref()
+                        .map(|s| format!(", serial {s}"))
+                        .unwrap_or_default()
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
