@@ -2,7 +2,7 @@
 # Run every fuzz target (cargo-fuzz / libFuzzer, AddressSanitizer) for a
 # given time and print libFuzzer's figures for each.
 #   bash scripts/fuzz.sh [SECONDS per target, default 600] [TARGET...]
-# Two targets run at a time (-j). Needs cargo-fuzz (installed here if
+# FUZZ_JOBS targets run at a time (default 2). Needs cargo-fuzz (installed here if
 # missing) and runs on the stable toolchain (RUSTC_BOOTSTRAP=1 lets it use
 # the sanitizer flags). Corpora grow in fuzz/corpus/<target> (the seeds
 # in fuzz/seeds/<target> are committed); crashes land in fuzz/artifacts/<target>.
@@ -18,7 +18,6 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 
 export RUSTC_BOOTSTRAP=1 CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 # The main workspace's rustflags (crt-static) do not apply: cargo-fuzz sets
 # its own.
-cargo fuzz build "${targets[@]:0:1}" >/dev/null
 for t in "${targets[@]}"; do cargo fuzz build "$t" >/dev/null; done
 logs=$(mktemp -d)
 run() {
@@ -32,7 +31,7 @@ running=0
 for t in "${targets[@]}"; do
     run "$t" &
     running=$((running + 1))
-    if [ "$running" -ge 2 ]; then
+    if [ "$running" -ge "${FUZZ_JOBS:-2}" ]; then
         wait -n || true
         running=$((running - 1))
     fi

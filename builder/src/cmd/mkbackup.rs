@@ -224,6 +224,71 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
     )
 }
 
+/// This system's layout as mkbackup records it: idle disks, the disk
+/// holding the backup (`loc`) and the rescue medium's disk left out.
+fn system_layout(
+    g: &Global,
+    a: &Args,
+    cfg: &crate::config::Config,
+    loc: Option<&lifeboat_contract::BackupLocation>,
+    url: Option<&str>,
+) -> Result<lifeboat_contract::Layout> {
+    let mut layout = crate::layout::capture(&[])?;
+    // Disks with nothing mounted and no swap in use are not part of the
+    // system (a spare, the stick that brought the tools): left out.
+    if !cfg.layout_all_disks {
+        let idle: Vec<String> = layout
+            .disks
+            .iter()
+            .map(|d| d.name.clone())
+            .filter(|n| !disk_in_use(n))
+            .collect();
+        for n in idle {
+            if !g.quiet {
+                println!("/dev/{n} has nothing mounted: left out of the layout (layout_all_disks = true keeps it)");
+            }
+            without_disk(&mut layout, &n);
+        }
+    }
+    if let Some((loc, disk)) = loc.and_then(|l| disk_of(&l.device).map(|d| (l, d))) {
+        let url = url.unwrap_or_default();
+        if layout
+            .mounts
+            .iter()
+            .any(|m| m.target == "/" && disk_of(&m.source).as_deref() == Some(disk.as_str()))
+        {
+            bail!(
+                "BACKUP_URL {url} lies on {}, the disk of the root filesystem: a backup must live on another disk \
+                 (or, with later versions, another machine)",
+                loc.device
+            );
+        }
+        without_disk(&mut layout, &disk);
+    }
+    // The disk the rescue image is written to is the rescue medium, not
+    // part of the system to recreate (unless it is the root disk itself).
+    if !a.no_rescue {
+        if let Some(dev) = output_device(&a.rescue, &cfg) {
+            if let Some(disk) = disk_of(&dev) {
+                let root_disk = layout
+                    .mounts
+                    .iter()
+                    .find(|m| m.target == "/")
+                    .and_then(|m| disk_of(&m.source));
+                if root_disk.as_deref() != Some(disk.as_str())
+                    && layout.disks.iter().any(|d| d.name == disk)
+                {
+                    if !g.quiet {
+                        println!("the rescue image goes to {dev}: its disk {disk} is left out of the layout");
+                    }
+                    without_disk(&mut layout, &disk);
+                }
+            }
+        }
+    }
+    Ok(layout)
+}
+
 fn backup(g: &Global, a: Args) -> Result<()> {
     if a.rescue.generic || a.rescue.chain.is_some() {
         anyhow::bail!("--generic/--chain build a medium for any machine with `lifeboat mkrescue`; mkbackup's image carries this machine's plan");
@@ -301,10 +366,31 @@ fn backup(g: &Global, a: Args) -> Result<()> {
         }
         crate::iso::check_tools()?;
     }
+    // A backup tool may have its own kind of URL (rsync://…): nothing to
+    // mount or locate for it.
+    let own_url = |u: &str| {
+        recipe.is_some()
+            && !["file://", "usb://", "nfs://", "cifs://"]
+                .iter()
+                .any(|p| u.starts_with(p))
+    };
     if a.rescue.dry_run {
         // Read-only from here: the layout as it is now, what a backup
         // would hold, then the rescue image's own dry run.
-        let layout = crate::layout::capture(&[])?;
+        // Where a local backup would go: its nearest existing directory.
+        let loc = match url.as_deref() {
+            Some(u) if remote.is_none() && tape.is_none() && iso.is_none() && !own_url(u) => {
+                let l = crate::url::local_with(u, "BACKUP_URL", &acc)?;
+                let p = l
+                    .path
+                    .ancestors()
+                    .find(|p| p.exists())
+                    .map(Path::to_path_buf);
+                p.map(|p| crate::backup::locate(&p)).transpose()?
+            }
+            _ => None,
+        };
+        let layout = system_layout(g, &a, &cfg, loc.as_ref(), url.as_deref())?;
         let mounts: Vec<String> = crate::backup::mounts_to_back_up(&layout)
             .iter()
             .map(|m| m.target.clone())
@@ -326,12 +412,6 @@ fn backup(g: &Global, a: Args) -> Result<()> {
     // Keeps a usb:// medium or a network share mounted until the end.
     // A backup tool may have its own kind of URL (rsync://…): it gets it as
     // LIFEBOAT_BACKUP_URL, and nothing is mounted.
-    let own_url = |u: &str| {
-        recipe.is_some()
-            && !["file://", "usb://", "nfs://", "cifs://"]
-                .iter()
-                .any(|p| u.starts_with(p))
-    };
     let medium = match (&remote, url.as_deref()) {
         (None, Some(u)) if !own_url(u) && tape.is_none() && iso.is_none() => {
             Some(crate::url::local_with(u, "BACKUP_URL", &acc)?)
@@ -364,62 +444,7 @@ fn backup(g: &Global, a: Args) -> Result<()> {
         (None, None) if iso.is_none() => dir.as_deref().map(crate::backup::locate).transpose()?,
         _ => None,
     };
-    let mut layout = crate::layout::capture(&[])?;
-    // Disks with nothing mounted and no swap in use are not part of the
-    // system (a spare, the stick that brought the tools): left out.
-    if !cfg.layout_all_disks {
-        let idle: Vec<String> = layout
-            .disks
-            .iter()
-            .map(|d| d.name.clone())
-            .filter(|n| !disk_in_use(n))
-            .collect();
-        for n in idle {
-            if !g.quiet {
-                println!("/dev/{n} has nothing mounted: left out of the layout (layout_all_disks = true keeps it)");
-            }
-            without_disk(&mut layout, &n);
-        }
-    }
-    if let Some((loc, disk)) = loc
-        .as_ref()
-        .and_then(|l| disk_of(&l.device).map(|d| (l, d)))
-    {
-        let url = url.as_deref().unwrap_or_default();
-        if layout
-            .mounts
-            .iter()
-            .any(|m| m.target == "/" && disk_of(&m.source).as_deref() == Some(disk.as_str()))
-        {
-            bail!(
-                "BACKUP_URL {url} lies on {}, the disk of the root filesystem: a backup must live on another disk \
-                 (or, with later versions, another machine)",
-                loc.device
-            );
-        }
-        without_disk(&mut layout, &disk);
-    }
-    // The disk the rescue image is written to is the rescue medium, not
-    // part of the system to recreate (unless it is the root disk itself).
-    if !a.no_rescue {
-        if let Some(dev) = output_device(&a.rescue, &cfg) {
-            if let Some(disk) = disk_of(&dev) {
-                let root_disk = layout
-                    .mounts
-                    .iter()
-                    .find(|m| m.target == "/")
-                    .and_then(|m| disk_of(&m.source));
-                if root_disk.as_deref() != Some(disk.as_str())
-                    && layout.disks.iter().any(|d| d.name == disk)
-                {
-                    if !g.quiet {
-                        println!("the rescue image goes to {dev}: its disk {disk} is left out of the layout");
-                    }
-                    without_disk(&mut layout, &disk);
-                }
-            }
-        }
-    }
+    let layout = system_layout(g, &a, &cfg, loc.as_ref(), url.as_deref())?;
     if let Ok(t) = std::fs::read_to_string("/etc/fstab") {
         for w in crate::fstab::cross_check(&layout, &t) {
             eprintln!("lifeboat: warning: {w}");
