@@ -268,7 +268,7 @@ fn system_layout(
     // The disk the rescue image is written to is the rescue medium, not
     // part of the system to recreate (unless it is the root disk itself).
     if !a.no_rescue {
-        if let Some(dev) = output_device(&a.rescue, &cfg) {
+        if let Some(dev) = output_device(&a.rescue, cfg) {
             if let Some(disk) = disk_of(&dev) {
                 let root_disk = layout
                     .mounts
