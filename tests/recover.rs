@@ -568,7 +568,7 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             &mut vm,
             &mut pos,
             "/backup/bin/lifeboat mkbackup --dry-run --backup-url file:///backup/store --output-dir /backup/rescue 2>&1; \
-             echo written: $(ls /backup/store /backup/rescue /root/pre-backup.txt 2>&1 | grep -vc 'No such file')",
+             for p in /backup/store /backup/rescue /root/pre-backup.txt; do test -e $p && echo EXISTS:$p; done; echo checked",
             10 * MIN,
         );
         for want in [
@@ -577,13 +577,17 @@ fn make_source(layout: &str, variant: Variant) -> Source {
             "full backup of / (tar)",
             "dry run: mkrescue would build the rescue image of lbsrc",
             "nothing was written",
-            "written: 0",
+            "checked",
         ] {
             assert!(
                 out.contains(want),
                 "mkbackup --dry-run: {want:?} missing:\n{out}"
             );
         }
+        assert!(
+            !out.contains("EXISTS:"),
+            "mkbackup --dry-run wrote something or ran a hook:\n{out}"
+        );
         let out = run(
             &mut vm,
             &mut pos,
