@@ -81,6 +81,11 @@ fn encode(m: &Message) -> Vec<u8> {
 
 /// Parse a reply meant for us (`xid` and `mac` must match); anything else is None.
 pub fn parse_reply(buf: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
+    // dhcproto slices chaddr by the packet's hlen (found by fuzzing: an hlen
+    // above 16 made it panic). Such a packet is not a reply to us.
+    if buf.len() < 240 || buf[2] as usize > 16 {
+        return None;
+    }
     let m = Message::decode(&mut Decoder::new(buf)).ok()?;
     if m.opcode() != Opcode::BootReply || m.xid() != xid || m.chaddr().get(..6) != Some(&mac[..]) {
         return None;
@@ -341,6 +346,18 @@ mod tests {
         assert_eq!(r.lease.dns, vec!["10.0.2.3".parse::<Ipv4Addr>().unwrap()]);
         assert_eq!(r.lease.server, "10.0.2.2".parse::<Ipv4Addr>().unwrap());
         assert_eq!(r.lease.lease_secs, Some(86400));
+    }
+
+    /// Found by the dhcp_packet fuzz target: a reply whose hardware
+    /// address length (hlen) exceeds chaddr's 16 bytes made the decoder's
+    /// chaddr() panic; such a packet is ignored.
+    #[test]
+    fn a_reply_with_a_bad_hardware_address_length_is_ignored_not_a_panic() {
+        let mut b = server_reply(MessageType::Offer, 7, &MAC);
+        b[2] = 93;
+        assert!(parse_reply(&b, 7, &MAC).is_none());
+        let artifact: &[u8] = &b[..100];
+        assert!(parse_reply(artifact, 7, &MAC).is_none());
     }
 
     #[test]
