@@ -41,8 +41,8 @@ fail=0
 printf '%-16s %12s %10s %8s %8s %s\n' target execs exec/s cov ft result
 for t in "${targets[@]}"; do
     rc=$(cut -d' ' -f1 "$logs/$t.rc" 2>/dev/null || echo 99)
-    execs=$(awk -F: '/^stat::number_of_executed_units/ {gsub(/ /,"",$2); print $2}' "$logs/$t.log" | tail -1)
-    eps=$(awk -F: '/^stat::average_exec_per_sec/ {gsub(/ /,"",$2); print $2}' "$logs/$t.log" | tail -1)
+    execs=$(awk '/^stat::number_of_executed_units/ {print $NF}' "$logs/$t.log" | tail -1)
+    eps=$(awk '/^stat::average_exec_per_sec/ {print $NF}' "$logs/$t.log" | tail -1)
     done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$logs/$t.log" | tail -1 || true)
     cov=$(sed -n 's/.*cov: \([0-9]*\).*/\1/p' <<<"$done_line")
     ft=$(sed -n 's/.*ft: \([0-9]*\).*/\1/p' <<<"$done_line")

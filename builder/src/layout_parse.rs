@@ -276,10 +276,15 @@ pub fn efibootmgr(text: &str) -> (Vec<EfiEntry>, Vec<String>) {
         let Some(rest) = line.strip_prefix("Boot") else {
             continue;
         };
-        if rest.len() < 5 || !rest[..4].chars().all(|c| c.is_ascii_hexdigit()) {
+        // Four hex digits (found by fuzzing: slicing by bytes panicked when
+        // a multi-byte character straddled the fourth byte).
+        let Some(num) = rest
+            .get(..4)
+            .filter(|n| rest.len() >= 5 && n.chars().all(|c| c.is_ascii_hexdigit()))
+        else {
             continue;
-        }
-        let num = rest[..4].to_string();
+        };
+        let num = num.to_string();
         let active = rest[4..].starts_with('*');
         let body = rest[4..].trim_start_matches('*').trim_start();
         let (label, path) = match body.split_once('\t') {
@@ -298,6 +303,14 @@ pub fn efibootmgr(text: &str) -> (Vec<EfiEntry>, Vec<String>) {
 
 #[cfg(test)]
 mod tests {
+    /// Found by the tool_output fuzz target.
+    #[test]
+    fn efibootmgr_lines_with_multibyte_characters_are_skipped_not_a_panic() {
+        let (e, _) = super::efibootmgr("Boot0(0\u{5f3}p\nBoot0001* debian\tHD(1)\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].num, "0001");
+    }
+
     use super::*;
 
     macro_rules! fixture {
