@@ -114,8 +114,10 @@ fn output_device(a: &mkrescue::Args, cfg: &crate::config::Config) -> Option<Stri
             .map(std::path::PathBuf::from),
     };
     if let Some(d) = dir {
-        std::fs::create_dir_all(&d).ok()?;
-        return crate::backup::locate(&d).ok().map(|l| l.device);
+        // The filesystem it will be on: its nearest existing directory
+        // (nothing is created here; a dry run must not write).
+        let existing = d.ancestors().find(|p| p.is_dir())?;
+        return crate::backup::locate(existing).ok().map(|l| l.device);
     }
     let (label, _) = crate::url::parse_usb(&cfg.output_url)?;
     let out = std::process::Command::new("blkid")
