@@ -103,7 +103,7 @@ fn keep_lease_options(buf: &[u8]) -> Option<Vec<u8>> {
         let ok = match code {
             53 => len == 1,
             1 | 51 | 54 => len == 4,
-            3 | 6 => len >= 4 && len % 4 == 0,
+            3 | 6 => len >= 4 && len.is_multiple_of(4),
             _ => false,
         };
         if ok {
