@@ -464,7 +464,7 @@ mod tests {
         let mut m = [0u8; 6];
         m.copy_from_slice(&PACKET[28..34]);
         let _ = parse_reply(PACKET, xid, &m);
-        assert!(keep_lease_options(PACKET).map_or(true, |b| !b[240..].contains(&152)));
+        assert!(keep_lease_options(PACKET).is_none_or(|b| !b[240..].contains(&152)));
     }
 
     #[test]
