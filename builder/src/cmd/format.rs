@@ -34,8 +34,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
     crate::backup::parse_size(s).with_context(|| format!("--size {s:?}"))
 }
 
-/// The block device's kernel name (`sdb`) and its partitions' names.
-fn block_names(dev: &Path) -> Result<(String, Vec<String>)> {
+/// The block device's kernel name (`sdb`); a partition is refused.
+fn block_name(dev: &Path) -> Result<String> {
     let real = std::fs::canonicalize(dev)?;
     let name = real
         .file_name()
@@ -57,21 +57,13 @@ fn block_names(dev: &Path) -> Result<(String, Vec<String>)> {
             dev.display()
         );
     }
-    let mut parts = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(&sys) {
-        for e in rd.flatten() {
-            if e.path().join("partition").exists() {
-                parts.push(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    Ok((name, parts))
+    Ok(name)
 }
 
 /// Why the block device cannot be formatted now, if it cannot: the same
 /// interlocks as recovery (mounts, swap, holders, exclusive open).
 pub fn in_use(dev: &Path) -> Result<Option<String>> {
-    let (name, _) = block_names(dev)?;
+    let name = block_name(dev)?;
     let sys = crate::safety::Sys::live();
     Ok(crate::safety::busy(&sys, &name).or_else(|| crate::safety::exclusive_open_fails(dev)))
 }

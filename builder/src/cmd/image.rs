@@ -84,9 +84,20 @@ fn manifest_signature(dir: &Path, pubkey: Option<&Path>) -> Result<Option<Option
         Some(p) => crate::signing::parse_public(&std::fs::read_to_string(p)?)
             .with_context(|| format!("--pubkey {}", p.display()))?,
         None => {
-            let t = tempfile::tempdir()?;
-            crate::image::unpack(dir, t.path(), Some("base"))?;
-            match crate::signing::image_key(t.path())? {
+            // The key the base layer carries, read from the layer itself.
+            let m = crate::image::load_manifest(dir)?;
+            let mut key = None;
+            if let Some(base) = m.layers.iter().find(|l| l.name == "base") {
+                crate::image::walk_layer(dir, base, |h, data| {
+                    if h.name.trim_start_matches("./") == crate::signing::PUBKEY_PATH {
+                        key = Some(crate::signing::parse_public(&String::from_utf8_lossy(
+                            &data,
+                        ))?);
+                    }
+                    Ok(())
+                })?;
+            }
+            match key {
                 Some(k) => k,
                 None => {
                     return Ok(Some(Some(
