@@ -451,6 +451,63 @@ fn verify_names_a_tampered_layer() {
     assert!(!err.contains("layer base"), "{err}");
 }
 
+/// Every layer lists its files with their sha256 (etc/lifeboat/layers/NAME);
+/// `image verify --unpacked` compares a tree unpacked by GNU cpio (as the
+/// kernel would unpack it) with those lists and names a changed file.
+#[test]
+fn an_unpacked_rescue_system_is_checked_against_its_layers_file_lists() {
+    let img = image();
+    let root = tempfile::tempdir().unwrap();
+    unpack_with_gnu_cpio(img, root.path());
+    // The lists agree with sha256sum on the unpacked files.
+    let tag = std::fs::read_to_string(root.path().join("etc/lifeboat/layers/tools")).unwrap();
+    let mut lines = tag.lines();
+    assert_eq!(lines.next(), Some("lifeboat-layer v1 tools"));
+    let listed: Vec<(&str, &str)> = lines.map(|l| l.split_once(' ').unwrap()).collect();
+    assert!(listed.len() > 100, "{} files listed", listed.len());
+    let (_, bash) = listed
+        .iter()
+        .find(|(_, p)| p.ends_with("bin/bash"))
+        .copied()
+        .expect("bash is not in the tools list");
+    let bash_sha = listed.iter().find(|(_, p)| *p == bash).unwrap().0;
+    let (ok, out, _) = sh(&format!("sha256sum {}", root.path().join(bash).display()));
+    assert!(ok && out.starts_with(bash_sha), "{out} vs {bash_sha}");
+    let o = run_ok(
+        lifeboat(root.path())
+            .args(["image", "verify", "--unpacked", "--json"])
+            .arg(root.path()),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let m = manifest(img);
+    let mut want: Vec<&str> = m
+        .layers
+        .iter()
+        .map(|l| l.name.as_str())
+        .filter(|n| *n != "microcode")
+        .collect();
+    want.sort();
+    assert_eq!(v["layers"], serde_json::json!(want), "{v}");
+    assert!(v["files"].as_u64().unwrap() as usize >= listed.len());
+    // One flipped byte in bash.
+    let p = root.path().join(bash);
+    let mut data = std::fs::read(&p).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 1;
+    std::fs::write(&p, data).unwrap();
+    let o = lifeboat(root.path())
+        .args(["image", "verify", "--unpacked"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a changed bash passed");
+    assert!(
+        err.contains(&format!("/{bash} (layer tools) has sha256")),
+        "{err}"
+    );
+}
+
 #[test]
 fn modprobe_works_inside_the_image() {
     // The image ships depmod's indexes for exactly its modules, so the real

@@ -370,6 +370,28 @@ fn mapping_files_and_secrets_are_written_as_files_lifeboat_uses() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    // --force --dry-run: converts, names what it would replace, writes nothing.
+    let before = std::fs::read(&out).unwrap();
+    let o = run_ok(
+        lifeboat(empty.path())
+            .arg("import-rear")
+            .arg(fixtures().join("01-netfs-nfs-iso.conf"))
+            .arg("-o")
+            .arg(&out)
+            .args(["--force", "--dry-run"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("dry run: would replace {}", out.display()))
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("BACKUP_URL"));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        before,
+        "--dry-run wrote the file"
+    );
     // The plain rescue password became a crypt hash that openssl verifies.
     let o = run_ok(
         lifeboat(empty.path())

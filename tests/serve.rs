@@ -447,6 +447,14 @@ fn two_hosts_share_layers_and_only_their_own_token_opens_their_personal_layer() 
         "the old token still works"
     );
     assert_eq!(get(&pb, &[&format!("Authorization: Bearer {tb2}")]).0, 200);
+    // A dry run names the host's directory and MAC link, removes nothing.
+    let dry = admin(&["--remove", "hostb", "--dry-run"]);
+    assert!(
+        dry.contains("hosts/hostb") && dry.contains("52-54-00-00-00-0b") && dry.contains("dry run"),
+        "{dry}"
+    );
+    assert!(srv.root.join("hosts/hostb/host.json").is_file());
+    assert_eq!(get(&pb, &[&format!("Authorization: Bearer {tb2}")]).0, 200);
     admin(&["--remove", "hostb"]);
     assert!(!srv.root.join("hosts/hostb").exists());
     assert!(
@@ -458,6 +466,13 @@ fn two_hosts_share_layers_and_only_their_own_token_opens_their_personal_layer() 
     std::fs::write(&stale, "an old kernel's layer").unwrap();
     let (okt, _, _) = sh(&format!("touch -d '2 hours ago' {}", stale.display()));
     assert!(okt);
+    let dry = admin(&["--gc", "--dry-run"]);
+    assert!(
+        dry.contains(&format!("would remove layers/{}", "e".repeat(64)))
+            && dry.contains("1 unused layer(s)"),
+        "{dry}"
+    );
+    assert!(stale.exists(), "gc --dry-run removed a layer");
     let gc = admin(&["--gc"]);
     assert!(gc.contains("removed 1 unused layer(s)"), "{gc}");
     assert!(!stale.exists());
@@ -842,12 +857,21 @@ fn signed_plan_tampered_on_the_server_is_refused_by_the_init() {
         .to_string();
     let srv = lifeboat_serve(&work.join("srv"), &lifeboat_bin(), 0, &[]);
     let p = srv.port;
+    // A recovery hook script: the signature must cover it too.
+    let hook = work.join("post-hook.sh");
+    std::fs::write(&hook, "#!/bin/sh\necho hook ran\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     ok(register(
         &work,
         p,
         "hosta",
         MAC_A,
-        &format!("signing_key = \"{}\"\n", key.display()),
+        &format!(
+            "signing_key = \"{}\"\n[hooks]\npost_recovery = [\"{} --quiet\"]\n",
+            key.display(),
+            hook.display()
+        ),
     ));
     let ta = token(&work, p, "hosta");
     let img = work.join("hosta");
@@ -881,6 +905,17 @@ fn signed_plan_tampered_on_the_server_is_refused_by_the_init() {
     }
     let sums = std::fs::read_to_string(plan.join("etc/lifeboat/plan.sums")).unwrap();
     assert!(sums.contains(" etc/lifeboat/lifeboat.toml\n"), "{sums}");
+    let hook_rel = hook.display().to_string();
+    let hook_rel = hook_rel.trim_start_matches('/');
+    assert!(
+        sums.contains(&format!(" {hook_rel}\n")),
+        "the hook script is not signed: {sums}"
+    );
+    let mode = std::fs::metadata(plan.join(hook_rel))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111, "the hook script lost its exec bits");
     run_ok(
         lifeboat(&conf)
             .args(["image", "verify"])
@@ -926,6 +961,53 @@ fn signed_plan_tampered_on_the_server_is_refused_by_the_init() {
         "{e}"
     );
     assert!(dest.join("etc/lifeboat/init.json").is_file());
+
+    // The server hands out another layer as host A's tools: one of the
+    // image's own layers under another name, then one the plan does not
+    // name at all. The signed plan names each shared layer: both are
+    // refused before anything is fetched or unpacked.
+    let hj = srv.root.join("hosts/hosta/host.json");
+    let orig = std::fs::read_to_string(&hj).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(&orig).unwrap();
+    let base = rec["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "base")
+        .unwrap()
+        .clone();
+    for (case, sha, size, want) in [
+        (
+            "swapped",
+            base["sha256"].clone(),
+            base["size"].clone(),
+            "is the signed plan's layer base, not tools".to_string(),
+        ),
+        (
+            "foreign",
+            serde_json::json!("f".repeat(64)),
+            serde_json::json!(4096),
+            "is not a layer the signed plan names".to_string(),
+        ),
+    ] {
+        let mut r = rec.clone();
+        for l in r["layers"].as_array_mut().unwrap() {
+            if l["name"] == "tools" {
+                l["sha256"] = sha.clone();
+                l["size"] = size.clone();
+            }
+        }
+        std::fs::write(&hj, serde_json::to_string(&r).unwrap()).unwrap();
+        let (o, dest) = fetch(case);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{case}: accepted: {e}");
+        assert!(e.contains(&want), "{case}: {e}");
+        assert!(
+            !dest.join("etc/lifeboat/init.json").exists() && !dest.join("usr/bin/bash").exists(),
+            "{case}: something was unpacked"
+        );
+    }
+    std::fs::write(&hj, &orig).unwrap();
 
     // The server's stored plan of host A changed (one line added to its
     // configuration), repacked as the server keeps it.

@@ -207,6 +207,11 @@ pub struct Recover {
     /// backup, hybrid ISOs, `lifeboat format` sticks and the configured
     /// usb:// media are always protected.
     pub protect: Vec<String>,
+    /// How disks are matched when no mapping names them: `any` (same
+    /// serial, same WWN, then same name and size, then the only disk of the
+    /// same size) or `identity` (same serial or WWN only; every other disk
+    /// needs a mapping, or an answer at the prompt).
+    pub auto_map: String,
 }
 
 impl Default for Recover {
@@ -217,6 +222,7 @@ impl Default for Recover {
             keyfile: None,
             rebuild_initramfs: "auto".into(),
             protect: vec![],
+            auto_map: "any".into(),
         }
     }
 }
@@ -743,6 +749,11 @@ pub fn check(c: &Config) -> Vec<String> {
     );
     one_of("boot.on_failure", &c.boot.on_failure, &["shell", "reboot"]);
     one_of("recover.grow", &c.recover.grow, &["last", "proportional"]);
+    one_of(
+        "recover.auto_map",
+        &c.recover.auto_map,
+        &["any", "identity"],
+    );
     one_of(
         "recover.rebuild_initramfs",
         &c.recover.rebuild_initramfs,

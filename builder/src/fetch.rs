@@ -356,6 +356,74 @@ fn resolve(req: &Request, c: &Client, bootif: Option<&str>) -> Result<(Vec<Pinne
     }
 }
 
+/// Download layer `p` into `state` (resuming a partial download) unless it
+/// is there already, and check it against its pin. Returns the file.
+fn fetch_one(
+    c: &mut Client,
+    p: &Pinned,
+    state: &Path,
+    req: &Request,
+    host: &str,
+) -> Result<std::path::PathBuf> {
+    let part = state.join(format!("{}.part", p.sha256));
+    let full = state.join(format!("{}.layer", p.sha256));
+    if full.is_file() {
+        return Ok(full);
+    }
+    let t = Instant::now();
+    eprintln!("lifeboat: fetching {} from {}", p.name, p.url);
+    let mut asked = 0;
+    loop {
+        match download(c, p, &part, req.timeout)? {
+            Got::Done => break,
+            Got::Refused(why) => {
+                let _ = std::fs::remove_file(&part);
+                let msg = format!(
+                    "{}: the server refused {} ({why})",
+                    p.url,
+                    if c.token.is_some() {
+                        "host ".to_string() + host + "'s token"
+                    } else {
+                        "a request without a token".into()
+                    }
+                );
+                if !req.unattended && asked < 3 {
+                    if let Some(t) = ask_token(host) {
+                        eprintln!("lifeboat: {msg}");
+                        c.token = Some(t);
+                        asked += 1;
+                        continue;
+                    }
+                }
+                bail!(
+                    "{msg}: boot with lifeboat.token=<host {host}'s token> (mkrescue stored it in /var/lib/lifeboat/serve/ on that host)"
+                );
+            }
+        }
+    }
+    let got = sha256_of(&part)?;
+    if got != p.sha256 {
+        let _ = std::fs::remove_file(&part);
+        bail!(
+            "layer {} from {}: its sha256 is {got}, the pin says {}: refusing it (nothing of it was unpacked). \
+             The server's copy differs from the registered one: register the host again, then reboot",
+            p.name,
+            p.url,
+            p.sha256
+        );
+    }
+    std::fs::rename(&part, &full)?;
+    let size = std::fs::metadata(&full)?.len();
+    eprintln!(
+        "lifeboat: {} ({}) verified, sha256 {} ({:.1} s)",
+        p.name,
+        human(size),
+        &p.sha256[..16],
+        t.elapsed().as_secs_f64()
+    );
+    Ok(full)
+}
+
 /// Fetch, check and unpack everything `req` names into `dest`, keeping
 /// partial downloads in `state` (so a second run resumes too).
 pub fn run(
@@ -379,90 +447,52 @@ pub fn run(
         token: req.token.clone(),
     };
     let (list, host) = resolve(req, &c, bootif)?;
+    let is_plan = |p: &Pinned| p.name == "personal" || p.name == "plan";
+    // An image built with a signing key takes only the plan its key
+    // signed, and only the shared layers that plan names: the plan is
+    // fetched and checked first, before anything is unpacked.
+    let key = crate::signing::image_key(dest)?;
+    let mut signed: Option<crate::signing::SignedLayers> = None;
+    if let Some(key) = &key {
+        for p in list.iter().filter(|p| is_plan(p)) {
+            let full = fetch_one(&mut c, p, state, req, &host)?;
+            let what = format!("the {} layer of host {host} ({})", p.name, p.url);
+            let checked = crate::signing::layer_entries(&full)
+                .with_context(|| format!("{what} is not a readable archive"))
+                .and_then(|e| {
+                    // From a chain: the server's name for this host,
+                    // which the signed plan must carry.
+                    let id = req.chain.as_ref().map(|_| host.as_str());
+                    crate::signing::check_layer(key, &e, id, &what)
+                });
+            match checked {
+                Ok(layers) => {
+                    eprintln!(
+                        "lifeboat: {} signature verified (key {})",
+                        p.name,
+                        crate::signing::fingerprint(key)
+                    );
+                    signed.get_or_insert_with(Default::default).extend(layers);
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(state.join(format!("{}.layer", p.sha256)));
+                    return Err(e);
+                }
+            }
+        }
+        if signed.as_ref().is_some_and(|s| s.is_empty()) {
+            eprintln!("lifeboat: note: the signed plan does not name its shared layers (built by an older lifeboat): they are checked against their pins only");
+        }
+    }
     let mut done = Vec::new();
     // Each layer is unpacked once it is checked, in order: a bad pin
     // stops before anything of that layer (or a later one) is unpacked,
     // while the layers before it (the tools: a shell) stay usable.
     for p in &list {
-        let part = state.join(format!("{}.part", p.sha256));
-        let full = state.join(format!("{}.layer", p.sha256));
-        if !full.is_file() {
-            let t = Instant::now();
-            eprintln!("lifeboat: fetching {} from {}", p.name, p.url);
-            let mut asked = 0;
-            loop {
-                match download(&c, p, &part, req.timeout)? {
-                    Got::Done => break,
-                    Got::Refused(why) => {
-                        let _ = std::fs::remove_file(&part);
-                        let msg = format!(
-                            "{}: the server refused {} ({why})",
-                            p.url,
-                            if c.token.is_some() {
-                                "host ".to_string() + &host + "'s token"
-                            } else {
-                                "a request without a token".into()
-                            }
-                        );
-                        if !req.unattended && asked < 3 {
-                            if let Some(t) = ask_token(&host) {
-                                eprintln!("lifeboat: {msg}");
-                                c.token = Some(t);
-                                asked += 1;
-                                continue;
-                            }
-                        }
-                        bail!(
-                            "{msg}: boot with lifeboat.token=<host {host}'s token> (mkrescue stored it in /var/lib/lifeboat/serve/ on that host)"
-                        );
-                    }
-                }
-            }
-            let got = sha256_of(&part)?;
-            if got != p.sha256 {
-                let _ = std::fs::remove_file(&part);
-                bail!(
-                    "layer {} from {}: its sha256 is {got}, the pin says {}: refusing it (nothing of it was unpacked). \
-                     The server's copy differs from the registered one: register the host again, then reboot",
-                    p.name,
-                    p.url,
-                    p.sha256
-                );
-            }
-            std::fs::rename(&part, &full)?;
-            let size = std::fs::metadata(&full)?.len();
-            eprintln!(
-                "lifeboat: {} ({}) verified, sha256 {} ({:.1} s)",
-                p.name,
-                human(size),
-                &p.sha256[..16],
-                t.elapsed().as_secs_f64()
-            );
+        if let (Some(s), false) = (&signed, is_plan(p)) {
+            crate::signing::check_pin(s, &p.name, &p.sha256, &p.url)?;
         }
-        // An image built with a signing key takes only the plan its key
-        // signed: checked before anything of the layer is unpacked.
-        if p.name == "personal" || p.name == "plan" {
-            if let Some(key) = crate::signing::image_key(dest)? {
-                let what = format!("the {} layer of host {host} ({})", p.name, p.url);
-                let checked = crate::signing::layer_entries(&full)
-                    .with_context(|| format!("{what} is not a readable archive"))
-                    .and_then(|e| {
-                        // From a chain: the server's name for this host,
-                        // which the signed plan must carry.
-                        let id = req.chain.as_ref().map(|_| host.as_str());
-                        crate::signing::check_layer(&key, &e, id, &what)
-                    });
-                if let Err(e) = checked {
-                    let _ = std::fs::remove_file(&full);
-                    return Err(e);
-                }
-                eprintln!(
-                    "lifeboat: {} signature verified (key {})",
-                    p.name,
-                    crate::signing::fingerprint(&key)
-                );
-            }
-        }
+        let full = fetch_one(&mut c, p, state, req, &host)?;
         let comp = crate::compress::detect(&full)?;
         let f = std::fs::File::open(&full)?;
         let dec = crate::compress::decoder(std::io::BufReader::new(f), comp)?;

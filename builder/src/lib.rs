@@ -17,6 +17,7 @@ pub mod fstab;
 pub mod hooks;
 pub mod http;
 pub mod image;
+pub mod integrity;
 pub mod iso;
 pub mod kmod;
 pub mod layers;

@@ -107,12 +107,14 @@ pub fn disks_in_use(l: &Layout) -> Vec<Disk> {
 
 /// Map every source disk onto a target, by the rules in order: explicit
 /// mapping, same serial, same WWN, same name and size, the only unused
-/// target of the same size. `ask` is asked about the rest (and may
-/// decline). Never maps two sources onto one target.
+/// target of the same size (the last two not when `identity_only`). `ask`
+/// is asked about the rest (and may decline). Never maps two sources onto
+/// one target.
 pub fn map_disks(
     sources: &[Disk],
     targets: &[Disk],
     explicit: &[(String, String)],
+    identity_only: bool,
     ask: &mut dyn FnMut(&Disk, &[&Disk]) -> Option<String>,
 ) -> Result<Vec<Pair>> {
     let mut used: BTreeSet<String> = BTreeSet::new();
@@ -159,7 +161,7 @@ pub fn map_disks(
         });
     }
     type Rule = (Why, fn(&Disk, &Disk) -> bool);
-    let rules: [Rule; 3] = [
+    let rules: &[Rule] = &[
         (Why::Serial, |s, t| {
             s.serial.is_some() && s.serial == t.serial
         }),
@@ -168,6 +170,7 @@ pub fn map_disks(
             s.name == t.name && s.size_bytes == t.size_bytes
         }),
     ];
+    let rules = if identity_only { &rules[..2] } else { rules };
     for (why, rule) in rules.iter() {
         for (i, s) in sources.iter().enumerate() {
             if out[i].is_some() {
@@ -187,7 +190,7 @@ pub fn map_disks(
         }
     }
     for (i, s) in sources.iter().enumerate() {
-        if out[i].is_some() {
+        if out[i].is_some() || identity_only {
             continue;
         }
         let same: Vec<&Disk> = targets
@@ -232,7 +235,7 @@ pub fn map_disks(
     }
     if !unmapped.is_empty() {
         bail!(
-            "no target disk for {} (matched by serial, WWN, name and size, or a unique size). Disks here: {}. \
+            "no target disk for {} (matched by {}). Disks here: {}. \
              Nothing was written. Give a mapping: a file of `/dev/SOURCE /dev/TARGET` lines (recover.mapping, \
              /etc/lifeboat/disk-mapping or `lifeboat recover --map FILE`) or the boot option lifeboat.map=SOURCE:TARGET",
             unmapped
@@ -240,6 +243,11 @@ pub fn map_disks(
                 .map(|s| format!("{} ({}{})", s.path, human(s.size_bytes), s.serial.as_ref().map(|x| format!(", serial {x}")).unwrap_or_default()))
                 .collect::<Vec<_>>()
                 .join(", "),
+            if identity_only {
+                "serial or WWN only: recover.auto_map = \"identity\""
+            } else {
+                "serial, WWN, name and size, or a unique size"
+            },
             if targets.is_empty() { "none".to_string() } else { present() }
         );
     }
@@ -637,7 +645,7 @@ mod tests {
             sized("vdb", 10 * GIB, Some("S1")),
             sized("vdc", 30 * GIB, None),
         ];
-        let m = map_disks(&src, &tgt, &[], &mut no_ask).unwrap();
+        let m = map_disks(&src, &tgt, &[], false, &mut no_ask).unwrap();
         assert_eq!(m[0].target.name, "vdb");
         assert_eq!(m[0].why, Why::Serial);
         assert_eq!(m[1].target.name, "sda");
@@ -645,11 +653,54 @@ mod tests {
     }
 
     #[test]
+    fn identity_only_matching_takes_serials_and_leaves_the_rest_to_a_mapping() {
+        let src = vec![
+            sized("sda", 10 * GIB, Some("S1")),
+            sized("sdb", 20 * GIB, None),
+        ];
+        // sdb has a same-name same-size disk and a unique size here: both
+        // heuristics would match it, identity matching does not.
+        let tgt = vec![
+            sized("vdb", 10 * GIB, Some("S1")),
+            sized("sdb", 20 * GIB, None),
+        ];
+        assert_eq!(
+            map_disks(&src, &tgt, &[], false, &mut no_ask)
+                .unwrap()
+                .len(),
+            2
+        );
+        let e = map_disks(&src, &tgt, &[], true, &mut no_ask)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no target disk for /dev/sdb") && e.contains("recover.auto_map"),
+            "{e}"
+        );
+        // A mapping (or the prompt) still places it.
+        let m = map_disks(
+            &src,
+            &tgt,
+            &[("sdb".into(), "sdb".into())],
+            true,
+            &mut no_ask,
+        )
+        .unwrap();
+        assert_eq!(
+            (m[0].why.clone(), m[1].why.clone()),
+            (Why::Serial, Why::Explicit)
+        );
+        let mut pick = |_: &Disk, free: &[&Disk]| Some(free[0].path.clone());
+        let m = map_disks(&src, &tgt, &[], true, &mut pick).unwrap();
+        assert_eq!(m[1].why, Why::Asked);
+    }
+
+    #[test]
     fn ambiguous_or_missing_disks_are_refused_not_guessed() {
         let src = vec![sized("sda", 10 * GIB, None)];
         // Two disks of the right size, neither with the right name.
         let tgt = vec![sized("vda", 10 * GIB, None), sized("vdb", 10 * GIB, None)];
-        let e = map_disks(&src, &tgt, &[], &mut no_ask)
+        let e = map_disks(&src, &tgt, &[], false, &mut no_ask)
             .unwrap_err()
             .to_string();
         assert!(
@@ -658,13 +709,20 @@ mod tests {
         );
         // A bigger disk with the same name is not taken silently either.
         let tgt = vec![sized("sda", 15 * GIB, None)];
-        assert!(map_disks(&src, &tgt, &[], &mut no_ask).is_err());
+        assert!(map_disks(&src, &tgt, &[], false, &mut no_ask).is_err());
         // ... but is with a mapping.
-        let m = map_disks(&src, &tgt, &[("sda".into(), "sda".into())], &mut no_ask).unwrap();
+        let m = map_disks(
+            &src,
+            &tgt,
+            &[("sda".into(), "sda".into())],
+            false,
+            &mut no_ask,
+        )
+        .unwrap();
         assert_eq!(m[0].why, Why::Explicit);
         // The prompt can choose among the free disks only.
         let mut pick = |_: &Disk, free: &[&Disk]| Some(free[0].path.clone());
-        let m = map_disks(&src, &tgt, &[], &mut pick).unwrap();
+        let m = map_disks(&src, &tgt, &[], false, &mut pick).unwrap();
         assert_eq!(
             (m[0].target.name.as_str(), m[0].why.clone()),
             ("sda", Why::Asked)
@@ -675,19 +733,26 @@ mod tests {
     fn never_two_sources_on_one_target() {
         let src = vec![sized("sda", 10 * GIB, None), sized("sdb", 10 * GIB, None)];
         let tgt = vec![sized("vda", 10 * GIB, None)];
-        assert!(map_disks(&src, &tgt, &[], &mut no_ask).is_err());
+        assert!(map_disks(&src, &tgt, &[], false, &mut no_ask).is_err());
         let e = map_disks(
             &src,
             &tgt,
             &[("sda".into(), "vda".into()), ("sdb".into(), "vda".into())],
+            false,
             &mut no_ask,
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("twice"), "{e}");
-        let e = map_disks(&src, &tgt, &[("sda".into(), "nvme9n1".into())], &mut no_ask)
-            .unwrap_err()
-            .to_string();
+        let e = map_disks(
+            &src,
+            &tgt,
+            &[("sda".into(), "nvme9n1".into())],
+            false,
+            &mut no_ask,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("nvme9n1") && e.contains("not a usable disk"),
             "{e}"

@@ -45,6 +45,8 @@ pub struct Options {
     /// Skip the confirmation prompt.
     pub yes: bool,
     pub mapping: Vec<(String, String)>,
+    /// `recover.auto_map = "identity"`: match disks by serial or WWN only.
+    pub identity_only: bool,
     pub grow: Grow,
     pub keyfile: Option<PathBuf>,
     /// `auto`, `always`, `never`.
@@ -821,7 +823,8 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
         ))
         .filter(|a| !a.is_empty())
     };
-    let pairs: Vec<Pair> = migrate::map_disks(&sources, &targets, &o.mapping, &mut ask)?;
+    let pairs: Vec<Pair> =
+        migrate::map_disks(&sources, &targets, &o.mapping, o.identity_only, &mut ask)?;
     for p in &pairs {
         r.say(&format!(
             "disk {} ({}) -> {} ({}) [{}]",

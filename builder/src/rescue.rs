@@ -896,6 +896,13 @@ fn plan_layer(
         t.add_dir("root/.ssh", 0o700);
         t.add_bytes("root/.ssh/authorized_keys", keys.into_bytes(), 0o600);
     }
+    // The scripts the recovery hooks run travel with the plan, so that a
+    // signed plan covers them too (mkrescue also lists them in copy_as_is,
+    // for their interpreter; this copy, unpacked later, is the one run).
+    for s in crate::hooks::recovery_scripts(&cfg.hooks) {
+        t.add_file_as(s.trim_start_matches('/'), Path::new(&s))
+            .with_context(|| format!("[hooks]: the script {s}"))?;
+    }
     // A private CA of an https:// backup server (public, not a secret).
     if let Some(ca) = &cfg.backup_ca_file {
         let text = std::fs::read(ca)
@@ -1051,24 +1058,44 @@ fn finish_layers(
         }
     }
     crate::secrets::guard(layers, &known, cfg.expose_secrets, &allowed, warnings);
-    for (name, t, _) in layers.iter_mut() {
-        if name != "microcode" {
-            let tag = format!("{}{name}", crate::layers::LAYER_TAG_DIR);
-            t.add_parents(&tag);
-            t.add_bytes(&tag, Vec::new(), 0o644);
-        }
-    }
-    if let Some(k) = &cfg.signing_key {
-        if let Some((_, plan, _)) = layers.iter_mut().find(|(n, _, _)| n == "plan") {
-            sign_plan(cfg, k, plan)?;
+    // The tag: the layer's name and the sha256 of each of its files (see
+    // `integrity`), hashed for all layers at once.
+    let tags: Vec<Result<Option<Vec<u8>>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = layers
+            .iter()
+            .map(|(name, t, _)| {
+                s.spawn(move || {
+                    (name != "microcode")
+                        .then(|| crate::integrity::tag(name, t))
+                        .transpose()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("file list panicked")))
+            })
+            .collect()
+    });
+    for ((name, t, _), tag) in layers.iter_mut().zip(tags) {
+        if let Some(text) = tag.with_context(|| format!("the file list of layer {name}"))? {
+            let p = format!("{}{name}", crate::layers::LAYER_TAG_DIR);
+            t.add_parents(&p);
+            t.add_bytes(&p, text, 0o644);
         }
     }
     Ok(())
 }
 
-/// Add the signed statement of the plan layer's files (see `signing`).
-fn sign_plan(cfg: &Config, key_file: &Path, plan: &mut Tree) -> Result<()> {
-    let key = crate::signing::load_key(key_file)?;
+/// Add the signed statement of the plan layer's files and the image's
+/// other layers (name, sha256) to the plan tree (see `signing`).
+fn sign_plan(
+    cfg: &Config,
+    key: &ring::signature::Ed25519KeyPair,
+    plan: &mut Tree,
+    others: &[(String, String)],
+) -> Result<()> {
     let mut files = BTreeMap::new();
     for (p, e) in &plan.entries {
         let data = match &e.node {
@@ -1097,8 +1124,8 @@ fn sign_plan(cfg: &Config, key_file: &Path, plan: &mut Tree) -> Result<()> {
         .map(rel)
         .collect();
     may_add.push("etc/lifeboat/ca-bundle.pem".into());
-    let st = crate::signing::statement(&host, &files, &may_add);
-    let sig = crate::signing::sign(&key, st.as_bytes());
+    let st = crate::signing::statement(&host, &files, &may_add, others);
+    let sig = crate::signing::sign(key, st.as_bytes());
     plan.add_bytes(crate::signing::SUMS_PATH, st.into_bytes(), 0o644);
     plan.add_bytes(crate::signing::SIG_PATH, sig, 0o644);
     Ok(())
@@ -1179,46 +1206,79 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
     let mtime =
         u32::try_from(epoch).context("source_date_epoch does not fit the cpio format (32 bits)")?;
     // Layers are independent: build them concurrently (each compressor is
-    // itself multithreaded), then record them in load order.
+    // itself multithreaded), then record them in load order. With a signing
+    // key the plan layer comes last: its signed statement names the others.
     let bar = std::sync::Mutex::new(LayerProgress::new(plan.layers.len(), inp.progress));
-    let results: Vec<Result<layers::Built>> = std::thread::scope(|s| {
-        let handles: Vec<_> = plan
-            .layers
-            .iter()
-            .map(|(lname, tree, comp)| {
-                let p = LayerParams {
-                    compression: *comp,
-                    level: if *comp == Compression::None {
-                        None
-                    } else {
-                        cfg.rescue.compression_level
-                    },
-                    threads,
-                    mtime,
-                };
-                let (lcache, dir, bar) = (&lcache, staging.path(), &bar);
-                s.spawn(move || {
-                    let t = std::time::Instant::now();
-                    let r = lcache
-                        .build(lname, tree, &p, dir)
-                        .with_context(|| format!("cannot build layer {lname}"));
-                    if let (Ok(b), Ok(mut bar)) = (&r, bar.lock()) {
-                        bar.done(lname, b.from_cache, t.elapsed().as_secs_f64());
-                    }
-                    r
+    let build_set = |set: &[(&String, &Tree, &Compression)]| -> Vec<Result<layers::Built>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = set
+                .iter()
+                .map(|&(lname, tree, comp)| {
+                    let p = LayerParams {
+                        compression: *comp,
+                        level: if *comp == Compression::None {
+                            None
+                        } else {
+                            cfg.rescue.compression_level
+                        },
+                        threads,
+                        mtime,
+                    };
+                    let (lcache, dir, bar) = (&lcache, staging.path(), &bar);
+                    s.spawn(move || {
+                        let t = std::time::Instant::now();
+                        let r = lcache
+                            .build(lname, tree, &p, dir)
+                            .with_context(|| format!("cannot build layer {lname}"));
+                        if let (Ok(b), Ok(mut bar)) = (&r, bar.lock()) {
+                            bar.done(lname, b.from_cache, t.elapsed().as_secs_f64());
+                        }
+                        r
+                    })
                 })
-            })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("layer builder panicked")))
+                })
+                .collect()
+        })
+    };
+    let key = match (
+        &cfg.signing_key,
+        plan.layers.iter().position(|(n, _, _)| n == "plan"),
+    ) {
+        (Some(k), Some(i)) => Some((crate::signing::load_key(k)?, i)),
+        _ => None,
+    };
+    let first: Vec<usize> = (0..plan.layers.len())
+        .filter(|i| key.as_ref().map(|(_, p)| p) != Some(i))
+        .collect();
+    let items: Vec<_> = first
+        .iter()
+        .map(|&i| (&plan.layers[i].0, &plan.layers[i].1, &plan.layers[i].2))
+        .collect();
+    let mut results: Vec<Option<Result<layers::Built>>> =
+        (0..plan.layers.len()).map(|_| None).collect();
+    for (&i, r) in first.iter().zip(build_set(&items)) {
+        results[i] = Some(r);
+    }
+    if let Some((key, pi)) = &key {
+        let others: Vec<(String, String)> = results
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|b| (b.info.name.clone(), b.info.sha256.clone()))
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("layer builder panicked")))
-            })
-            .collect()
-    });
+        let (name, tree, comp) = &plan.layers[*pi];
+        let mut signed = tree.clone();
+        sign_plan(cfg, key, &mut signed, &others)?;
+        results[*pi] = build_set(&[(name, &signed, comp)]).pop();
+    }
     drop(bar);
-    for r in results {
+    for r in results.into_iter().flatten() {
         let built = r?;
         if built.from_cache {
             report.layers_from_cache.push(built.info.name.clone());

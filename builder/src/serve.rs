@@ -1169,18 +1169,28 @@ pub fn hosts(root: &Path) -> Result<Vec<HostRecord>> {
 }
 
 /// Forget host `id`: its directory (plan, secrets, token) and its aliases.
-pub fn remove(root: &Path, id: &str) -> Result<()> {
+/// Returns what was removed (or, with `dry_run`, what would be).
+pub fn remove(root: &Path, id: &str, dry_run: bool) -> Result<Vec<PathBuf>> {
     chain::check_id(id)?;
     let dir = root.join("hosts").join(id);
     if !dir.join("host.json").is_file() {
         bail!("no host {id:?} is registered in {}", root.display());
     }
+    let mut gone = vec![];
     for e in std::fs::read_dir(root.join("hosts"))?.flatten() {
         if std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new(id)) {
-            std::fs::remove_file(e.path())?;
+            if !dry_run {
+                std::fs::remove_file(e.path())?;
+            }
+            gone.push(e.path());
         }
     }
-    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+    if !dry_run {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    gone.push(dir);
+    Ok(gone)
 }
 
 /// Give host `id` a new token (the old one stops working); returns it.
@@ -1208,13 +1218,15 @@ fn issue_token(dir: &Path) -> Result<String> {
 
 /// Remove layers no registered host uses (those written in the last hour
 /// are kept: a registration may be uploading them). Returns (files, bytes).
-pub fn gc(root: &Path) -> Result<(usize, u64)> {
+/// Returns the unused layers removed (or, with `dry_run`, that would be),
+/// with their sizes.
+pub fn gc(root: &Path, dry_run: bool) -> Result<Vec<(String, u64)>> {
     let mut used = std::collections::BTreeSet::new();
     for h in hosts(root)? {
         used.insert(h.kernel.sha256.clone());
         used.extend(h.layers.iter().map(|l| l.sha256.clone()));
     }
-    let (mut n, mut bytes) = (0, 0);
+    let mut unused = vec![];
     let dir = root.join("layers");
     for e in std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
@@ -1228,12 +1240,14 @@ pub fn gc(root: &Path) -> Result<(usize, u64)> {
             .and_then(|m| m.elapsed().ok())
             .is_some_and(|age| age < Duration::from_secs(3600));
         if chain::is_sha256(&name) && !used.contains(&name) && !young {
-            std::fs::remove_file(e.path())?;
-            n += 1;
-            bytes += md.len();
+            if !dry_run {
+                std::fs::remove_file(e.path())?;
+            }
+            unused.push((name, md.len()));
         }
     }
-    Ok((n, bytes))
+    unused.sort();
+    Ok(unused)
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@
 //! statement (`etc/lifeboat/plan.sums`, signature `plan.sums.sig`): the
 //! sha256 of each of its files, and the paths a server may add (the
 //! credential and key files the signed configuration names, the CA
-//! bundle). The rescue OS refuses a plan or personal layer that does not
-//! match it.
+//! bundle), and the name and sha256 of every other layer of the image. The
+//! rescue OS refuses a plan or personal layer that does not match it, and
+//! a fetched shared layer that it does not name.
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
@@ -149,9 +150,18 @@ pub fn keygen(out: &Path) -> Result<String> {
     Ok(fingerprint(k.public_key().as_ref()))
 }
 
-/// The signed statement over the plan layer's files.
-pub fn statement(host: &str, files: &BTreeMap<String, Vec<u8>>, may_add: &[String]) -> String {
+/// The signed statement over the plan layer's files and the image's other
+/// layers (`layers`: name and sha256 of each compressed layer file).
+pub fn statement(
+    host: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+    may_add: &[String],
+    layers: &[(String, String)],
+) -> String {
     let mut s = format!("{SUMS_HEADER}\nhost {host}\n");
+    for (name, sha) in layers {
+        s.push_str(&format!("layer {sha} {name}\n"));
+    }
     for (p, data) in files {
         s.push_str(&format!("file {} {p}\n", hex::encode(Sha256::digest(data))));
     }
@@ -171,14 +181,19 @@ pub enum Item {
     Other,
 }
 
+/// The layers a signed plan names: sha256 → layer name.
+pub type SignedLayers = BTreeMap<String, String>;
+
 /// Check a plan or personal layer's entries (archive paths) against its
 /// signed statement and `raw_pub`. `what` names the layer in messages.
+/// Returns the other layers the statement names (empty for a statement
+/// made before layers were signed).
 pub fn check_layer(
     raw_pub: &[u8],
     entries: &BTreeMap<String, Item>,
     host: Option<&str>,
     what: &str,
-) -> Result<()> {
+) -> Result<SignedLayers> {
     let fp = fingerprint(raw_pub);
     let (Some(Item::File(sums)), Some(Item::File(sig))) =
         (entries.get(SUMS_PATH), entries.get(SIG_PATH))
@@ -202,9 +217,13 @@ pub fn check_layer(
     let mut files: BTreeMap<&str, &str> = BTreeMap::new();
     let mut may_add: Vec<&str> = Vec::new();
     let mut signed_host = None;
+    let mut layers = SignedLayers::new();
     for l in lines {
         if let Some(h) = l.strip_prefix("host ") {
             signed_host = Some(h);
+        } else if let Some(r) = l.strip_prefix("layer ") {
+            let (sha, name) = r.split_once(' ').context("bad layer line in plan.sums")?;
+            layers.insert(sha.to_string(), name.to_string());
         } else if let Some(r) = l.strip_prefix("file ") {
             let (sha, p) = r.split_once(' ').context("bad file line in plan.sums")?;
             files.insert(p, sha);
@@ -238,7 +257,26 @@ pub fn check_layer(
             ),
         }
     }
-    Ok(())
+    Ok(layers)
+}
+
+/// A shared layer about to be fetched (`name`, pinned `sha256`) must be one
+/// the signed plan names, under that name. `layers` empty: a plan signed
+/// before layers were (nothing to check against).
+pub fn check_pin(layers: &SignedLayers, name: &str, sha256: &str, url: &str) -> Result<()> {
+    if layers.is_empty() {
+        return Ok(());
+    }
+    match layers.get(sha256) {
+        Some(n) if n == name => Ok(()),
+        Some(n) => bail!(
+            "layer {name} from {url}: its pin {sha256} is the signed plan's layer {n}, not {name}: refusing it (nothing of it was fetched)"
+        ),
+        None => bail!(
+            "layer {name} from {url}: its pin {sha256} is not a layer the signed plan names: refusing it (nothing of it was fetched). \
+             The server hands out layers this host did not register: register the host again, then reboot"
+        ),
+    }
 }
 
 /// The entries of a (maybe compressed) cpio layer file.
@@ -283,7 +321,7 @@ pub fn image_key(root: &Path) -> Result<Option<Vec<u8>>> {
 /// statement (local images: the plan layer was unpacked by the kernel).
 /// Only the files the statement lists, and the configuration files
 /// recovery reads, are looked at.
-pub fn check_unpacked(root: &Path, raw_pub: &[u8]) -> Result<()> {
+pub fn check_unpacked(root: &Path, raw_pub: &[u8]) -> Result<SignedLayers> {
     let mut entries = BTreeMap::new();
     for p in [SUMS_PATH, SIG_PATH] {
         if let Ok(d) = std::fs::read(root.join(p)) {
@@ -342,6 +380,7 @@ mod tests {
             "h1",
             &f,
             &may.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            &[("tools".into(), "aa".repeat(32))],
         );
         let mut e: BTreeMap<String, Item> =
             f.into_iter().map(|(p, d)| (p, Item::File(d))).collect();
@@ -381,7 +420,18 @@ mod tests {
         ];
         let may = ["etc/lifeboat/cifs.cred"];
         let good = signed(&k, files, &may);
-        check_layer(&raw, &good, Some("h1"), "personal layer").unwrap();
+        let layers = check_layer(&raw, &good, Some("h1"), "personal layer").unwrap();
+        // The shared layers it names: the right pin under the right name only.
+        check_pin(&layers, "tools", &"aa".repeat(32), "u").unwrap();
+        let m = check_pin(&layers, "tools", &"bb".repeat(32), "u")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("not a layer the signed plan names"), "{m}");
+        let m = check_pin(&layers, "base", &"aa".repeat(32), "u")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("the signed plan's layer tools, not base"), "{m}");
+        check_pin(&SignedLayers::new(), "tools", &"bb".repeat(32), "u").unwrap();
         // A server-supplied secret at a path the signed plan allows.
         let mut e = signed(&k, files, &may);
         e.insert(

@@ -45,6 +45,10 @@ pub enum Command {
         /// layer.
         #[arg(long, value_name = "FILE")]
         pubkey: Option<PathBuf>,
+        /// DIR is an unpacked rescue system (`/` in the rescue OS): compare
+        /// its files with the file lists of the layers unpacked there.
+        #[arg(long, conflicts_with = "pubkey")]
+        unpacked: bool,
     },
 }
 
@@ -185,7 +189,39 @@ pub fn run(g: &Global, c: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Verify { dir, json, pubkey } => {
+        Command::Verify {
+            dir,
+            json,
+            unpacked: true,
+            ..
+        } => {
+            let c = crate::integrity::check_root(&dir)?;
+            if c.layers.is_empty() {
+                bail!(
+                    "{} holds no layer file lists (etc/lifeboat/layers/): not an unpacked rescue system",
+                    dir.display()
+                );
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"ok": true, "layers": c.layers, "files": c.files})
+                    )?
+                );
+            } else if !g.quiet {
+                println!(
+                    "{}: {} file(s) match the file lists of layers {}",
+                    dir.display(),
+                    c.files,
+                    c.layers.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::Verify {
+            dir, json, pubkey, ..
+        } => {
             let mut problems = crate::image::verify(&dir)?;
             if let Some(Some(p)) = manifest_signature(&dir, pubkey.as_deref())? {
                 problems.push(p);

@@ -103,7 +103,8 @@ pub fn run_with(g: &Global, a: Args, plan_files: Vec<(String, Vec<u8>)>) -> Resu
         cfg.rescue.copy_as_is.extend(r.copy_as_is);
         cfg.rescue.exclude.extend(r.exclude);
     }
-    // Scripts the recovery hooks name come along.
+    // Scripts the recovery hooks name come along (their interpreter through
+    // copy_as_is; the scripts themselves are in the plan layer too).
     for s in crate::hooks::recovery_scripts(&cfg.hooks) {
         if !cfg.rescue.copy_as_is.contains(&s) {
             cfg.rescue.copy_as_is.push(s);

@@ -20,6 +20,10 @@ pub struct ImportArgs {
     /// Overwrite --output when it exists.
     #[arg(long)]
     pub force: bool,
+    /// Convert and check, print the TOML and name the files that would be
+    /// written or replaced; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print a JSON report (toml, mapped, unmapped, notes) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -48,7 +52,7 @@ pub fn import(g: &Global, a: ImportArgs) -> Result<()> {
         a.files.clone()
     };
     if let Some(o) = &a.output {
-        if o.exists() && !a.force {
+        if o.exists() && !a.force && !a.dry_run {
             bail!(
                 "{} exists; nothing was written (use --force to replace it, or another --output)",
                 o.display()
@@ -82,6 +86,27 @@ pub fn import(g: &Global, a: ImportArgs) -> Result<()> {
         .context("internal error: the imported configuration does not load; please report it with the ReaR files")?;
     let side_files = im.network.is_some() || im.disk_mapping.is_some();
     match &a.output {
+        Some(o) if a.dry_run => {
+            if !a.json {
+                print!("{}", im.toml);
+            }
+            let mut files = vec![o.clone()];
+            if im.network.is_some() {
+                files.push(paths.network_file.clone());
+            }
+            if im.disk_mapping.is_some() {
+                files.push(paths.disk_mapping_file.clone());
+            }
+            for f in &files {
+                let what = match (f.exists(), a.force) {
+                    (false, _) => "would write",
+                    (true, true) => "would replace",
+                    (true, false) => "exists, would be refused without --force:",
+                };
+                eprintln!("dry run: {what} {}", f.display());
+            }
+            eprintln!("dry run: nothing was written");
+        }
         Some(o) => {
             write_private(o, im.toml.as_bytes())?;
             if let Some(n) = &im.network {

@@ -63,6 +63,18 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         if let Some(key) = crate::signing::image_key(root)? {
             crate::signing::check_unpacked(root, &key).context("nothing was written")?;
         }
+        // The files the kernel (and fetch-layers) unpacked, against the
+        // layers' own lists: a damaged medium or bad RAM shows here.
+        let t = std::time::Instant::now();
+        let c = crate::integrity::check_root(root)?;
+        if c.files > 0 && !g.quiet {
+            eprintln!(
+                "lifeboat: rescue system checked: {} files match the lists of layers {} ({:.1} s)",
+                c.files,
+                c.layers.join(", "),
+                t.elapsed().as_secs_f64()
+            );
+        }
     }
     let cfg = g.load_config()?.config;
     // In the rescue OS the plan is under /; a portable lifeboat has it
@@ -111,6 +123,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         auto: a.auto,
         yes: a.yes,
         mapping,
+        identity_only: cfg.recover.auto_map == "identity",
         grow,
         keyfile: a
             .keyfile

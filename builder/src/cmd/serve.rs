@@ -55,6 +55,9 @@ pub struct Args {
     /// Do not serve: delete layers no registered host uses (older than an hour).
     #[arg(long, group = "admin")]
     pub gc: bool,
+    /// With --remove or --gc: name what would be deleted, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub fn run(g: &Global, a: Args) -> Result<()> {
@@ -81,9 +84,19 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         return Ok(());
     }
+    if a.dry_run && a.remove.is_none() && !a.gc {
+        anyhow::bail!(
+            "--dry-run goes with --remove ID or --gc; nothing else here deletes anything"
+        );
+    }
     if let Some(id) = &a.remove {
-        crate::serve::remove(&a.root, id)?;
-        if !g.quiet {
+        let gone = crate::serve::remove(&a.root, id, a.dry_run)?;
+        if a.dry_run {
+            for p in &gone {
+                println!("would remove {}", p.display());
+            }
+            println!("dry run: host {id} was not removed");
+        } else if !g.quiet {
             println!("host {id} removed (its layers stay until --gc)");
         }
         return Ok(());
@@ -97,9 +110,18 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         return Ok(());
     }
     if a.gc {
-        let (n, bytes) = crate::serve::gc(&a.root)?;
-        if !g.quiet {
-            println!("removed {n} unused layer(s), {bytes} bytes");
+        let unused = crate::serve::gc(&a.root, a.dry_run)?;
+        let bytes: u64 = unused.iter().map(|(_, b)| b).sum();
+        if a.dry_run {
+            for (name, b) in &unused {
+                println!("would remove layers/{name} ({b} bytes)");
+            }
+            println!(
+                "dry run: {} unused layer(s), {bytes} bytes, were not removed",
+                unused.len()
+            );
+        } else if !g.quiet {
+            println!("removed {} unused layer(s), {bytes} bytes", unused.len());
         }
         return Ok(());
     }
