@@ -1185,6 +1185,12 @@ fn c_gpt_bios_onto_a_bigger_disk_leaves_other_disks_alone() {
             .contains("checked /dev/vda again before writing: serial NEWDISK, no partition table"),
         "no re-check before the first write"
     );
+    // The rescue system's own files were checked against its layers' lists.
+    assert!(
+        console.contains("lifeboat: rescue system checked: ")
+            && console.contains("files match the lists of layers base, modules-"),
+        "no integrity check of the rescue system"
+    );
     assert_eq!(sha(&other), before, "an unmapped disk was written");
     // The root partition grew by the extra 1.5 GiB.
     let t = sh_ok(&format!("sfdisk --json {}", target.display()));
