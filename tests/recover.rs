@@ -267,10 +267,14 @@ fn make_source(layout: &str, variant: Variant) -> Source {
     let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
     // Kernel messages must not land in the middle of command output.
     run(&mut vm, &mut pos, "dmesg -n 1", MIN);
+    // The rescue images built in these VMs compress their layers with
+    // zstd level 1: under TCG that saves about half a minute per image
+    // (the default level is covered by the host-side image tests).
     run(
         &mut vm,
         &mut pos,
-        "mkdir -p /backup && mount /dev/vdb /backup",
+        "mkdir -p /backup /etc/lifeboat/conf.d && mount /dev/vdb /backup && \
+         printf '[rescue]\ncompression_level = 1\n' > /etc/lifeboat/conf.d/00-e2e-speed.toml",
         MIN,
     );
     let markers = run(
@@ -818,6 +822,18 @@ fn await_recovery(vm: &mut Vm) -> String {
     vm.console()
 }
 
+/// `sha256sum` output of the three marker files equals the source's.
+fn same_markers(sums: &str, src: &Source) {
+    let lines = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.len() > 64 && l.as_bytes()[64] == b' ')
+            .map(|l| l.trim().to_string())
+            .collect()
+    };
+    assert_eq!(lines(sums), lines(&src.markers), "marker files differ");
+    assert_eq!(lines(sums).len(), 3);
+}
+
 /// Boot the recovered disk through its own GRUB and compare with the source.
 fn check_recovered(src: &Source, target: &Path, log: &str) {
     let spec = BootSpec {
@@ -837,14 +853,7 @@ fn check_recovered(src: &Source, target: &Path, log: &str) {
         "sha256sum /root/marker.bin /home/u/marker.bin /etc/marker.txt",
         MIN,
     );
-    let lines = |s: &str| -> Vec<String> {
-        s.lines()
-            .filter(|l| l.len() > 64 && l.as_bytes()[64] == b' ')
-            .map(|l| l.trim().to_string())
-            .collect()
-    };
-    assert_eq!(lines(&sums), lines(&src.markers), "marker files differ");
-    assert_eq!(lines(&sums).len(), 3);
+    same_markers(&sums, src);
     let lsblk = json_in(&run(
         &mut vm,
         &mut pos,
@@ -894,8 +903,9 @@ impl Drop for Mounts {
 /// The same comparisons as `check_recovered`, made on the disk image itself
 /// instead of in a boot of it (about 80 s less per test under TCG). For the
 /// tests whose subject is how the data got there (backup methods, servers,
-/// media, interruptions); the boot path is proven by tests b, c, the
-/// portable test and the rehearsal, which boot what they recovered.
+/// media, interruptions, a bigger disk); the boot path is proven by test b
+/// (MBR + LVM), the portable test and the rehearsal (GPT), which boot what
+/// they recovered.
 /// Partition table, filesystem types and UUIDs, partition UUIDs, marker
 /// files, GRUB in the boot sector and the `root=` of grub.cfg, the state
 /// command, recovery logs, no recovery marker left.
@@ -980,16 +990,10 @@ fn check_offline(src: &Source, target: &Path, name: &str) {
     let sums = sh_ok(&format!(
         "cd {r} && sha256sum root/marker.bin home/u/marker.bin etc/marker.txt | sed 's#  #  /#'"
     ));
-    let lines = |s: &str| -> Vec<String> {
-        s.lines()
-            .filter(|l| l.len() > 64 && l.as_bytes()[64] == b' ')
-            .map(|l| l.trim().to_string())
-            .collect()
-    };
-    assert_eq!(lines(&sums), lines(&src.markers), "marker files differ");
-    assert_eq!(lines(&sums).len(), 3);
+    same_markers(&sums, src);
     // GRUB in the boot sector, and grub.cfg boots the original command line.
-    let mbr = std::fs::read(target).map(|d| d[..512].to_vec()).unwrap();
+    let mut mbr = [0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(target).unwrap(), &mut mbr).unwrap();
     assert!(
         mbr.windows(4).any(|w| w == b"GRUB"),
         "no GRUB boot code in the recovered disk's first sector"
@@ -1201,7 +1205,7 @@ fn c_gpt_bios_onto_a_bigger_disk_leaves_other_disks_alone() {
         last * 512 > (3 << 30) + (1 << 29),
         "root partition not grown: {last} sectors"
     );
-    check_recovered(src, &target, "boot-c.log");
+    check_offline(src, &target, "c");
 }
 
 #[test]

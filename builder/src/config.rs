@@ -164,7 +164,7 @@ pub struct Config {
 /// ("Hooks"): `LIFEBOAT_HOOK`, `LIFEBOAT_WORKFLOW`, `LIFEBOAT_HOSTNAME`,
 /// `LIFEBOAT_BACKUP_URL`, `LIFEBOAT_TARGET` (recovery), and for the post
 /// hooks `LIFEBOAT_RESULT` (`success` or `failure`) and `LIFEBOAT_ERROR`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Hooks {
     /// Before `mkbackup` reads anything; a failure stops the backup.
@@ -183,6 +183,21 @@ pub struct Hooks {
     /// named by absolute path are copied into the rescue image.
     /// ReaR: POST_RECOVERY_SCRIPT.
     pub post_recovery: Vec<String>,
+    /// Seconds each hook command may run; one that takes longer is stopped
+    /// (its whole process group) and counts as failed. 0: no limit.
+    pub timeout: u64,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            pre_backup: vec![],
+            post_backup: vec![],
+            pre_recovery: vec![],
+            post_recovery: vec![],
+            timeout: 1800,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

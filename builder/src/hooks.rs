@@ -91,12 +91,23 @@ pub fn run(
     let env = environment(hook, c);
     for cmd in hook.commands(hooks) {
         say(&format!("lifeboat: {} hook: {cmd}", hook.name()));
-        let st = Command::new("sh")
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new("sh")
             .args(["-c", cmd])
             .envs(&env)
             .stdin(Stdio::null())
-            .status()
+            // Its own process group: a timeout stops everything it started.
+            .process_group(0)
+            .spawn()
             .with_context(|| format!("cannot run the {} hook `{cmd}`", hook.name()))?;
+        let st = wait_limited(&mut child, hooks.timeout).with_context(|| {
+            format!(
+                "the {} hook `{cmd}` did not finish in {} s (hooks.timeout) and was stopped; \
+                 fix it, or raise hooks.timeout",
+                hook.name(),
+                hooks.timeout
+            )
+        })?;
         if !st.success() {
             bail!(
                 "the {} hook `{cmd}` failed ({st}); fix it or remove it from [hooks] {} in the configuration",
@@ -106,6 +117,32 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// Wait for `child`, at most `secs` seconds (0: no limit); after that its
+/// process group gets SIGTERM, then SIGKILL 5 s later, and this is an error.
+fn wait_limited(child: &mut std::process::Child, secs: u64) -> Result<std::process::ExitStatus> {
+    if secs == 0 {
+        return Ok(child.wait()?);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if std::time::Instant::now() >= deadline {
+            let pg = -(child.id() as i32);
+            unsafe { libc::kill(pg, libc::SIGTERM) };
+            let grace = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while child.try_wait()?.is_none() && std::time::Instant::now() < grace {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            unsafe { libc::kill(pg, libc::SIGKILL) };
+            let _ = child.wait();
+            bail!("stopped after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Scripts the recovery hooks name by absolute path (the first word of a
@@ -206,6 +243,43 @@ mod tests {
         assert!(std::fs::read_to_string(&log)
             .unwrap()
             .contains("post failure [disk full]"));
+    }
+
+    #[test]
+    fn a_hook_over_its_time_limit_is_stopped_with_what_it_started() {
+        let d = tempfile::tempdir().unwrap();
+        let pidf = d.path().join("child.pid");
+        // The hook starts a child of its own and hangs.
+        let hooks = Hooks {
+            pre_backup: vec![format!("sleep 300 & echo $! > {}; wait", pidf.display())],
+            timeout: 1,
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        let mut ran = false;
+        let e = around(Hook::PreBackup, Hook::PostBackup, &hooks, ctx(None), || {
+            ran = true;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(!ran, "the backup ran after a hung pre hook");
+        assert!(t.elapsed() < std::time::Duration::from_secs(20));
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("did not finish in 1 s (hooks.timeout)"),
+            "{msg}"
+        );
+        // The hook's own child went with it.
+        let pid: i32 = std::fs::read_to_string(&pidf)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "the hook's child {pid} is still running");
     }
 
     #[test]
