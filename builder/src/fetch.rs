@@ -475,7 +475,7 @@ pub fn run(
                     signed.get_or_insert_with(Default::default).extend(layers);
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_file(state.join(format!("{}.layer", p.sha256)));
+                    let _ = std::fs::remove_file(&full);
                     return Err(e);
                 }
             }

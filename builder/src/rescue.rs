@@ -1060,23 +1060,10 @@ fn finish_layers(
     crate::secrets::guard(layers, &known, cfg.expose_secrets, &allowed, warnings);
     // The tag: the layer's name and the sha256 of each of its files (see
     // `integrity`), hashed for all layers at once.
-    let tags: Vec<Result<Option<Vec<u8>>>> = std::thread::scope(|s| {
-        let hs: Vec<_> = layers
-            .iter()
-            .map(|(name, t, _)| {
-                s.spawn(move || {
-                    (name != "microcode")
-                        .then(|| crate::integrity::tag(name, t))
-                        .transpose()
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("file list panicked")))
-            })
-            .collect()
+    let tags = in_parallel(layers, |(name, t, _)| {
+        (name != "microcode")
+            .then(|| crate::integrity::tag(name, t))
+            .transpose()
     });
     for ((name, t, _), tag) in layers.iter_mut().zip(tags) {
         if let Some(text) = tag.with_context(|| format!("the file list of layer {name}"))? {
@@ -1086,6 +1073,25 @@ fn finish_layers(
         }
     }
     Ok(())
+}
+
+/// `f` on every item, each in a thread of its own; the results in the
+/// items' order (a panicking thread gives an error).
+fn in_parallel<I: Sync, R: Send>(
+    items: &[I],
+    f: impl Fn(&I) -> Result<R> + Sync,
+) -> Vec<Result<R>> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = items.iter().map(|i| s.spawn(move || f(i))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked")))
+            })
+            .collect()
+    })
 }
 
 /// Add the signed statement of the plan layer's files and the image's
@@ -1210,51 +1216,38 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
     // key the plan layer comes last: its signed statement names the others.
     let bar = std::sync::Mutex::new(LayerProgress::new(plan.layers.len(), inp.progress));
     let build_set = |set: &[(&String, &Tree, &Compression)]| -> Vec<Result<layers::Built>> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = set
-                .iter()
-                .map(|&(lname, tree, comp)| {
-                    let p = LayerParams {
-                        compression: *comp,
-                        level: if *comp == Compression::None {
-                            None
-                        } else {
-                            cfg.rescue.compression_level
-                        },
-                        threads,
-                        mtime,
-                    };
-                    let (lcache, dir, bar) = (&lcache, staging.path(), &bar);
-                    s.spawn(move || {
-                        let t = std::time::Instant::now();
-                        let r = lcache
-                            .build(lname, tree, &p, dir)
-                            .with_context(|| format!("cannot build layer {lname}"));
-                        if let (Ok(b), Ok(mut bar)) = (&r, bar.lock()) {
-                            bar.done(lname, b.from_cache, t.elapsed().as_secs_f64());
-                        }
-                        r
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("layer builder panicked")))
-                })
-                .collect()
+        in_parallel(set, |&(lname, tree, comp)| {
+            let p = LayerParams {
+                compression: *comp,
+                level: if *comp == Compression::None {
+                    None
+                } else {
+                    cfg.rescue.compression_level
+                },
+                threads,
+                mtime,
+            };
+            let t = std::time::Instant::now();
+            let r = lcache
+                .build(lname, tree, &p, staging.path())
+                .with_context(|| format!("cannot build layer {lname}"));
+            if let (Ok(b), Ok(mut bar)) = (&r, bar.lock()) {
+                bar.done(lname, b.from_cache, t.elapsed().as_secs_f64());
+            }
+            r
         })
     };
-    let key = match (
-        &cfg.signing_key,
-        plan.layers.iter().position(|(n, _, _)| n == "plan"),
-    ) {
-        (Some(k), Some(i)) => Some((crate::signing::load_key(k)?, i)),
-        _ => None,
-    };
+    // The signing key signs the plan (below) and the manifest.
+    let key = cfg
+        .signing_key
+        .as_ref()
+        .map(|k| crate::signing::load_key(k))
+        .transpose()?;
+    let signed_plan = key
+        .as_ref()
+        .zip(plan.layers.iter().position(|(n, _, _)| n == "plan"));
     let first: Vec<usize> = (0..plan.layers.len())
-        .filter(|i| key.as_ref().map(|(_, p)| p) != Some(i))
+        .filter(|i| signed_plan.map(|(_, p)| p) != Some(*i))
         .collect();
     let items: Vec<_> = first
         .iter()
@@ -1265,17 +1258,17 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
     for (&i, r) in first.iter().zip(build_set(&items)) {
         results[i] = Some(r);
     }
-    if let Some((key, pi)) = &key {
+    if let Some((key, pi)) = signed_plan {
         let others: Vec<(String, String)> = results
             .iter()
             .flatten()
             .flatten()
             .map(|b| (b.info.name.clone(), b.info.sha256.clone()))
             .collect();
-        let (name, tree, comp) = &plan.layers[*pi];
+        let (name, tree, comp) = &plan.layers[pi];
         let mut signed = tree.clone();
         sign_plan(cfg, key, &mut signed, &others)?;
-        results[*pi] = build_set(&[(name, &signed, comp)]).pop();
+        results[pi] = build_set(&[(name, &signed, comp)]).pop();
     }
     drop(bar);
     for r in results.into_iter().flatten() {
@@ -1354,11 +1347,10 @@ pub fn build(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<BuildRep
     mj.push(b'\n');
     std::fs::write(staging.path().join("manifest.json"), &mj)?;
     // A detached signature of the manifest (which pins every layer).
-    if let Some(k) = &cfg.signing_key {
-        let key = crate::signing::load_key(k)?;
+    if let Some(key) = &key {
         std::fs::write(
             staging.path().join("manifest.json.sig"),
-            crate::signing::sign(&key, &mj),
+            crate::signing::sign(key, &mj),
         )?;
     }
     // Files holding configuration (possibly secrets later) are not world-readable.

@@ -79,7 +79,6 @@ fn encode(m: &Message) -> Vec<u8> {
     buf
 }
 
-/// Parse a reply meant for us (`xid` and `mac` must match); anything else is None.
 /// The packet with only the options a lease is made of (message type,
 /// server id, subnet mask, router, DNS, lease time), each of a valid
 /// length; None when the options area is malformed.
@@ -116,6 +115,7 @@ fn keep_lease_options(buf: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Parse a reply meant for us (`xid` and `mac` must match); anything else is None.
 pub fn parse_reply(buf: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
     // dhcproto slices chaddr by the packet's hlen (found by fuzzing: an hlen
     // above 16 made it panic). Such a packet is not a reply to us.
@@ -402,6 +402,13 @@ mod tests {
         assert!(parse_reply(artifact, 7, &MAC).is_none());
     }
 
+    /// The xid and client MAC a packet carries (what parse_reply matches).
+    fn addressed_to(p: &[u8]) -> (u32, [u8; 6]) {
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&p[28..34]);
+        (u32::from_be_bytes([p[4], p[5], p[6], p[7]]), m)
+    }
+
     /// Found by the dhcp_packet fuzz target: this packet (a RapidCommit
     /// option with a payload) trips an assertion inside dhcproto.
     #[test]
@@ -428,9 +435,7 @@ mod tests {
             0x10, 0xff,
         ];
         assert!(parse_reply(PACKET, 0x1234_5678, &MAC).is_none());
-        let xid = u32::from_be_bytes([PACKET[4], PACKET[5], PACKET[6], PACKET[7]]);
-        let mut m = [0u8; 6];
-        m.copy_from_slice(&PACKET[28..34]);
+        let (xid, m) = addressed_to(PACKET);
         assert!(parse_reply(PACKET, xid, &m).is_none());
     }
 
@@ -460,9 +465,7 @@ mod tests {
             0xff, 0xff, 0xff, 0xf8, 0x04, 0x0a, 0x00, 0x02, 0x02, 0x06, 0x04, 0x0a, 0x00, 0x02,
             0x03, 0x31, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
         ];
-        let xid = u32::from_be_bytes([PACKET[4], PACKET[5], PACKET[6], PACKET[7]]);
-        let mut m = [0u8; 6];
-        m.copy_from_slice(&PACKET[28..34]);
+        let (xid, m) = addressed_to(PACKET);
         let _ = parse_reply(PACKET, xid, &m);
         assert!(keep_lease_options(PACKET).is_none_or(|b| !b[240..].contains(&152)));
     }
