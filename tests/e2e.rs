@@ -423,6 +423,26 @@ fn bios_gpt_ext4() {
     check_recovered(src, &target, "boot.log");
 }
 
+/// Root straight on LUKS2 on a partition (no LVM), /boot beside it, the
+/// key file in crypttab and in the initramfs: captured, recreated with its
+/// UUID from `recover.keyfile` (put into the rescue image with
+/// `expose_secrets`), unlocked, restored, and booted unattended through
+/// GRUB and the restored initramfs; crypttab survives and the new
+/// container opens with the source's passphrase.
+#[test]
+fn luks_root() {
+    let _cell = Cell::start("luks-root");
+    let src = luks_root_source();
+    let target = here(src).join("target.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover.log");
+    assert!(
+        console.contains("luksFormat") && console.contains("cryptsetup open"),
+        "the LUKS container should be recreated and opened:\n{console}"
+    );
+    check_recovered(src, &target, "boot.log");
+}
+
 /// A fleet machine with a blank disk boots QEMU's iPXE from lifeboat
 /// serve (its DHCP boot file names its script and token, as a per-host
 /// DHCP entry would), gets its personal layer and recovers unattended,

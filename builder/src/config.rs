@@ -73,7 +73,8 @@ pub struct Config {
     pub backup_credentials_in_image: bool,
     /// Put secrets into the rescue image, in the plan layer only (mode
     /// 0600; the image files holding it are 0600 too): the backup key file
-    /// (so an unattended recovery can decrypt), `ssh.password_hash`, and
+    /// (so an unattended recovery can decrypt), `recover.keyfile` (so it
+    /// can make LUKS containers), `ssh.password_hash`, and
     /// secret files found among copy_as_is and overlays (SSH host keys,
     /// private keys, credentials). Off: they are left out, each named in a
     /// warning. `mkrescue --expose-secrets` / `mkbackup --expose-secrets`
@@ -211,7 +212,10 @@ pub struct Recover {
     /// `proportional` (grow every large partition). Smaller disks are
     /// always shrunk proportionally, when the used data fits.
     pub grow: String,
-    /// Key file for LUKS containers (needed when unattended).
+    /// Key file (passphrase) for the new LUKS containers, needed when
+    /// unattended. With `expose_secrets` it is put into the rescue image
+    /// (plan layer, mode 0600) at the same path, so `lifeboat.recover=auto`
+    /// finds it; without, it is left out with a warning.
     pub keyfile: Option<PathBuf>,
     /// Rebuild the target's initramfs: `auto` (when disk names changed),
     /// `always` or `never`.
@@ -224,8 +228,9 @@ pub struct Recover {
     pub protect: Vec<String>,
     /// How disks are matched when no mapping names them: `any` (same
     /// serial, same WWN, then same name and size, then the only disk of the
-    /// same size) or `identity` (same serial or WWN only; every other disk
-    /// needs a mapping, or an answer at the prompt).
+    /// same size, then, when the plan has one disk, the only disk here at
+    /// least as big) or `identity` (same serial or WWN only; every other
+    /// disk needs a mapping, or an answer at the prompt).
     pub auto_map: String,
 }
 

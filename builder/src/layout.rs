@@ -359,6 +359,17 @@ pub fn capture(only: &[String]) -> Result<Layout> {
     if let Ok(t) = std::fs::read_to_string("/etc/crypttab") {
         crate::fstab::apply_crypttab(&mut luks, &t);
     }
+    // What an open container holds when no LVM sits in between (a root
+    // filesystem straight on LUKS, encrypted swap): probe the mapping.
+    for name in luks.iter().filter_map(|l| l.name.clone()) {
+        let dev = format!("/dev/mapper/{name}");
+        if filesystems.iter().any(|f| f.device == dev) || !Path::new(&dev).exists() {
+            continue;
+        }
+        if let Some(t) = run("blkid", &["-p", "-o", "export", &dev])? {
+            filesystems.extend(parse_blkid(&dev, &t));
+        }
+    }
     let mounts = match run(
         "findmnt",
         &["--json", "--list", "-o", "TARGET,SOURCE,FSTYPE,OPTIONS"],

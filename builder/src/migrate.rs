@@ -18,6 +18,8 @@ pub enum Why {
     Wwn,
     NameAndSize,
     UniqueSize,
+    /// One source disk, and one disk here that is big enough for it.
+    OnlyDisk,
     Asked,
 }
 
@@ -29,6 +31,9 @@ impl std::fmt::Display for Why {
             Why::Wwn => "same WWN",
             Why::NameAndSize => "same name and size",
             Why::UniqueSize => "only disk of the same size",
+            Why::OnlyDisk => {
+                "automatic: the plan has one disk and this is the only disk here big enough for it"
+            }
             Why::Asked => "chosen at the prompt",
         })
     }
@@ -107,9 +112,12 @@ pub fn disks_in_use(l: &Layout) -> Vec<Disk> {
 
 /// Map every source disk onto a target, by the rules in order: explicit
 /// mapping, same serial, same WWN, same name and size, the only unused
-/// target of the same size (the last two not when `identity_only`). `ask`
-/// is asked about the rest (and may decline). Never maps two sources onto
-/// one target.
+/// target of the same size, and, when the plan has exactly one disk, the
+/// only target at least as big as it (the last three not when
+/// `identity_only`). `targets` are the eligible disks (the backup's disk,
+/// Lifeboat media and protected disks are already left out). `ask` is
+/// asked about the rest (and may decline). Never maps two sources onto one
+/// target.
 pub fn map_disks(
     sources: &[Disk],
     targets: &[Disk],
@@ -211,6 +219,20 @@ pub fn map_disks(
             });
         }
     }
+    if let ([s], [None], false) = (sources, out.as_slice(), identity_only) {
+        let big: Vec<&Disk> = targets
+            .iter()
+            .filter(|t| !used.contains(&t.name) && t.size_bytes >= s.size_bytes)
+            .collect();
+        if let [t] = big.as_slice() {
+            used.insert(t.name.clone());
+            out[0] = Some(Pair {
+                source: s.clone(),
+                target: (*t).clone(),
+                why: Why::OnlyDisk,
+            });
+        }
+    }
     let mut unmapped = Vec::new();
     for (i, s) in sources.iter().enumerate() {
         if out[i].is_some() {
@@ -246,7 +268,7 @@ pub fn map_disks(
             if identity_only {
                 "serial or WWN only: recover.auto_map = \"identity\""
             } else {
-                "serial, WWN, name and size, or a unique size"
+                "serial, WWN, name and size, a unique size, or the only disk big enough"
             },
             if targets.is_empty() { "none".to_string() } else { present() }
         );
@@ -707,10 +729,30 @@ mod tests {
             e.contains("no target disk for /dev/sda") && e.contains("Nothing was written"),
             "{e}"
         );
-        // A bigger disk with the same name is not taken silently either.
+        // One source disk and one bigger disk here (another name, NVMe):
+        // mapped, and the reason says why.
+        let tgt = vec![sized("nvme0n1", 15 * GIB, None)];
+        let m = map_disks(&src, &tgt, &[], false, &mut no_ask).unwrap();
+        assert_eq!(
+            (m[0].target.name.as_str(), m[0].why.clone()),
+            ("nvme0n1", Why::OnlyDisk)
+        );
+        assert!(m[0].why.to_string().contains("only disk here big enough"));
+        // Not with identity matching, not onto a smaller disk, not when two
+        // disks are big enough, not for a plan of two disks.
+        assert!(map_disks(&src, &tgt, &[], true, &mut no_ask).is_err());
+        let small = vec![sized("nvme0n1", 8 * GIB, None)];
+        assert!(map_disks(&src, &small, &[], false, &mut no_ask).is_err());
+        let two = vec![sized("vda", 15 * GIB, None), sized("vdb", 12 * GIB, None)];
+        assert!(map_disks(&src, &two, &[], false, &mut no_ask).is_err());
+        let one_small = vec![sized("vda", 15 * GIB, None), sized("vdb", 2 * GIB, None)];
+        let m = map_disks(&src, &one_small, &[], false, &mut no_ask).unwrap();
+        assert_eq!(m[0].target.name, "vda");
+        let src2 = vec![sized("sda", 10 * GIB, None), sized("sdb", GIB, None)];
+        let e = map_disks(&src2, &tgt, &[], false, &mut no_ask).unwrap_err();
+        assert!(e.to_string().contains("no target disk for /dev/sd"), "{e}");
         let tgt = vec![sized("sda", 15 * GIB, None)];
-        assert!(map_disks(&src, &tgt, &[], false, &mut no_ask).is_err());
-        // ... but is with a mapping.
+        // A mapping still says what goes where.
         let m = map_disks(
             &src,
             &tgt,
@@ -721,11 +763,11 @@ mod tests {
         .unwrap();
         assert_eq!(m[0].why, Why::Explicit);
         // The prompt can choose among the free disks only.
-        let mut pick = |_: &Disk, free: &[&Disk]| Some(free[0].path.clone());
-        let m = map_disks(&src, &tgt, &[], false, &mut pick).unwrap();
+        let mut pick = |_: &Disk, free: &[&Disk]| Some(free[1].path.clone());
+        let m = map_disks(&src, &two, &[], false, &mut pick).unwrap();
         assert_eq!(
             (m[0].target.name.as_str(), m[0].why.clone()),
-            ("sda", Why::Asked)
+            ("vdb", Why::Asked)
         );
     }
 

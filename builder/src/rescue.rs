@@ -1013,6 +1013,21 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
     })
 }
 
+/// The key files that go into the plan layer: the backup key and the LUKS
+/// key of `recover.keyfile`, only with `expose_secrets`.
+fn exposed_keys(cfg: &Config) -> Vec<(&'static str, &PathBuf)> {
+    if !cfg.expose_secrets {
+        return vec![];
+    }
+    [
+        ("backup_key_file", cfg.backup_key_file.as_ref()),
+        ("recover.keyfile", cfg.recover.keyfile.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(w, k)| k.map(|k| (w, k)))
+    .collect()
+}
+
 /// Keep secrets where they belong (see `secrets::guard`), then tag every
 /// layer with its name.
 fn finish_layers(
@@ -1021,9 +1036,10 @@ fn finish_layers(
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     if let Some((_, plan, _)) = layers.iter_mut().find(|(n, _, _)| n == "plan") {
-        // The backup key: with it in the image an unattended recovery of an
-        // encrypted backup needs no one to type it.
-        if let Some(k) = cfg.backup_key_file.as_ref().filter(|_| cfg.expose_secrets) {
+        // The backup key and the LUKS key: with them in the image an
+        // unattended recovery of an encrypted backup or onto LUKS needs no
+        // one to type them.
+        for (what, k) in exposed_keys(cfg) {
             match std::fs::read(k) {
                 Ok(b) => {
                     let rel = k.to_string_lossy().trim_start_matches('/').to_string();
@@ -1031,7 +1047,7 @@ fn finish_layers(
                     plan.add_bytes(&rel, b, 0o600);
                 }
                 Err(e) => warnings.push(format!(
-                    "backup_key_file: cannot read {} ({e}); not put into the image",
+                    "{what}: cannot read {} ({e}); not put into the image",
                     k.display()
                 )),
             }
@@ -1039,6 +1055,7 @@ fn finish_layers(
     }
     let known: Vec<PathBuf> = [
         &cfg.backup_key_file,
+        &cfg.recover.keyfile,
         &cfg.backup_credentials,
         &cfg.serve_enroll_token_file,
         &cfg.uki_sign_key,
@@ -1052,10 +1069,8 @@ fn finish_layers(
     if let (true, Some(c)) = (cfg.backup_credentials_in_image, &cfg.backup_credentials) {
         allowed.push(c.to_string_lossy().trim_start_matches('/').to_string());
     }
-    if cfg.expose_secrets {
-        if let Some(k) = &cfg.backup_key_file {
-            allowed.push(k.to_string_lossy().trim_start_matches('/').to_string());
-        }
+    for (_, k) in exposed_keys(cfg) {
+        allowed.push(k.to_string_lossy().trim_start_matches('/').to_string());
     }
     crate::secrets::guard(layers, &known, cfg.expose_secrets, &allowed, warnings);
     // The tag: the layer's name and the sha256 of each of its files (see
@@ -1124,11 +1139,15 @@ fn sign_plan(
     // What a server may add to this host's personal layer: the credential
     // and key files the configuration names, and the CA bundle.
     let rel = |p: &PathBuf| p.to_string_lossy().trim_start_matches('/').to_string();
-    let mut may_add: Vec<String> = [&cfg.backup_credentials, &cfg.backup_key_file]
-        .into_iter()
-        .flatten()
-        .map(rel)
-        .collect();
+    let mut may_add: Vec<String> = [
+        &cfg.backup_credentials,
+        &cfg.backup_key_file,
+        &cfg.recover.keyfile,
+    ]
+    .into_iter()
+    .flatten()
+    .map(rel)
+    .collect();
     may_add.push("etc/lifeboat/ca-bundle.pem".into());
     let st = crate::signing::statement(&host, &files, &may_add, others);
     let sig = crate::signing::sign(key, st.as_bytes());

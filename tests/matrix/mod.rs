@@ -53,6 +53,8 @@ pub struct Source {
     pub backup_s: f64,
     /// The source's /etc/fstab.
     pub fstab: String,
+    /// The source's /etc/crypttab (empty without one).
+    pub crypttab: String,
 }
 
 impl Source {
@@ -130,6 +132,9 @@ pub const LVS: &str =
 pub const LSBLK: &str =
     "lsblk --json -o NAME,TYPE,FSTYPE,UUID,PARTUUID,LABEL,PARTLABEL,MOUNTPOINT /dev/vda";
 pub const FSTAB: &str = "sed 's/^/fstab: /' /etc/fstab";
+pub const CRYPTTAB: &str = "test ! -e /etc/crypttab || sed 's/^/crypttab: /' /etc/crypttab";
+/// The LUKS passphrase of the luks-root source (qemu/fixtures/debian-install.sh).
+pub const LUKS_PASS: &str = "lifeboat-e2e-passphrase";
 pub const CMDLINE: &str = "sed 's/^/cmdline: /' /proc/cmdline";
 
 pub fn prefixed(out: &str, p: &str) -> Vec<String> {
@@ -141,8 +146,13 @@ pub fn prefixed(out: &str, p: &str) -> Vec<String> {
 
 /// The lines of /etc/fstab in the output of [`FSTAB`], each trimmed.
 pub fn fstab_lines(out: &str) -> String {
+    tagged_lines(out, "fstab:")
+}
+
+/// The lines of `out` that start with `tag`, without it, each trimmed.
+pub fn tagged_lines(out: &str, tag: &str) -> String {
     out.lines()
-        .filter_map(|l| l.trim().strip_prefix("fstab:"))
+        .filter_map(|l| l.trim().strip_prefix(tag))
         .map(str::trim)
         .collect::<Vec<_>>()
         .join("\n")
@@ -280,20 +290,29 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         b = backup.display(),
         s = work.join("stage").display()
     ));
-    let mut spec = BootSpec {
+    let spec = BootSpec {
         memory_mb: 1536,
         log: Some(work.join("source-console.log")),
         ..BootSpec::from_disks()
     }
     .with_disk(&overlay, "qcow2", Some("LBSRC0"))
-    .with_disk(&backup, "raw", None);
-    if variant == Variant::Network {
-        spec = spec.with_user_net("");
-    }
+    .with_disk(&backup, "raw", None)
+    .with_user_net("");
     let mut vm = Vm::boot(&spec).unwrap();
     let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
     // Kernel messages must not land in the middle of command output.
     run(&mut vm, &mut pos, "dmesg -n 1", MIN);
+    // The NIC gets its address by DHCP through ifupdown, as the Debian
+    // installer sets it up (for the NIC it found): the capture must tell
+    // that from a static address, and the rescue OS must ask for a lease.
+    run(
+        &mut vm,
+        &mut pos,
+        "i=$(ls /sys/class/net | grep -v '^lo$' | head -1) && \
+         printf 'auto lo\\niface lo inet loopback\\n\\nallow-hotplug %s\\niface %s inet dhcp\\n' $i $i > /etc/network/interfaces && \
+         ifup $i && ip -4 route show default | grep -q 'via 10.0.2.2' && echo net: up",
+        MIN,
+    );
     // The rescue images built in these VMs compress their layers with
     // zstd level 1: under TCG that saves about half a minute per image
     // (the default level is covered by the host-side image tests).
@@ -320,19 +339,29 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         fstab.contains(" / "),
         "no / in the source's fstab:\n{fstab}"
     );
+    let crypttab = tagged_lines(&run(&mut vm, &mut pos, CRYPTTAB, MIN), "crypttab:");
+    if layout == "luks-root" {
+        assert!(
+            crypttab.contains("/etc/keys/root.key"),
+            "no key file entry in the source's crypttab:\n{crypttab}"
+        );
+        // Unattended recovery onto LUKS: the key (the passphrase) goes into
+        // the rescue image, as the documentation tells a user to do.
+        run(
+            &mut vm,
+            &mut pos,
+            "printf 'expose_secrets = true\\n[recover]\\nkeyfile = \"/etc/keys/root.key\"\\n' \
+             > /etc/lifeboat/conf.d/20-luks.toml",
+            MIN,
+        );
+    }
     let mut backup_s = 0.0;
     let mut extra = None;
     let mut images = vec![];
     let mut serve_token = None;
     if variant == Variant::Network {
         let sv = servers();
-        run(
-            &mut vm,
-            &mut pos,
-            "i=$(ls /sys/class/net | grep -v '^lo$' | head -1) && ip link set $i up && ip addr add 10.0.2.15/24 dev $i && \
-             ip route add default via 10.0.2.2 && mkdir -p /etc/lifeboat",
-            MIN,
-        );
+        run(&mut vm, &mut pos, "mkdir -p /etc/lifeboat", MIN);
         run(
             &mut vm,
             &mut pos,
@@ -696,11 +725,12 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         lvm_ids,
         cmdline,
         extra,
-        net: variant == Variant::Network,
+        net: true,
         images,
         serve_token,
         backup_s,
         fstab,
+        crypttab,
     }
 }
 
@@ -787,6 +817,12 @@ pub fn gpt_media_source() -> &'static Source {
 /// the source's.
 pub fn here(src: &Source) -> PathBuf {
     cell_dir().unwrap_or_else(|| src.work.clone())
+}
+
+/// Root on LUKS2 straight on a partition (layout luks-root).
+pub fn luks_root_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "luks-root", Variant::Plain)
 }
 
 pub fn lvm_source() -> &'static Source {
@@ -889,7 +925,31 @@ pub fn await_recovery(vm: &mut Vm) -> String {
         std::thread::sleep(Duration::from_millis(500));
     }
     vm.wait_exit(2 * MIN).unwrap();
-    vm.console()
+    let c = vm.console();
+    rescue_had_network(&c);
+    c
+}
+
+/// The rescue OS brought its network up: a configured interface and a
+/// default route, not "network: not configured" (a recovery from nfs,
+/// http, sftp or s3 would have stopped there).
+pub fn rescue_had_network(console: &str) {
+    let lines: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.split_once("network: ").map(|(_, r)| r))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| !l.starts_with("not configured")),
+        "the rescue OS had no network: {lines:?}"
+    );
+    assert!(
+        console.lines().any(|l| l.contains("address: default via ")),
+        "the rescue OS had no default route"
+    );
+    assert!(
+        !console.contains("Some(\""),
+        "a message shows Rust's Debug formatting"
+    );
 }
 
 /// `sha256sum` output of the three marker files equals the source's.
@@ -938,6 +998,27 @@ pub fn check_recovered(src: &Source, target: &Path, log: &str) {
     );
     let fstab = fstab_lines(&run(&mut vm, &mut pos, FSTAB, MIN));
     assert_eq!(fstab, src.fstab, "/etc/fstab differs from the source's");
+    let crypttab = tagged_lines(&run(&mut vm, &mut pos, CRYPTTAB, MIN), "crypttab:");
+    assert_eq!(
+        crypttab, src.crypttab,
+        "/etc/crypttab differs from the source's"
+    );
+    if !src.crypttab.is_empty() {
+        // The new containers open with the source's passphrase.
+        let out = run(
+            &mut vm,
+            &mut pos,
+            &format!(
+                "for d in $(blkid -t TYPE=crypto_LUKS -o device); do printf %s '{LUKS_PASS}' | \
+                 cryptsetup open --test-passphrase --key-file=- $d && echo unlocks: $d; done; true"
+            ),
+            MIN,
+        );
+        assert!(
+            out.contains("unlocks: /dev/"),
+            "no LUKS container opens with the source's passphrase:\n{out}"
+        );
+    }
     if let Some((cmd, want)) = src.extra {
         let out = run(&mut vm, &mut pos, cmd, MIN);
         assert!(out.contains(want), "{cmd}:\n{out}");
@@ -1075,6 +1156,16 @@ pub fn check_offline(src: &Source, target: &Path, name: &str) {
         fstab.join("\n"),
         src.fstab,
         "/etc/fstab differs from the source's"
+    );
+    let crypttab: Vec<String> = std::fs::read_to_string(root.join("etc/crypttab"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert_eq!(
+        crypttab.join("\n"),
+        src.crypttab,
+        "/etc/crypttab differs from the source's"
     );
     // GRUB in the boot sector, and grub.cfg boots the original command line.
     let mut mbr = [0u8; 512];

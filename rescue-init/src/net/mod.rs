@@ -233,8 +233,13 @@ fn apply_captured(
             }
         }
     }
+    // Links and static addresses first, then DHCP, then routes: a route's
+    // gateway is reachable only once the address of its subnet is there.
     let mut lines = Vec::new();
     let mut dhcp_targets = Vec::new();
+    let here = nl
+        .links()
+        .map_err(|e| format!("cannot list interfaces: {e}"))?;
     for i in &cfg.interfaces {
         let Some((idx, local)) = map.get(&i.name).cloned() else {
             continue;
@@ -246,59 +251,85 @@ fn apply_captured(
         }
         nl.set_up(idx)
             .map_err(|e| format!("cannot bring {local} up: {e}"))?;
+        let mut added = Vec::new();
         for a in &i.addresses {
             let (ip, len) = parse_prefix(a)?;
-            nl.add_address(idx, ip, len)
-                .map_err(|e| format!("cannot add {a} to {local}: {e}"))?;
-        }
-        if i.dhcp {
-            if let Some(l) = nics.iter().find(|l| l.index == idx) {
-                dhcp_targets.push(l.clone());
+            match nl.add_address(idx, ip, len) {
+                Ok(()) => added.push(a.as_str()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => added.push(a.as_str()),
+                Err(e) => log(&format!("cannot add {a} to {local}: {e}; continuing")),
             }
         }
-        if !i.addresses.is_empty() {
+        if i.dhcp {
+            match here.iter().find(|l| l.index == idx && l.mac.is_some()) {
+                Some(l) => dhcp_targets.push(l.clone()),
+                None => log(&format!("{local} has no MAC address: no DHCP on it")),
+            }
+        }
+        if !added.is_empty() {
             lines.push(format!(
                 "{local} {} (captured from {})",
-                i.addresses.join(" "),
+                added.join(" "),
                 i.name
             ));
+        }
+    }
+    resolv.dns.extend(cfg.dns.iter().cloned());
+    resolv.search.extend(cfg.search.iter().cloned());
+    let mut leased = Vec::new();
+    if !dhcp_targets.is_empty() {
+        match dhcp_all(nl, &dhcp_targets, hostname, resolv) {
+            Ok(l) => {
+                lines.extend(l);
+                leased.extend(dhcp_targets.iter().map(|t| t.index));
+            }
+            Err(e) if !lines.is_empty() => log(&format!(
+                "DHCP failed ({e}); continuing with the static setup"
+            )),
+            Err(e) => return Err(e),
         }
     }
     for r in &cfg.routes {
         let Some((idx, local)) = map.get(&r.interface) else {
             continue;
         };
+        let via = r
+            .gateway
+            .as_ref()
+            .map(|g| format!(" via {g}"))
+            .unwrap_or_default();
+        // A plan from before DHCP interfaces were told apart may still
+        // carry the lease's default route: the new lease brought its own.
+        if r.destination == "default" && leased.contains(idx) {
+            continue;
+        }
+        let route = format!("route {}{via} dev {local}", r.destination);
         let dst = if r.destination == "default" {
             None
         } else {
-            Some(parse_prefix(&r.destination)?)
+            match parse_prefix(&r.destination) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    log(&format!("{route} skipped: {e}"));
+                    continue;
+                }
+            }
         };
         let gw = match &r.gateway {
-            Some(g) => Some(
-                g.parse::<IpAddr>()
-                    .map_err(|_| format!("route gateway {g} is not an address"))?,
-            ),
+            Some(g) => match g.parse::<IpAddr>() {
+                Ok(g) => Some(g),
+                Err(_) => {
+                    log(&format!("{route} skipped: gateway {g} is not an address"));
+                    continue;
+                }
+            },
             None => None,
         };
-        nl.add_route(dst, gw, *idx, r.metric).map_err(|e| {
-            format!(
-                "cannot add route {} via {:?} dev {local}: {e}",
-                r.destination, r.gateway
-            )
-        })?;
-        lines.push(format!(
-            "route {}{} dev {local}",
-            r.destination,
-            r.gateway
-                .as_ref()
-                .map(|g| format!(" via {g}"))
-                .unwrap_or_default()
-        ));
-    }
-    resolv.dns.extend(cfg.dns.iter().cloned());
-    resolv.search.extend(cfg.search.iter().cloned());
-    if !dhcp_targets.is_empty() {
-        lines.extend(dhcp_all(nl, &dhcp_targets, hostname, resolv)?);
+        match nl.add_route(dst, gw, *idx, r.metric) {
+            Ok(()) => lines.push(route),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => lines.push(route),
+            Err(e) => log(&format!("{route} not added: {e}; continuing without it")),
+        }
     }
     Ok(Some(lines))
 }
