@@ -423,6 +423,72 @@ fn bios_gpt_ext4() {
     check_recovered(src, &target, "boot.log");
 }
 
+/// The GPT source onto a new machine whose only disk is NVMe and 50%
+/// bigger, with no mapping: `--auto` maps the one source disk onto the
+/// only disk big enough, the root partition grows, the device names
+/// change (vda3 is nvme0n1p3), the target boots from it.
+#[test]
+fn nvme_grow() {
+    let _cell = Cell::start("nvme-grow");
+    let src = gpt_media_source();
+    let target = here(src).join("target-nvme.raw");
+    blank(&target, "4608M");
+    let serial = "NVME-GROW";
+    let console = recover(src, &[(&target, Some(serial))], "", "recover.log");
+    assert!(
+        console.contains("-> /dev/nvme0n1")
+            && console.contains("[automatic: the plan has one disk and this is the only disk here big enough for it]"),
+        "the one disk should be mapped onto the NVMe disk automatically:\n{console}"
+    );
+    let t = sh_ok(&format!("sfdisk --json {}", target.display()));
+    let t: Value = serde_json::from_str(&t).unwrap();
+    let last = t["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["size"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        last * 512 > (3 << 30) + (1 << 29),
+        "root partition not grown: {last} sectors"
+    );
+    check_recovered_on(src, &target, Some(serial), "boot.log");
+}
+
+/// The GPT source onto a disk 30% smaller, named in a mapping: the data
+/// fits, the partitions shrink, UUIDs and the boot path stay.
+#[test]
+fn shrink() {
+    let _cell = Cell::start("shrink");
+    let src = gpt_media_source();
+    let target = here(src).join("target-small.raw");
+    blank(&target, "2150M");
+    // A smaller disk is never taken automatically: the mapping says so.
+    let console = recover(
+        src,
+        &[(&target, Some("SMALLER"))],
+        "lifeboat.map=vda:vda",
+        "recover.log",
+    );
+    assert!(
+        console.contains("[mapping file]"),
+        "the smaller disk should be mapped by the mapping:\n{console}"
+    );
+    let t = sh_ok(&format!("sfdisk --json {}", target.display()));
+    let t: Value = serde_json::from_str(&t).unwrap();
+    let end = t["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .map(|p| p["start"].as_u64().unwrap() + p["size"].as_u64().unwrap());
+    assert!(
+        end.unwrap() * 512 <= 2150 << 20,
+        "the partitions do not fit the smaller disk"
+    );
+    check_recovered(src, &target, "boot.log");
+}
+
 /// Root straight on LUKS2 on a partition (no LVM), /boot beside it, the
 /// key file in crypttab and in the initramfs: captured, recreated with its
 /// UUID from `recover.keyfile` (put into the rescue image with

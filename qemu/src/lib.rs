@@ -75,6 +75,26 @@ impl BootSpec {
         self
     }
 
+    /// Add a disk on its own NVMe controller (`/dev/nvme<N>n1` in the
+    /// guest). NVMe needs a serial.
+    pub fn with_nvme(mut self, file: &Path, format: &str, serial: &str) -> BootSpec {
+        let n = self
+            .extra_args
+            .iter()
+            .filter(|a| a.starts_with("nvme,drive="))
+            .count();
+        self.extra_args.extend([
+            "-drive".to_string(),
+            format!(
+                "file={},format={format},if=none,id=nvme{n},cache=unsafe",
+                file.display()
+            ),
+            "-device".into(),
+            format!("nvme,drive=nvme{n},serial={serial}"),
+        ]);
+        self
+    }
+
     pub fn new(kernel: &Path, initrd: &Path) -> BootSpec {
         BootSpec {
             kernel: kernel.to_path_buf(),

@@ -131,6 +131,18 @@ pub const LVS: &str =
 /// The shape, identities and mounts of the first disk, as JSON.
 pub const LSBLK: &str =
     "lsblk --json -o NAME,TYPE,FSTYPE,UUID,PARTUUID,LABEL,PARTLABEL,MOUNTPOINT /dev/vda";
+
+/// Disks whose serial starts with this are attached as NVMe (the test's
+/// way to say "a new machine with an NVMe disk").
+pub const NVME: &str = "NVME";
+
+/// Attach `disk` as virtio, or as NVMe when its serial starts with [`NVME`].
+pub fn attach(spec: BootSpec, disk: &Path, format: &str, serial: Option<&str>) -> BootSpec {
+    match serial {
+        Some(s) if s.starts_with(NVME) => spec.with_nvme(disk, format, s),
+        _ => spec.with_disk(disk, format, serial),
+    }
+}
 pub const FSTAB: &str = "sed 's/^/fstab: /' /etc/fstab";
 pub const CRYPTTAB: &str = "test ! -e /etc/crypttab || sed 's/^/crypttab: /' /etc/crypttab";
 /// The LUKS passphrase of the luks-root source (qemu/fixtures/debian-install.sh).
@@ -302,15 +314,23 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
     let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
     // Kernel messages must not land in the middle of command output.
     run(&mut vm, &mut pos, "dmesg -n 1", MIN);
-    // The NIC gets its address by DHCP through ifupdown, as the Debian
-    // installer sets it up (for the NIC it found): the capture must tell
-    // that from a static address, and the rescue OS must ask for a lease.
+    // The NIC is set up by ifupdown, as the Debian installer does (for the
+    // NIC it found): by DHCP, except on the network source, whose servers'
+    // client has a static address. The capture must tell the two apart:
+    // the rescue OS asks for a lease on the one and replays the other.
+    let method = if variant == Variant::Network {
+        "static\\n  address 10.0.2.15/24\\n  gateway 10.0.2.2"
+    } else {
+        "dhcp"
+    };
     run(
         &mut vm,
         &mut pos,
-        "i=$(ls /sys/class/net | grep -v '^lo$' | head -1) && \
-         printf 'auto lo\\niface lo inet loopback\\n\\nallow-hotplug %s\\niface %s inet dhcp\\n' $i $i > /etc/network/interfaces && \
-         ifup $i && ip -4 route show default | grep -q 'via 10.0.2.2' && echo net: up",
+        &format!(
+            "i=$(ls /sys/class/net | grep -v '^lo$' | head -1) && \
+             printf 'auto lo\\niface lo inet loopback\\n\\nallow-hotplug %s\\niface %s inet {method}\\n' $i $i \
+             > /etc/network/interfaces && ifup $i && ip -4 route show default | grep -q 'via 10.0.2.2' && echo net: up"
+        ),
         MIN,
     );
     // The rescue images built in these VMs compress their layers with
@@ -886,7 +906,7 @@ pub fn rescue_vm_with(
         ..BootSpec::new(&src.kernel, &src.initrd)
     };
     for (d, serial) in disks {
-        spec = spec.with_disk(d, "raw", *serial);
+        spec = attach(spec, d, "raw", *serial);
     }
     if src.net {
         spec = spec.with_user_net("");
@@ -966,13 +986,24 @@ pub fn same_markers(sums: &str, src: &Source) {
 
 /// Boot the recovered disk through its own GRUB and compare with the source.
 pub fn check_recovered(src: &Source, target: &Path, log: &str) {
+    check_recovered_on(src, target, None, log)
+}
+
+/// [`check_recovered`] with the target attached as its serial says (NVMe
+/// when it starts with [`NVME`]): the names change, nothing else may.
+pub fn check_recovered_on(src: &Source, target: &Path, serial: Option<&str>, log: &str) {
     phase("first boot");
-    let spec = BootSpec {
-        memory_mb: 1024,
-        log: Some(here(src).join(log)),
-        ..BootSpec::from_disks()
-    }
-    .with_disk(target, "raw", None);
+    let spec = attach(
+        BootSpec {
+            memory_mb: 1024,
+            log: Some(here(src).join(log)),
+            ..BootSpec::from_disks()
+        },
+        target,
+        "raw",
+        serial,
+    );
+    let nvme = serial.is_some_and(|s| s.starts_with(NVME));
     let mut vm = Vm::boot(&spec).unwrap();
     let mut pos = vm
         .wait_for(PROMPT, 10 * MIN)
@@ -986,7 +1017,21 @@ pub fn check_recovered(src: &Source, target: &Path, log: &str) {
         MIN,
     );
     same_markers(&sums, src);
-    let lsblk = json_in(&run(&mut vm, &mut pos, LSBLK, MIN));
+    let lsblk = if nvme {
+        // Compared under the source's names: nvme0n1p3 is vda3.
+        let out = run(
+            &mut vm,
+            &mut pos,
+            &LSBLK.replace("/dev/vda", "/dev/nvme0n1"),
+            MIN,
+        );
+        json_in(
+            &out.replace("\"nvme0n1p", "\"vda")
+                .replace("\"nvme0n1\"", "\"vda\""),
+        )
+    } else {
+        json_in(&run(&mut vm, &mut pos, LSBLK, MIN))
+    };
     assert_eq!(lsblk, src.lsblk, "lsblk shape, UUIDs or mounts differ");
     let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
     assert_eq!(lvm_ids, src.lvm_ids, "VG/LV names or UUIDs differ");
