@@ -9,7 +9,11 @@ profile=${1:-dev}
 command -v cargo-deb >/dev/null || { echo "package.sh: cargo-deb is missing (scripts/setup.sh installs it)" >&2; exit 1; }
 dir=debug; [ "$profile" = dev ] || dir=$profile
 flag=(); [ "$profile" = dev ] || flag=(--profile "$profile")
-cargo build --workspace -q "${flag[@]}"
+# LIFEBOAT_PACKAGE_FEATURES: build (and package) the binaries with these
+# cargo features, so a later `cargo test --features ...` finds them fresh
+# instead of relinking them newer than the package (scripts/e2e.sh).
+feat=(); [ -z "${LIFEBOAT_PACKAGE_FEATURES:-}" ] || feat=(--features "$LIFEBOAT_PACKAGE_FEATURES")
+cargo build --workspace -q "${flag[@]}" "${feat[@]}"
 bin=target/x86_64-unknown-linux-gnu/$dir/lifeboat
 rm -rf target/dist && mkdir -p target/dist/man target/dist/completions
 LIFEBOAT_CONFIG_DIR=/nonexistent "$bin" man --dir target/dist/man
