@@ -509,6 +509,59 @@ fn luks_root() {
     check_recovered(src, &target, "boot.log");
 }
 
+/// btrfs root on GPT (BIOS): subvolumes @ (mounted at /, the default
+/// subvolume) and @home, mounted by UUID= with subvol= in fstab, GRUB
+/// booting with rootflags=subvol=@: recreated with the same UUID, the
+/// subvolumes and the default (the layout probe compares them and the
+/// subvol= of each mount), booted through GRUB.
+#[test]
+fn btrfs_subvol() {
+    let _cell = Cell::start("btrfs-subvol");
+    let src = btrfs_subvol_source();
+    let target = here(src).join("target.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover.log");
+    assert!(
+        console.contains("subvolume create") && console.contains("set-default"),
+        "the subvolumes and the default should be recreated:\n{console}"
+    );
+    check_recovered(src, &target, "boot.log");
+}
+
+/// LVM thin provisioning (BIOS, MBR, ext4 /boot): xfs root and /srv on
+/// thin LVs of one thin pool, activated by the initramfs: the pool and its
+/// thin volumes recreated (the layout probe compares `lvs -o
+/// lv_name,segtype,pool_lv`), VG/LV UUIDs kept, booted through GRUB.
+#[test]
+fn thin_xfs() {
+    let _cell = Cell::start("thin-xfs");
+    let src = thin_xfs_source();
+    let target = here(src).join("target.raw");
+    blank(&target, "4G");
+    recover(src, &[(&target, Some("LBSRC0"))], "", "recover.log");
+    check_recovered(src, &target, "boot.log");
+}
+
+/// UEFI (OVMF): ESP at /boot/efi, ext4 root, GRUB as \EFI\debian with an
+/// NVRAM boot entry. The source boots with the entry its install made; the
+/// rescue OS boots under OVMF on a machine with blank NVRAM, reinstalls
+/// GRUB for x86_64-efi and writes the entry; the recovered disk boots with
+/// that NVRAM, through the entry (the layout probe compares `efibootmgr
+/// -v`'s OS entries and the entry that booted).
+#[test]
+fn uefi_gpt_ext4() {
+    let _cell = Cell::start("uefi-gpt-ext4");
+    let src = uefi_gpt_ext4_source();
+    let target = here(src).join("target.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover.log");
+    assert!(
+        console.contains("--target=x86_64-efi") && !console.contains("--no-nvram"),
+        "GRUB for x86_64-efi should be installed with an NVRAM entry:\n{console}"
+    );
+    check_recovered(src, &target, "boot.log");
+}
+
 /// A fleet machine with a blank disk boots QEMU's iPXE from lifeboat
 /// serve (its DHCP boot file names its script and token, as a per-host
 /// DHCP entry would), gets its personal layer and recovers unattended,

@@ -23,7 +23,9 @@ pub struct BootSpec {
     pub log: Option<PathBuf>,
     /// Boot with UEFI firmware (OVMF) instead of SeaBIOS.
     pub uefi: bool,
-    /// The VM's copy of the OVMF variable store (made by [`Vm::boot`]).
+    /// The OVMF variable store (NVRAM). `None`: [`Vm::boot`] makes a fresh
+    /// copy of the template and removes it with the VM; a given file is
+    /// used and kept (two boots of one machine share their NVRAM).
     pub uefi_vars: Option<PathBuf>,
     pub extra_args: Vec<String>,
 }
@@ -227,6 +229,7 @@ pub fn strip_ansi(s: &str) -> String {
 pub struct Vm {
     child: Child,
     commands: u32,
+    /// The variable store this VM made itself (removed on drop).
     vars: Option<PathBuf>,
     stdin: Option<ChildStdin>,
     console: Arc<Mutex<Vec<u8>>>,
@@ -235,8 +238,11 @@ pub struct Vm {
 impl Vm {
     pub fn boot(spec: &BootSpec) -> std::io::Result<Vm> {
         let mut spec = spec.clone();
+        let mut own_vars = None;
         if spec.uefi && spec.uefi_vars.is_none() {
-            spec.uefi_vars = Some(ovmf_vars_copy()?);
+            let v = ovmf_vars_copy()?;
+            spec.uefi_vars = Some(v.clone());
+            own_vars = Some(v);
         }
         let spec = &spec;
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -289,7 +295,7 @@ impl Vm {
         Ok(Vm {
             child,
             commands: 0,
-            vars: spec.uefi_vars.clone(),
+            vars: own_vars,
             stdin,
             console,
         })

@@ -13,6 +13,8 @@
 //!   --timeout SECS    per wait (default 180)
 //!   --log FILE        also write the console to FILE
 //!   --uefi            boot with OVMF instead of SeaBIOS
+//!   --uefi-vars FILE  boot with OVMF, FILE as the NVRAM (variable store):
+//!                     made from the OVMF template when missing, kept afterwards
 //!   --interactive     just boot with the console on this terminal (Ctrl-A X quits)
 //!
 //! Prints the console and, on stderr, how long the marker took (host wall time).
@@ -24,7 +26,7 @@ use std::time::Duration;
 fn usage() -> ! {
     eprintln!(
         "usage: lifeboat-qemu (IMAGE_DIR | --kernel FILE --initrd FILE) [--expect TEXT] [--run CMD]... \
-         [--append ARGS] [--net [OPTS]] [--disk FILE]... [--timeout SECS] [--log FILE] [--uefi] [--interactive]"
+         [--append ARGS] [--net [OPTS]] [--disk FILE]... [--timeout SECS] [--log FILE] [--uefi] [--uefi-vars FILE] [--interactive]"
     );
     std::process::exit(2)
 }
@@ -46,6 +48,7 @@ fn main() {
     let mut net: Option<String> = None;
     let mut disks = Vec::new();
     let mut uefi = false;
+    let mut uefi_vars: Option<PathBuf> = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
@@ -66,6 +69,7 @@ fn main() {
             }
             "--interactive" => interactive = true,
             "--uefi" => uefi = true,
+            "--uefi-vars" => uefi_vars = Some(PathBuf::from(val())),
             "-h" | "--help" => usage(),
             d if dir.is_none() && !d.starts_with("--") => dir = Some(PathBuf::from(d)),
             _ => usage(),
@@ -97,7 +101,7 @@ fn main() {
     let mut spec = BootSpec::new(&kernel, &initrd);
     spec.append = append;
     spec.log = log;
-    spec.uefi = uefi;
+    spec.uefi = uefi || uefi_vars.is_some();
     if let Some(opts) = &net {
         spec = spec.with_user_net(opts);
     }
@@ -109,7 +113,21 @@ fn main() {
             format!("virtio-blk-pci,drive=d{i}"),
         ]);
     }
-    if spec.uefi {
+    if let Some(v) = &uefi_vars {
+        if !v.exists() {
+            let (_, template) = lifeboat_qemu::ovmf();
+            std::fs::copy(&template, v).unwrap_or_else(|e| {
+                fail(&format!(
+                    "cannot copy {} to {}: {e}",
+                    template.display(),
+                    v.display()
+                ))
+            });
+        }
+        spec.uefi_vars = Some(v.clone());
+    } else if spec.uefi && interactive {
+        // Vm::boot makes (and removes) its own copy; the interactive run
+        // starts QEMU itself.
         spec.uefi_vars =
             Some(lifeboat_qemu::ovmf_vars_copy().unwrap_or_else(|e| fail(&e.to_string())));
     }

@@ -55,6 +55,13 @@ pub struct Source {
     pub fstab: String,
     /// The source's /etc/crypttab (empty without one).
     pub crypttab: String,
+    /// The source booted with UEFI (OVMF): its rescue VM does too, and the
+    /// recovered disk boots with the NVRAM that recovery wrote.
+    pub uefi: bool,
+    /// The layout's own probe ([`layout_probe`]) and what it printed on
+    /// the source (its `probe:` lines); the recovered system must print
+    /// the same.
+    pub probe: Option<(&'static str, String)>,
 }
 
 impl Source {
@@ -148,6 +155,50 @@ pub const CRYPTTAB: &str = "test ! -e /etc/crypttab || sed 's/^/crypttab: /' /et
 /// The LUKS passphrase of the luks-root source (qemu/fixtures/debian-install.sh).
 pub const LUKS_PASS: &str = "lifeboat-e2e-passphrase";
 pub const CMDLINE: &str = "sed 's/^/cmdline: /' /proc/cmdline";
+
+/// What a layout has beyond partitions, filesystems and mounts (which
+/// lsblk and fstab compare for all): a command printing it as `probe:`
+/// lines, and what those lines (without the tag) must hold on the source,
+/// so the probe is known to see the feature before it is compared. The tag
+/// is split in the commands (`pro''be:`) so the console's echo of the typed
+/// line is never taken for output.
+pub fn layout_probe(layout: &str) -> Option<(&'static str, &'static [&'static str])> {
+    match layout {
+        // The default subvolume, the subvolumes, and which one each btrfs
+        // mount shows (its subvol= option).
+        "btrfs-subvol" => Some((
+            "btrfs subvolume get-default / | sed 's/.* path /pro''be: default /'; \
+             btrfs subvolume list / | sed 's/.* path /pro''be: subvolume /'; \
+             findmnt -rn -t btrfs -o TARGET,OPTIONS | while read -r t o; do \
+             echo \"pro\"\"be: mount $t $(echo $o | tr , '\\n' | grep '^subvol=')\"; done",
+            &[
+                "default @",
+                "subvolume @\n",
+                "subvolume @home",
+                "mount / subvol=/@\n",
+                "mount /home subvol=/@home",
+            ],
+        )),
+        // The thin pool and its thin volumes (`lvs -o lv_name,segtype`).
+        "thin-xfs" => Some((
+            "lvs --noheadings --separator ' ' -o lv_name,segtype,pool_lv vg0 | sed 's/^ */pro''be: /'",
+            &["pool thin-pool", "root thin pool", "srv thin pool"],
+        )),
+        // The OS's boot entries in NVRAM (`efibootmgr -v`; the firmware's
+        // own entries have no file on a partition), and the one that booted.
+        "uefi-gpt-ext4" => Some((
+            "efibootmgr -v | sed -n 's/^Boot[0-9A-F]\\{4\\}\\*\\? \\(.*HD(.*File(.*\\)/pro''be: entry \\1/p'; \
+             c=$(efibootmgr | sed -n 's/^BootCurrent: //p'); \
+             efibootmgr | sed -n \"s/^Boot$c\\*\\? /pro\"\"be: current /p\"",
+            &[
+                "entry debian",
+                "File(\\EFI\\debian\\grubx64.efi)",
+                "current debian",
+            ],
+        )),
+        _ => None,
+    }
+}
 
 pub fn prefixed(out: &str, p: &str) -> Vec<String> {
     out.lines()
@@ -263,9 +314,28 @@ pub fn json_in(text: &str) -> Value {
     serde_json::from_str(&text[start..=end]).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// The NVRAM (OVMF variable store) of the machine whose first disk is
+/// `disk`: what its rescue boot writes, its system boot reads.
+pub fn nvram_of(disk: &Path) -> PathBuf {
+    disk.with_extension("nvram.fd")
+}
+
+/// The `probe:` lines of a [`layout_probe`] command's output, with a line
+/// end after each (so an expectation can end with one).
+fn probe_lines(out: &str) -> String {
+    tagged_lines(out, "probe:")
+        .lines()
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Boot the source system, put markers on it and run mkbackup.
 pub fn make_source(layout: &str, variant: Variant) -> Source {
     let disk = debian_disk(layout);
+    // The UEFI layout boots with the NVRAM its install wrote (the boot
+    // entry), kept beside the disk by debian-disk.sh; a copy, so the
+    // cached one stays as installed.
+    let uefi = layout.starts_with("uefi-");
     let work = work_dir(&format!(
         "src-{layout}{}",
         match variant {
@@ -302,9 +372,19 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         b = backup.display(),
         s = work.join("stage").display()
     ));
+    let uefi_vars = if uefi {
+        let v = work.join("source-nvram.fd");
+        let installed = disk.with_file_name("efivars.fd");
+        std::fs::copy(&installed, &v).unwrap_or_else(|e| panic!("{}: {e}", installed.display()));
+        Some(v)
+    } else {
+        None
+    };
     let spec = BootSpec {
         memory_mb: 1536,
         log: Some(work.join("source-console.log")),
+        uefi,
+        uefi_vars,
         ..BootSpec::from_disks()
     }
     .with_disk(&overlay, "qcow2", Some("LBSRC0"))
@@ -360,6 +440,16 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         "no / in the source's fstab:\n{fstab}"
     );
     let crypttab = tagged_lines(&run(&mut vm, &mut pos, CRYPTTAB, MIN), "crypttab:");
+    let probe = layout_probe(layout).map(|(cmd, want)| {
+        let got = probe_lines(&run(&mut vm, &mut pos, cmd, MIN));
+        for w in want {
+            assert!(
+                got.contains(w),
+                "the {layout} source's probe lacks {w:?}:\n{got}"
+            );
+        }
+        (cmd, got)
+    });
     if layout == "luks-root" {
         assert!(
             crypttab.contains("/etc/keys/root.key"),
@@ -751,6 +841,8 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         backup_s,
         fstab,
         crypttab,
+        uefi,
+        probe,
     }
 }
 
@@ -845,6 +937,28 @@ pub fn luks_root_source() -> &'static Source {
     shared_source(&S, "luks-root", Variant::Plain)
 }
 
+/// btrfs root with subvolumes @ (/, the default) and @home, BIOS, GPT
+/// (layout btrfs-subvol).
+pub fn btrfs_subvol_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "btrfs-subvol", Variant::Plain)
+}
+
+/// xfs root and /srv on thin LVs of one thin pool, ext4 /boot, BIOS, MBR
+/// (layout thin-xfs).
+pub fn thin_xfs_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "thin-xfs", Variant::Plain)
+}
+
+/// UEFI: ESP at /boot/efi, ext4 root, GRUB with a boot entry in NVRAM and
+/// at the removable path; the source boots under OVMF (layout
+/// uefi-gpt-ext4).
+pub fn uefi_gpt_ext4_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "uefi-gpt-ext4", Variant::Plain)
+}
+
 pub fn lvm_source() -> &'static Source {
     static S: OnceLock<Result<Source, String>> = OnceLock::new();
     shared_source(&S, "mbr-lvm", Variant::Usb)
@@ -910,6 +1024,19 @@ pub fn rescue_vm_with(
     }
     if src.net {
         spec = spec.with_user_net("");
+    }
+    if src.uefi {
+        // The new machine's NVRAM, blank before the recovery; the recovered
+        // disk boots with it (check_recovered).
+        let nvram = match disks.first() {
+            Some((d, _)) => nvram_of(d),
+            None => here(src).join("rescue.nvram.fd"),
+        };
+        let (_, template) = lifeboat_qemu::ovmf();
+        std::fs::copy(&template, &nvram)
+            .unwrap_or_else(|e| panic!("{} -> {}: {e}", template.display(), nvram.display()));
+        spec.uefi = true;
+        spec.uefi_vars = Some(nvram);
     }
     spec = spec.with_disk(backup, "raw,readonly=on", None);
     Vm::boot(&spec).unwrap()
@@ -993,10 +1120,15 @@ pub fn check_recovered(src: &Source, target: &Path, log: &str) {
 /// when it starts with [`NVME`]): the names change, nothing else may.
 pub fn check_recovered_on(src: &Source, target: &Path, serial: Option<&str>, log: &str) {
     phase("first boot");
+    // A UEFI machine boots with the NVRAM its recovery wrote (fresh before
+    // it, never the source's), else fresh NVRAM.
+    let nvram = nvram_of(target);
     let spec = attach(
         BootSpec {
             memory_mb: 1024,
             log: Some(here(src).join(log)),
+            uefi: src.uefi,
+            uefi_vars: (src.uefi && nvram.is_file()).then_some(nvram),
             ..BootSpec::from_disks()
         },
         target,
@@ -1068,6 +1200,13 @@ pub fn check_recovered_on(src: &Source, target: &Path, serial: Option<&str>, log
         assert!(
             out.contains("unlocks: /dev/"),
             "no LUKS container opens with the source's passphrase:\n{out}"
+        );
+    }
+    if let Some((cmd, want)) = &src.probe {
+        let got = probe_lines(&run(&mut vm, &mut pos, cmd, MIN));
+        assert_eq!(
+            &got, want,
+            "the layout's probe differs from the source's: {cmd}"
         );
     }
     if let Some((cmd, want)) = src.extra {
