@@ -759,7 +759,8 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         for want in [
             "hooks are not run",
             "dry run: mkbackup would save the layout",
-            "full backup of / (tar)",
+            "full backup of /",
+            "(tar)",
             "dry run: mkrescue would build the rescue image of lbsrc",
             "nothing was written",
             "checked",
