@@ -159,14 +159,22 @@ pub fn line(r: &serde_json::Value) -> String {
         )
     };
     format!(
-        "{}: {verdict} rto={:.0} (backup {}, rescue boot {}, restore {}, first boot {})",
+        "{}: {verdict} rto={} (backup {}, rescue boot {}, restore {}, first boot {})",
         r["cell"].as_str().unwrap_or("?"),
-        r["rto_seconds"].as_f64().unwrap_or(0.0),
+        rto(r),
         f("backup"),
         f("rescue boot"),
         f("restore"),
         f("first boot")
     )
+}
+
+/// The RTO in whole seconds, `-` when no phase of it ran.
+fn rto(r: &serde_json::Value) -> String {
+    match r["rto_seconds"].as_f64() {
+        Some(s) if s > 0.0 => format!("{s:.0}"),
+        _ => "-".into(),
+    }
 }
 
 /// results.json (every record of this run) and results.md (a table).
@@ -201,10 +209,10 @@ fn write_results(dir: &std::path::Path) {
             ),
         };
         md += &format!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {why} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {why} |\n",
             r["cell"].as_str().unwrap_or("?"),
             if r["pass"] == true { "PASS" } else { "FAIL" },
-            r["rto_seconds"].as_f64().unwrap_or(0.0),
+            rto(r),
             f("backup"),
             f("rescue boot"),
             f("restore"),
