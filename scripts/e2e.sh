@@ -36,10 +36,12 @@ case "${1:-}" in -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0
 t0=$(date +%s)
 bash scripts/setup.sh
 export LIFEBOAT_KERNEL_FIXTURE="$(bash qemu/fixtures/kernel.sh | tail -1)"
-# The same features as the test run below: otherwise cargo relinks the
-# lifeboat binary for it, newer than the Debian package the sources install.
-cargo build --workspace -q --features lifeboat/e2e
-LIFEBOAT_PACKAGE_FEATURES=lifeboat/e2e bash scripts/package.sh >/dev/null
+cargo build --workspace -q
+# The cells' build links lifeboat as their run will (feature e2e, the test
+# dependencies' features); the Debian package the sources install is made
+# from that binary, so it is not older than the binary the run checks.
+"${cargo_e2e[@]}" --no-run 2>/dev/null
+LIFEBOAT_PACKAGE_NO_BUILD=1 bash scripts/package.sh >/dev/null
 
 all=$(cells)
 [ -n "$all" ] || { echo "e2e.sh: no cells found (does tests/e2e.rs build?)" >&2; exit 1; }

@@ -9,11 +9,10 @@ profile=${1:-dev}
 command -v cargo-deb >/dev/null || { echo "package.sh: cargo-deb is missing (scripts/setup.sh installs it)" >&2; exit 1; }
 dir=debug; [ "$profile" = dev ] || dir=$profile
 flag=(); [ "$profile" = dev ] || flag=(--profile "$profile")
-# LIFEBOAT_PACKAGE_FEATURES: build (and package) the binaries with these
-# cargo features, so a later `cargo test --features ...` finds them fresh
-# instead of relinking them newer than the package (scripts/e2e.sh).
-feat=(); [ -z "${LIFEBOAT_PACKAGE_FEATURES:-}" ] || feat=(--features "$LIFEBOAT_PACKAGE_FEATURES")
-cargo build --workspace -q "${flag[@]}" "${feat[@]}"
+# LIFEBOAT_PACKAGE_NO_BUILD=1: package the binaries as they are (scripts/
+# e2e.sh builds them exactly as its test run will, so that run does not
+# relink lifeboat newer than the package).
+[ "${LIFEBOAT_PACKAGE_NO_BUILD:-}" = 1 ] || cargo build --workspace -q "${flag[@]}"
 bin=target/x86_64-unknown-linux-gnu/$dir/lifeboat
 rm -rf target/dist && mkdir -p target/dist/man target/dist/completions
 LIFEBOAT_CONFIG_DIR=/nonexistent "$bin" man --dir target/dist/man
