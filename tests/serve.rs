@@ -659,8 +659,13 @@ fn generic_iso_chains_to_the_server_and_resumes_after_a_restart() {
         .wait_for_from("token: ", pos, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("a wrong token was not asked again: {e}"));
     vm.send_line(&ta).unwrap();
-    vm.wait_for_from("lifeboat: ready", pos, BOOT)
+    let pos = vm
+        .wait_for_from("lifeboat: ready", pos, BOOT)
         .unwrap_or_else(|e| panic!("the chained rescue system did not come up: {e}"));
+    // The line after "ready" (what the image carries) may still be on its
+    // way: wait for it rather than read the console at once.
+    vm.wait_for_from("this image carries", pos, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("no word on what the chained image carries: {e}"));
     let c = vm.console();
     assert!(
         c.contains("tools (") && c.contains("verified, sha256"),
