@@ -40,7 +40,7 @@ cargo build --workspace -q
 # The cells' build links lifeboat as their run will (feature e2e, the test
 # dependencies' features); the Debian package the sources install is made
 # from that binary, so it is not older than the binary the run checks.
-"${cargo_e2e[@]}" --no-run 2>/dev/null
+"${cargo_e2e[@]}" --no-run
 LIFEBOAT_PACKAGE_NO_BUILD=1 bash scripts/package.sh >/dev/null
 
 all=$(cells)
