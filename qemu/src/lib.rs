@@ -56,45 +56,42 @@ impl BootSpec {
 
     /// Attach `file` as the next virtio disk (`raw` or `qcow2`), with a
     /// serial number when given (the guest sees it in /sys/block/*/serial).
-    pub fn with_disk(mut self, file: &Path, format: &str, serial: Option<&str>) -> BootSpec {
+    pub fn with_disk(self, file: &Path, format: &str, serial: Option<&str>) -> BootSpec {
+        let serial = serial.map(|s| format!(",serial={s}")).unwrap_or_default();
+        self.with_drive(file, format, "virtio-blk-pci", "disk", &serial)
+    }
+
+    /// A `-drive` for `file` and the `-device` of model `model` that
+    /// holds it; ids are `<prefix><N>`, N counting that model's devices.
+    fn with_drive(
+        mut self,
+        file: &Path,
+        format: &str,
+        model: &str,
+        prefix: &str,
+        device_opts: &str,
+    ) -> BootSpec {
         let n = self
             .extra_args
             .iter()
-            .filter(|a| a.starts_with("virtio-blk-pci,drive="))
+            .filter(|a| a.starts_with(&format!("{model},drive=")))
             .count();
         self.extra_args.extend([
             "-drive".to_string(),
             format!(
-                "file={},format={format},if=none,id=disk{n},cache=unsafe",
+                "file={},format={format},if=none,id={prefix}{n},cache=unsafe",
                 file.display()
             ),
             "-device".into(),
-            match serial {
-                Some(s) => format!("virtio-blk-pci,drive=disk{n},serial={s}"),
-                None => format!("virtio-blk-pci,drive=disk{n}"),
-            },
+            format!("{model},drive={prefix}{n}{device_opts}"),
         ]);
         self
     }
 
     /// Add a disk on its own NVMe controller (`/dev/nvme<N>n1` in the
     /// guest). NVMe needs a serial.
-    pub fn with_nvme(mut self, file: &Path, format: &str, serial: &str) -> BootSpec {
-        let n = self
-            .extra_args
-            .iter()
-            .filter(|a| a.starts_with("nvme,drive="))
-            .count();
-        self.extra_args.extend([
-            "-drive".to_string(),
-            format!(
-                "file={},format={format},if=none,id=nvme{n},cache=unsafe",
-                file.display()
-            ),
-            "-device".into(),
-            format!("nvme,drive=nvme{n},serial={serial}"),
-        ]);
-        self
+    pub fn with_nvme(self, file: &Path, format: &str, serial: &str) -> BootSpec {
+        self.with_drive(file, format, "nvme", "nvme", &format!(",serial={serial}"))
     }
 
     pub fn new(kernel: &Path, initrd: &Path) -> BootSpec {
