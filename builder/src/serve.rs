@@ -58,6 +58,11 @@ struct Server {
     scheme: &'static str,
 }
 
+/// How long a new connection waits for a slot before it is refused.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// At most this many TLS refusals (handshake, then 503) at once.
+const MAX_REFUSING: usize = 8;
+
 trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
@@ -131,15 +136,23 @@ pub fn run(o: Options) -> Result<()> {
         scheme,
     });
     let active = Arc::new(AtomicUsize::new(0));
+    let refusing = Arc::new(AtomicUsize::new(0));
     while !STOP.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((s, peer)) => {
                 let _ = s.set_nonblocking(false);
+                // A connection that is just closing (a client that gave up
+                // on the handshake) frees its slot within moments: wait that
+                // long before refusing.
+                let full = Instant::now();
+                while active.load(Ordering::SeqCst) >= srv.o.max_connections
+                    && full.elapsed() < SLOT_WAIT
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 if active.load(Ordering::SeqCst) >= srv.o.max_connections {
                     // Bounded: say so instead of queueing without end.
-                    let mut s = s;
-                    let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                    srv.access(&peer.to_string(), "-", 503, 0, Duration::ZERO);
+                    srv.refuse(s, peer.to_string(), &refusing);
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);
@@ -424,6 +437,38 @@ fn now_utc() -> String {
 }
 
 impl Server {
+    /// Answer 503 to a connection over the bound. Over TLS the answer
+    /// needs a handshake first, so it runs in one of at most
+    /// [`MAX_REFUSING`] short-lived threads with a short deadline; past
+    /// that the connection is closed unanswered.
+    fn refuse(self: &Arc<Self>, tcp: TcpStream, peer: String, refusing: &Arc<AtomicUsize>) {
+        const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let _ = tcp.set_write_timeout(Some(Duration::from_secs(2)));
+        let Some(cfg) = self.tls.clone() else {
+            let mut tcp = tcp;
+            let _ = tcp.write_all(BUSY);
+            self.access(&peer, "-", 503, 0, Duration::ZERO);
+            return;
+        };
+        if refusing.load(Ordering::SeqCst) >= MAX_REFUSING {
+            self.access(&peer, "- (closed: busy)", 503, 0, Duration::ZERO);
+            return;
+        }
+        refusing.fetch_add(1, Ordering::SeqCst);
+        let (srv, refusing) = (self.clone(), refusing.clone());
+        std::thread::spawn(move || {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+            if let Ok(c) = rustls::ServerConnection::new(cfg) {
+                let mut s = rustls::StreamOwned::new(c, tcp);
+                let _ = s.write_all(BUSY).and_then(|_| s.flush());
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+            srv.access(&peer, "-", 503, 0, Duration::ZERO);
+            refusing.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
     fn access(&self, peer: &str, what: &str, status: u16, bytes: u64, took: Duration) {
         let line = format!(
             "{} {peer} \"{what}\" {status} {bytes} {:.3}s\n",
