@@ -591,7 +591,16 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
             other => bail!("{dev}: cannot recreate an LV of type {other}"),
         };
         let a = [
-            vec!["lvm".to_string(), "lvcreate".into(), "--yes".into()],
+            // No dmeventd in the rescue system: monitoring would only fail
+            // (and fail the command); the recovered system monitors its
+            // own volumes when it boots.
+            vec![
+                "lvm".to_string(),
+                "lvcreate".into(),
+                "--yes".into(),
+                "--monitor".into(),
+                "n".into(),
+            ],
             tail,
         ]
         .concat();
@@ -615,7 +624,15 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
         let mut g = Group::new(format!("activate LVM volume group {}", v.name), None);
         g.steps.push(Step::new(
             "",
-            &["lvm", "vgchange", "--activate", "y", &v.name],
+            &[
+                "lvm",
+                "vgchange",
+                "--monitor",
+                "n",
+                "--activate",
+                "y",
+                &v.name,
+            ],
         ));
         out.push(g);
     }
@@ -782,8 +799,8 @@ mod tests {
                 < pos("vgcfgrestore -f /run/lifeboat/lvm/vg0.vg vg0")
         );
         assert!(pos("vgcfgrestore") < pos("lvm pvresize"));
-        assert!(pos("lvm pvresize") < pos("lvm vgchange --activate y vg0"));
-        assert!(pos("lvm vgchange --activate y vg0") < pos("mkfs.xfs"));
+        assert!(pos("lvm pvresize") < pos("lvm vgchange --monitor n --activate y vg0"));
+        assert!(pos("lvm vgchange --monitor n --activate y vg0") < pos("mkfs.xfs"));
         assert!(!text
             .iter()
             .any(|c| c.contains("lvcreate") || c.contains("vgcreate")));

@@ -104,6 +104,10 @@ pub const OPTIONAL: &[&str] = &[
     "lvs",
     "lvchange",
     "dmsetup",
+    "thin_check",
+    "thin_repair",
+    "thin_restore",
+    "thin_dump",
     "cryptsetup",
     // archives and compression
     "zstd",

@@ -130,11 +130,15 @@ impl Runner {
             self.say(&format!("  | {l}"));
         }
         if !out.status.success() {
+            let target = if s.device.is_empty() {
+                String::new()
+            } else {
+                format!(" writing {}", s.device)
+            };
             bail!(
-                "`{}` failed ({}) writing {}; see the output above and /var/log/lifeboat/recover.log",
+                "`{}` failed ({}){target}; see the output above and /var/log/lifeboat/recover.log",
                 s.render().lines().next().unwrap_or(""),
                 out.status,
-                s.device
             );
         }
         Ok(())
