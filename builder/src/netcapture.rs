@@ -108,20 +108,38 @@ fn config_files() -> ConfigFiles {
         }
         cf.ifupdown.push((p, text));
     }
-    for d in [
-        "/etc/NetworkManager/system-connections",
-        "/run/NetworkManager/system-connections",
-    ] {
-        cf.networkmanager.extend(files_in(d, ".nmconnection"));
+    // A manager's files count only while it runs: systemd ships .network
+    // files for containers, and an uninstalled NetworkManager can leave
+    // keyfiles behind.
+    let (nm, networkd) = managers_running(Path::new("/run"));
+    if nm {
+        for d in [
+            "/etc/NetworkManager/system-connections",
+            "/run/NetworkManager/system-connections",
+        ] {
+            cf.networkmanager.extend(files_in(d, ".nmconnection"));
+        }
     }
-    for d in [
-        "/etc/systemd/network",
-        "/run/systemd/network",
-        "/usr/lib/systemd/network",
-    ] {
-        cf.networkd.extend(files_in(d, ".network"));
+    if networkd {
+        for d in [
+            "/etc/systemd/network",
+            "/run/systemd/network",
+            "/usr/lib/systemd/network",
+        ] {
+            cf.networkd.extend(files_in(d, ".network"));
+        }
     }
     cf
+}
+
+/// Whether NetworkManager and systemd-networkd run, from their state under
+/// `run` (/run): NetworkManager keeps /run/NetworkManager, networkd writes
+/// /run/systemd/netif/state.
+fn managers_running(run: &Path) -> (bool, bool) {
+    (
+        run.join("NetworkManager").is_dir(),
+        run.join("systemd/netif/state").is_file(),
+    )
 }
 
 /// `dir/*` or `dir/prefix*` (what ifupdown's `source` lines use); a plain
@@ -564,6 +582,23 @@ mod tests {
             ..Default::default()
         };
         assert!(dhcp_configured(&no, &host()).is_empty());
+    }
+
+    #[test]
+    fn only_running_managers_count() {
+        let run = tempfile::tempdir().unwrap();
+        assert_eq!(managers_running(run.path()), (false, false));
+        // tmpfiles creates /run/systemd/netif whether or not networkd runs.
+        std::fs::create_dir_all(run.path().join("systemd/netif")).unwrap();
+        assert_eq!(managers_running(run.path()), (false, false));
+        std::fs::write(
+            run.path().join("systemd/netif/state"),
+            "OPER_STATE=routable\n",
+        )
+        .unwrap();
+        assert_eq!(managers_running(run.path()), (false, true));
+        std::fs::create_dir_all(run.path().join("NetworkManager")).unwrap();
+        assert_eq!(managers_running(run.path()), (true, true));
     }
 
     #[test]
