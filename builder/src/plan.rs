@@ -591,15 +591,14 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
             other => bail!("{dev}: cannot recreate an LV of type {other}"),
         };
         let a = [
-            // No dmeventd in the rescue system: monitoring would only fail
-            // (and fail the command); the recovered system monitors its
-            // own volumes when it boots.
+            // No dmeventd in the rescue system: asking it to monitor (or
+            // unmonitor) would only fail, and fail vgchange (exit 5); the
+            // recovered system monitors its own volumes when it boots.
             vec![
                 "lvm".to_string(),
                 "lvcreate".into(),
                 "--yes".into(),
-                "--monitor".into(),
-                "n".into(),
+                "--ignoremonitoring".into(),
             ],
             tail,
         ]
@@ -627,8 +626,7 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
             &[
                 "lvm",
                 "vgchange",
-                "--monitor",
-                "n",
+                "--ignoremonitoring",
                 "--activate",
                 "y",
                 &v.name,
@@ -799,8 +797,8 @@ mod tests {
                 < pos("vgcfgrestore -f /run/lifeboat/lvm/vg0.vg vg0")
         );
         assert!(pos("vgcfgrestore") < pos("lvm pvresize"));
-        assert!(pos("lvm pvresize") < pos("lvm vgchange --monitor n --activate y vg0"));
-        assert!(pos("lvm vgchange --monitor n --activate y vg0") < pos("mkfs.xfs"));
+        assert!(pos("lvm pvresize") < pos("lvm vgchange --ignoremonitoring --activate y vg0"));
+        assert!(pos("lvm vgchange --ignoremonitoring --activate y vg0") < pos("mkfs.xfs"));
         assert!(!text
             .iter()
             .any(|c| c.contains("lvcreate") || c.contains("vgcreate")));
