@@ -39,6 +39,8 @@ pub struct Source {
     pub lvm_ids: Vec<String>,
     /// The kernel command line GRUB gave the source.
     pub cmdline: String,
+    /// The source's running kernel (`uname -r`).
+    pub kver: String,
     /// A command for the recovered system and what its output must hold
     /// (paths prefixed with `$R`: empty in the booted system, the mount
     /// point when the disk is checked offline).
@@ -152,7 +154,7 @@ pub fn attach(spec: BootSpec, disk: &Path, format: &str, serial: Option<&str>) -
 }
 pub const FSTAB: &str = "sed 's/^/fstab: /' /etc/fstab";
 pub const CRYPTTAB: &str = "test ! -e /etc/crypttab || sed 's/^/crypttab: /' /etc/crypttab";
-/// The LUKS passphrase of the luks-root source (qemu/fixtures/debian-install.sh).
+/// The LUKS passphrase of the luks-* sources (qemu/fixtures/debian-install.sh).
 pub const LUKS_PASS: &str = "lifeboat-e2e-passphrase";
 pub const CMDLINE: &str = "sed 's/^/cmdline: /' /proc/cmdline";
 
@@ -265,6 +267,19 @@ pub fn work_dir(name: &str) -> PathBuf {
     d
 }
 
+/// A setting of a layout (`NAME=value` in qemu/fixtures/layouts/LAYOUT.sh,
+/// else in its LAYOUT_BASE's file), as debian-disk.sh reads it.
+pub fn layout_setting(layout: &str, name: &str) -> Option<String> {
+    fn get(layout: &str, name: &str) -> Option<String> {
+        let f = repo().join(format!("qemu/fixtures/layouts/{layout}.sh"));
+        let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let key = format!("{name}=");
+        text.lines()
+            .find_map(|x| x.strip_prefix(key.as_str()).map(|v| v.trim().to_string()))
+    }
+    get(layout, name).or_else(|| get(&get(layout, "LAYOUT_BASE")?, name))
+}
+
 /// The installed Debian disk for `layout` (cached by content hash).
 pub fn debian_disk(layout: &str) -> PathBuf {
     static RESCUE: OnceLock<PathBuf> = OnceLock::new();
@@ -335,7 +350,7 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
     // The UEFI layout boots with the NVRAM its install wrote (the boot
     // entry), kept beside the disk by debian-disk.sh; a copy, so the
     // cached one stays as installed.
-    let uefi = layout.starts_with("uefi-");
+    let uefi = layout_setting(layout, "LAYOUT_UEFI").as_deref() == Some("1");
     let work = work_dir(&format!(
         "src-{layout}{}",
         match variant {
@@ -434,23 +449,32 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
     let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
     let cmdline = prefixed(&run(&mut vm, &mut pos, CMDLINE, MIN), "cmdline: ").join("\n");
     assert!(cmdline.contains("root="), "{cmdline}");
+    let kver = prefixed(
+        &run(&mut vm, &mut pos, "uname -r | sed 's/^/kv''er: /'", MIN),
+        "kver: ",
+    )
+    .join("")
+    .trim_start_matches("kver: ")
+    .to_string();
     let fstab = fstab_lines(&run(&mut vm, &mut pos, FSTAB, MIN));
     assert!(
         fstab.contains(" / "),
         "no / in the source's fstab:\n{fstab}"
     );
     let crypttab = tagged_lines(&run(&mut vm, &mut pos, CRYPTTAB, MIN), "crypttab:");
-    let probe = layout_probe(layout).map(|(cmd, want)| {
-        let got = probe_lines(&run(&mut vm, &mut pos, cmd, MIN));
-        for w in want {
-            assert!(
-                got.contains(w),
-                "the {layout} source's probe lacks {w:?}:\n{got}"
-            );
-        }
-        (cmd, got)
-    });
-    if layout == "luks-root" {
+    let probe = layout_probe(layout)
+        .or_else(|| layout_probe(&layout_setting(layout, "LAYOUT_BASE")?))
+        .map(|(cmd, want)| {
+            let got = probe_lines(&run(&mut vm, &mut pos, cmd, MIN));
+            for w in want {
+                assert!(
+                    got.contains(w),
+                    "the {layout} source's probe lacks {w:?}:\n{got}"
+                );
+            }
+            (cmd, got)
+        });
+    if layout.starts_with("luks-") {
         assert!(
             crypttab.contains("/etc/keys/root.key"),
             "no key file entry in the source's crypttab:\n{crypttab}"
@@ -835,6 +859,7 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         lsblk,
         lvm_ids,
         cmdline,
+        kver,
         extra,
         net: true,
         images,
@@ -936,6 +961,25 @@ pub fn here(src: &Source) -> PathBuf {
 pub fn luks_root_source() -> &'static Source {
     static S: OnceLock<Result<Source, String>> = OnceLock::new();
     shared_source(&S, "luks-root", Variant::Plain)
+}
+
+/// LUKS2 on a partition holding an LVM PV (root and home LVs), layout
+/// luks-lvm.
+pub fn luks_lvm_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "luks-lvm", Variant::Plain)
+}
+
+/// The gpt-bios layout with Debian 11 (bullseye).
+pub fn debian11_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "debian11-bios", Variant::Plain)
+}
+
+/// The uefi-gpt-ext4 layout with Debian 13 (trixie).
+pub fn debian13_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "debian13-uefi", Variant::Plain)
 }
 
 /// btrfs root with subvolumes @ (/, the default) and @home, BIOS, GPT
