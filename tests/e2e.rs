@@ -509,6 +509,92 @@ fn luks_root() {
     check_recovered(src, &target, "boot.log");
 }
 
+/// LUKS2 on a partition holding an LVM PV with root and home LVs, /boot
+/// beside it, the key file in crypttab and in the initramfs: the container
+/// recreated with its UUID from `recover.keyfile` and unlocked, the PV, VG
+/// and LVs recreated inside with their UUIDs, restored and booted
+/// unattended; crypttab survives and the new container opens with the
+/// source's passphrase.
+#[test]
+fn luks_lvm() {
+    let _cell = Cell::start("luks-lvm");
+    let src = luks_lvm_source();
+    let target = here(src).join("target.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover.log");
+    assert!(
+        console.contains("luksFormat") && console.contains("/dev/mapper/cryptlvm"),
+        "the LUKS container should be recreated and hold the PV:\n{console}"
+    );
+    check_recovered(src, &target, "boot.log");
+}
+
+/// Debian 11 (bullseye) on the gpt-bios layout: its own kernel and tools
+/// in the rescue image, recovered and booted through GRUB.
+#[test]
+fn debian11_bios() {
+    let _cell = Cell::start("debian11-bios");
+    let src = debian11_source();
+    assert!(
+        src.kver.starts_with("5.10."),
+        "bullseye's kernel is 5.10; the source runs {}",
+        src.kver
+    );
+    assert_rescue_kernel_is_the_sources(src);
+    let target = here(src).join("target.raw");
+    blank(&target, "3G");
+    recover(src, &[(&target, Some("LBSRC0"))], "", "recover.log");
+    check_recovered(src, &target, "boot.log");
+}
+
+/// Debian 13 (trixie) under UEFI (the uefi-gpt-ext4 layout): the rescue
+/// image carries trixie's own kernel (6.12), and the recovery reinstalls
+/// GRUB for x86_64-efi with an NVRAM entry that the recovered disk boots
+/// through.
+#[test]
+fn debian13_uefi() {
+    let _cell = Cell::start("debian13-uefi");
+    let src = debian13_source();
+    assert!(
+        src.kver.starts_with("6.12."),
+        "trixie's kernel is 6.12; the source runs {}",
+        src.kver
+    );
+    assert_rescue_kernel_is_the_sources(src);
+    let target = here(src).join("target.raw");
+    blank(&target, "3G");
+    let console = recover(src, &[(&target, Some("LBSRC0"))], "", "recover.log");
+    assert!(
+        console.contains("--target=x86_64-efi") && !console.contains("--no-nvram"),
+        "GRUB for x86_64-efi should be installed with an NVRAM entry:\n{console}"
+    );
+    check_recovered(src, &target, "boot.log");
+}
+
+/// The rescue image's kernel is the one the source runs: its file is named
+/// for the source's `uname -r`, and the bzImage's version string (in the
+/// uncompressed setup code) is that release.
+fn assert_rescue_kernel_is_the_sources(src: &Source) {
+    let name = src
+        .kernel
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    assert!(
+        name.ends_with(&format!("vmlinuz-{}", src.kver)),
+        "the rescue kernel {name} is not the source's {}",
+        src.kver
+    );
+    let k = std::fs::read(&src.kernel).unwrap();
+    let v = format!("{} (", src.kver);
+    assert!(
+        k.windows(v.len()).any(|w| w == v.as_bytes()),
+        "{} holds no version string {v:?}",
+        src.kernel.display()
+    );
+}
+
 /// btrfs root on GPT (BIOS): subvolumes @ (mounted at /, the default
 /// subvolume) and @home, mounted by UUID= with subvol= in fstab, GRUB
 /// booting with rootflags=subvol=@: recreated with the same UUID, the
