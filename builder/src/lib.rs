@@ -23,6 +23,7 @@ pub mod kmod;
 pub mod layers;
 pub mod layout;
 pub mod layout_parse;
+pub mod lvmmeta;
 pub mod migrate;
 pub mod netcapture;
 pub mod plan;

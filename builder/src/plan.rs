@@ -8,7 +8,7 @@
 //! subvolumes. Every step names the device it writes, so the recovery engine
 //! can refuse anything that is not mapped.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use lifeboat_contract::{Filesystem, Layout, PartitionTable};
 use std::collections::BTreeSet;
 
@@ -272,18 +272,46 @@ fn lvm_meta_file(vg: &str) -> String {
     format!("{LVM_META_DIR}/{vg}.vg")
 }
 
-/// The recorded metadata of `vg`, when the VG can be restored from it
-/// (only linear and striped LVs: thin pools and RAID LVs carry state that
-/// vgcfgrestore cannot recreate).
+/// The recorded metadata of `vg`, when the VG can be restored from it:
+/// linear and striped LVs, and thin pools whose metadata LV is linear
+/// (their thin metadata is rebuilt empty, see [`crate::lvmmeta`]). RAID
+/// and mirror LVs carry state that vgcfgrestore cannot recreate.
 fn restorable<'a>(l: &'a Layout, vg: &str) -> Option<&'a str> {
     let v = l.lvm.vgs.iter().find(|v| v.name == vg)?;
-    let simple = l
-        .lvm
-        .lvs
-        .iter()
-        .filter(|lv| lv.vg == vg)
-        .all(|lv| matches!(lv.segtype.as_str(), "linear" | "striped"));
-    v.metadata.as_deref().filter(|_| simple)
+    let meta = v.metadata.as_deref()?;
+    let mut lvs = l.lvm.lvs.iter().filter(|lv| lv.vg == vg);
+    let known = lvs.clone().all(|lv| {
+        matches!(
+            lv.segtype.as_str(),
+            "linear" | "striped" | "thin-pool" | "thin"
+        )
+    });
+    let thin = lvs.any(|lv| lv.segtype == "thin-pool");
+    if !known || (thin && thin_pools(l, vg, meta).is_err()) {
+        return None;
+    }
+    Some(meta)
+}
+
+/// The thin pools of `vg` from its metadata, each with its metadata LV's
+/// device-mapper table on the captured PV devices.
+fn thin_pools(l: &Layout, vg: &str, meta: &str) -> Result<Vec<(crate::lvmmeta::ThinPool, String)>> {
+    let mut out = Vec::new();
+    for p in crate::lvmmeta::thin_pools(meta, vg)? {
+        let mut table = String::new();
+        for (start, n, uuid, off) in &p.meta_map {
+            let dev = l
+                .lvm
+                .pvs
+                .iter()
+                .find(|pv| pv.vg == vg && &pv.uuid == uuid)
+                .map(|pv| pv.device.as_str())
+                .with_context(|| format!("{vg}/{}: PV {uuid} was not captured", p.pool))?;
+            table.push_str(&format!("{start} {n} linear {dev} {off}\n"));
+        }
+        out.push((p, table));
+    }
+    Ok(out)
 }
 
 /// The ordered plan in checkable groups.
@@ -497,16 +525,51 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
                     name: v.name.clone(),
                 }),
             );
-            g.steps.push(Step::new(
-                pvs.first().map(|s| s.as_str()).unwrap_or(""),
-                &[
-                    "lvm",
-                    "vgcfgrestore",
-                    "-f",
-                    &lvm_meta_file(&v.name),
-                    &v.name,
-                ],
-            ));
+            let meta = restorable(l, &v.name).unwrap_or_default();
+            let pools = if l
+                .lvm
+                .lvs
+                .iter()
+                .any(|lv| lv.vg == v.name && lv.segtype == "thin-pool")
+            {
+                thin_pools(l, &v.name, meta)?
+            } else {
+                Vec::new()
+            };
+            let file = lvm_meta_file(&v.name);
+            let mut a = vec!["lvm", "vgcfgrestore", "-f", &file, &v.name];
+            if !pools.is_empty() {
+                // vgcfgrestore refuses thin pools without it: their thin
+                // metadata is not in the file (it is written next).
+                a.insert(2, "--force");
+            }
+            g.steps
+                .push(Step::new(pvs.first().map(|s| s.as_str()).unwrap_or(""), &a));
+            // Each pool's thin metadata, empty but for its thin volumes'
+            // device ids and the pool's transaction id, written where the
+            // metadata LV lies (mapped alone: LVM does not activate it).
+            for (i, (p, table)) in pools.iter().enumerate() {
+                let dev = table.split_whitespace().nth(3).unwrap_or("").to_string();
+                let dm = format!("lifeboat-tmeta{i}");
+                let xml = format!("{LVM_META_DIR}/{}-{}.xml", v.name, p.pool);
+                let mut create = Step::new(&dev, &["dmsetup", "create", &dm]);
+                create.stdin = Some(table.clone());
+                g.steps.push(create);
+                let mut w = Step::new("", &["dd", &format!("of={xml}"), "status=none"]);
+                w.stdin = Some(p.xml.clone());
+                g.steps.push(w);
+                g.steps.push(Step::new(
+                    &dev,
+                    &[
+                        "thin_restore",
+                        "-i",
+                        &xml,
+                        "-o",
+                        &format!("/dev/mapper/{dm}"),
+                    ],
+                ));
+                g.steps.push(Step::new(&dev, &["dmsetup", "remove", &dm]));
+            }
             // Bigger partitions: let the PVs use them.
             for pv in &pvs {
                 g.steps.push(Step::new(pv, &["lvm", "pvresize", pv]));
@@ -778,7 +841,7 @@ mod tests {
     fn a_recorded_vg_of_plain_lvs_is_restored_with_its_uuids() {
         let mut l = recorded();
         l.lvm.vgs[0].metadata = Some("vg0 {\n\tid = \"x\"\n}\n".into());
-        // With a thin pool in the VG: LV by LV as before.
+        // With a thin pool the metadata does not describe: LV by LV.
         let text: Vec<String> = commands(&l).unwrap().iter().map(|s| s.render()).collect();
         assert!(text.iter().any(|c| c.contains("lvcreate")));
         assert!(!text.iter().any(|c| c.contains("vgcfgrestore")));
@@ -804,6 +867,93 @@ mod tests {
             .any(|c| c.contains("lvcreate") || c.contains("vgcreate")));
         let dd = steps.iter().find(|s| s.argv[0] == "dd").unwrap();
         assert_eq!(dd.stdin.as_deref(), l.lvm.vgs[0].metadata.as_deref());
+    }
+
+    #[test]
+    fn a_vg_with_a_thin_pool_is_restored_with_its_uuids_and_empty_thin_metadata() {
+        use lifeboat_contract::{Lv, Pv, Vg};
+        let meta = include_str!("../../tests/fixtures/layout/thin-vg.meta");
+        let mut l = recorded();
+        let lv = |name: &str, segtype: &str, pool: Option<&str>| Lv {
+            vg: "tvg".into(),
+            name: name.into(),
+            uuid: format!("{name}-uuid"),
+            size_bytes: 100 << 20,
+            segtype: segtype.into(),
+            pool: pool.map(String::from),
+            stripes: 1,
+        };
+        l.lvm.pvs = vec![Pv {
+            device: "/dev/vdc".into(),
+            uuid: "7ComH8-RgPU-2U9C-iUSs-VLvd-c93g-0IdRCL".into(),
+            vg: "tvg".into(),
+            size_bytes: 600 << 20,
+        }];
+        l.lvm.vgs = vec![Vg {
+            name: "tvg".into(),
+            uuid: "iHsI0k-CLah-XD9Y-GGJt-9jqi-Jkru-enUU0z".into(),
+            extent_bytes: 4 << 20,
+            size_bytes: 596 << 20,
+            metadata: Some(meta.into()),
+        }];
+        l.lvm.lvs = vec![
+            lv("pool", "thin-pool", None),
+            lv("a", "thin", Some("pool")),
+            lv("b", "thin", Some("pool")),
+        ];
+        l.filesystems.retain(|f| !f.device.starts_with("/dev/vg0/"));
+        let steps = commands(&l).unwrap();
+        let text: Vec<String> = steps.iter().map(|s| s.render()).collect();
+        let pos = |needle: &str| {
+            text.iter()
+                .position(|c| c.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing in {text:#?}"))
+        };
+        assert!(
+            pos("--restorefile=/run/lifeboat/lvm/tvg.vg")
+                < pos("vgcfgrestore --force -f /run/lifeboat/lvm/tvg.vg tvg")
+        );
+        assert!(pos("vgcfgrestore --force") < pos("dmsetup create lifeboat-tmeta0"));
+        assert!(
+            pos("dmsetup create")
+                < pos(
+                    "thin_restore -i /run/lifeboat/lvm/tvg-pool.xml -o /dev/mapper/lifeboat-tmeta0"
+                )
+        );
+        assert!(pos("thin_restore") < pos("dmsetup remove lifeboat-tmeta0"));
+        assert!(pos("dmsetup remove") < pos("lvm vgchange --ignoremonitoring --activate y tvg"));
+        assert!(!text
+            .iter()
+            .any(|c| c.contains("lvcreate") || c.contains("vgcreate")));
+        // The metadata LV's extent on the PV's device as the layout has it,
+        // and the XML that thin_restore reads.
+        let create = steps
+            .iter()
+            .find(|s| s.argv[..2] == ["dmsetup", "create"])
+            .unwrap();
+        assert_eq!(create.device, "/dev/vdc");
+        assert_eq!(
+            create.stdin.as_deref(),
+            Some("0 8192 linear /dev/vdc 624640\n")
+        );
+        let xml = steps
+            .iter()
+            .find(|s| s.argv.iter().any(|a| a.ends_with("tvg-pool.xml")) && s.argv[0] == "dd")
+            .unwrap();
+        assert!(xml
+            .stdin
+            .as_deref()
+            .unwrap()
+            .contains("<device dev_id=\"2\""));
+        // A PV the layout lacks: not restorable, LV by LV instead.
+        l.lvm.pvs[0].uuid = "other".into();
+        let text: Vec<String> = commands(&l).unwrap().iter().map(|s| s.render()).collect();
+        assert!(!text
+            .iter()
+            .any(|c| c.contains("vgcfgrestore") || c.contains("thin_restore")));
+        assert!(text
+            .iter()
+            .any(|c| c.contains("lvcreate --yes --ignoremonitoring -V")));
     }
 
     #[test]

@@ -522,7 +522,8 @@ pub struct Vg {
     pub extent_bytes: u64,
     pub size_bytes: u64,
     /// `vgcfgbackup` text: with it the recovery restores the VG with the
-    /// same VG and LV UUIDs (`pvcreate --restorefile` + `vgcfgrestore`).
+    /// same VG and LV UUIDs (`pvcreate --restorefile` + `vgcfgrestore`;
+    /// thin pools get empty thin metadata through `thin_restore`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<String>,
 }
