@@ -337,7 +337,9 @@ pub struct Rescue {
     pub exclude_modules: Vec<String>,
     /// Programs that must be in the image (names looked up in PATH, or absolute paths).
     pub programs: Vec<String>,
-    /// Programs to include when present.
+    /// Programs to include when present. Every program the recovery plan
+    /// runs (lvm, mdadm, mkfs.xfs, thin_restore, ...) is added by itself;
+    /// one this system lacks is named in a warning.
     pub optional_programs: Vec<String>,
     /// Programs of the default set to leave out.
     pub exclude_programs: Vec<String>,

@@ -314,7 +314,62 @@ fn base_layer(cfg: &Config, root: &Path) -> Result<Tree> {
     Ok(t)
 }
 
-fn tools_layer(cfg: &Config, root: &Path, warnings: &mut Vec<String>) -> Result<Tree> {
+/// The programs the recovery plan in `plan_files` runs (each step's
+/// argv[0]), when a layout is among them.
+fn plan_programs(plan_files: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    let Some((_, json)) = plan_files
+        .iter()
+        .find(|(p, _)| p == lifeboat_contract::RESCUE_LAYOUT_PATH)
+    else {
+        return Ok(Vec::new());
+    };
+    let layout: lifeboat_contract::Layout =
+        serde_json::from_slice(json).context("the layout for the plan layer")?;
+    let mut progs = BTreeSet::new();
+    for g in crate::plan::groups(&layout)? {
+        for s in g.steps {
+            if let Some(p) = s.argv.first() {
+                progs.insert(p.clone());
+            }
+        }
+    }
+    Ok(progs.into_iter().collect())
+}
+
+/// Add the plan's programs to the optional ones; those this system lacks
+/// are named in a warning, since the recovery would stop at them.
+fn add_plan_programs(
+    root: &Path,
+    plan: &[String],
+    optional: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    let lacking: Vec<&str> = plan
+        .iter()
+        .filter(|p| elf::find_in_path(root, p).is_none())
+        .map(String::as_str)
+        .collect();
+    if !lacking.is_empty() {
+        warnings.push(format!(
+            "the recovery plan runs {}, which this system lacks: the recovery would stop there; \
+             install them (thin_restore is in thin-provisioning-tools, mkfs.xfs in xfsprogs, \
+             mkfs.btrfs in btrfs-progs) and make the image again",
+            lacking.join(", ")
+        ));
+    }
+    for p in plan {
+        if !optional.contains(p) {
+            optional.push(p.clone());
+        }
+    }
+}
+
+fn tools_layer(
+    cfg: &Config,
+    root: &Path,
+    plan: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<Tree> {
     let r = &cfg.rescue;
     let excluded: BTreeSet<&str> = r.exclude_programs.iter().map(|s| s.as_str()).collect();
     let mut required: Vec<&str> = programs::REQUIRED
@@ -323,12 +378,13 @@ fn tools_layer(cfg: &Config, root: &Path, warnings: &mut Vec<String>) -> Result<
         .filter(|p| !excluded.contains(p))
         .collect();
     required.extend(r.programs.iter().map(|s| s.as_str()));
-    let mut optional: Vec<&str> = programs::OPTIONAL
+    let mut optional: Vec<String> = programs::OPTIONAL
         .iter()
-        .copied()
-        .filter(|p| !excluded.contains(p))
+        .filter(|p| !excluded.contains(*p))
+        .map(|p| p.to_string())
         .collect();
-    optional.extend(r.optional_programs.iter().map(|s| s.as_str()));
+    optional.extend(r.optional_programs.iter().cloned());
+    add_plan_programs(root, plan, &mut optional, warnings);
 
     let mut roots = Vec::new();
     let mut missing = Vec::new();
@@ -345,6 +401,7 @@ fn tools_layer(cfg: &Config, root: &Path, warnings: &mut Vec<String>) -> Result<
     for p in &optional {
         match elf::find_in_path(root, p) {
             Some(abs) => roots.push(abs),
+            None if plan.contains(p) => {} // warned about above
             None => opt_missing.push(p.to_string()),
         }
     }
@@ -952,7 +1009,8 @@ pub fn plan(cfg: &Config, cfg_text: &str, inp: &BuildInputs) -> Result<Plan> {
     }
     layers.push(("base".to_string(), base_layer(cfg, &inp.root)?, comp));
     if !inp.generic {
-        let mut tools = tools_layer(cfg, &inp.root, &mut warnings)?;
+        let plan = plan_programs(&inp.plan_files)?;
+        let mut tools = tools_layer(cfg, &inp.root, &plan, &mut warnings)?;
         let mut excl: Vec<String> = programs::EXCLUDE.iter().map(|s| s.to_string()).collect();
         excl.extend(cfg.rescue.exclude.iter().cloned());
         tools.exclude(&excl);
@@ -1543,6 +1601,65 @@ impl Drop for LayerProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plans_programs_go_in_and_those_lacking_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        for p in ["usr/sbin/lvm", "usr/sbin/dmsetup"] {
+            let f = d.path().join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, "").unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let plan: Vec<String> = ["lvm", "dmsetup", "thin_restore"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut optional = vec!["lvm".to_string()];
+        let mut warnings = Vec::new();
+        add_plan_programs(d.path(), &plan, &mut optional, &mut warnings);
+        assert_eq!(optional, ["lvm", "dmsetup", "thin_restore"]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("the recovery plan runs thin_restore, which this system lacks"),
+            "{warnings:?}"
+        );
+        // No layout among the plan files: nothing to add.
+        assert!(plan_programs(&[]).unwrap().is_empty());
+        // A layout with an LVM volume group: the plan's commands.
+        let l = lifeboat_contract::Layout {
+            schema_version: lifeboat_contract::LAYOUT_SCHEMA_VERSION,
+            hostname: "h".into(),
+            disks: vec![],
+            filesystems: vec![],
+            mounts: vec![],
+            md: vec![],
+            luks: vec![],
+            bootloader: Default::default(),
+            lvm: lifeboat_contract::Lvm {
+                pvs: vec![lifeboat_contract::Pv {
+                    device: "/dev/vda2".into(),
+                    uuid: "u".into(),
+                    vg: "vg0".into(),
+                    size_bytes: 1 << 30,
+                }],
+                vgs: vec![lifeboat_contract::Vg {
+                    name: "vg0".into(),
+                    uuid: "v".into(),
+                    extent_bytes: 4 << 20,
+                    size_bytes: 1 << 30,
+                    metadata: None,
+                }],
+                lvs: vec![],
+            },
+        };
+        let files = vec![(
+            lifeboat_contract::RESCUE_LAYOUT_PATH.to_string(),
+            serde_json::to_vec(&l).unwrap(),
+        )];
+        assert_eq!(plan_programs(&files).unwrap(), ["lvm"]);
+    }
 
     #[test]
     fn copy_as_is_globs_expand_per_component() {
