@@ -456,6 +456,30 @@ fn nvme_grow() {
     check_recovered_on(src, &target, Some(serial), "boot.log");
 }
 
+/// A Debian 12 whose initramfs generator is dracut (dracut-host) onto a
+/// new machine whose only disk is NVMe: mapped automatically, the names
+/// change, and the recovery rebuilds the initramfs with dracut (as on
+/// RHEL, Fedora and SUSE hosts), which then boots the NVMe disk.
+#[test]
+fn dracut_host() {
+    let _cell = Cell::start("dracut-host");
+    let src = dracut_source();
+    let target = here(src).join("target-nvme.raw");
+    blank(&target, "3G");
+    let serial = "NVME-DRACUT";
+    let console = recover(src, &[(&target, Some(serial))], "", "recover.log");
+    assert!(
+        console.contains("-> /dev/nvme0n1"),
+        "the one disk should be mapped onto the NVMe disk:\n{console}"
+    );
+    assert!(
+        console.contains("dracut --force --regenerate-all")
+            && !console.contains("update-initramfs"),
+        "the initramfs should be rebuilt with dracut:\n{console}"
+    );
+    check_recovered_on(src, &target, Some(serial), "boot.log");
+}
+
 /// The GPT source onto a disk 30% smaller, named in a mapping: the data
 /// fits, the partitions shrink, UUIDs and the boot path stay.
 #[test]
@@ -527,6 +551,52 @@ fn luks_lvm() {
         "the LUKS container should be recreated and hold the PV:\n{console}"
     );
     check_recovered(src, &target, "boot.log");
+}
+
+/// md RAID1 across two disks (BIOS, GPT): / on md0, swap on md1, GRUB in
+/// both MBRs. Both disks recovered (the arrays with their UUIDs, GRUB on
+/// each disk), the machine boots with both; then each disk alone (on an
+/// overlay, so the two boots do not disturb each other) boots through its
+/// own GRUB onto the degraded arrays.
+#[test]
+fn bios_md_raid1() {
+    let _cell = Cell::start("bios-md-raid1");
+    let src = md_raid1_source();
+    assert_eq!(src.disks, 2);
+    let d = here(src);
+    let (t0, t1) = (d.join("target0.raw"), d.join("target1.raw"));
+    blank(&t0, "3G");
+    blank(&t1, "3G");
+    let console = recover(
+        src,
+        &[(&t0, Some("LBSRC0")), (&t1, Some("LBSRC1"))],
+        "",
+        "recover.log",
+    );
+    assert!(
+        console.contains("mdadm --create"),
+        "the arrays should be recreated:\n{console}"
+    );
+    check_recovered_disks(
+        src,
+        &[(&t0, Some("LBSRC0")), (&t1, Some("LBSRC1"))],
+        "boot.log",
+    );
+    for (i, t) in [&t0, &t1].into_iter().enumerate() {
+        let o = d.join(format!("alone{i}.qcow2"));
+        sh_ok(&format!(
+            "qemu-img create -q -f qcow2 -F raw -b {} {}",
+            t.display(),
+            o.display()
+        ));
+        let spec_disk = o.clone();
+        check_boots_alone(
+            src,
+            &spec_disk,
+            &format!("LBSRC{i}"),
+            &format!("alone{i}.log"),
+        );
+    }
 }
 
 /// Debian 11 (bullseye) on the gpt-bios layout: its own kernel and tools

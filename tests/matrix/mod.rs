@@ -57,6 +57,8 @@ pub struct Source {
     pub fstab: String,
     /// The source's /etc/crypttab (empty without one).
     pub crypttab: String,
+    /// How many disks the source has (serials LBSRC0, LBSRC1, ...).
+    pub disks: usize,
     /// The source booted with UEFI (OVMF): its rescue VM does too, and the
     /// recovered disk boots with the NVRAM that recovery wrote.
     pub uefi: bool,
@@ -140,6 +142,16 @@ pub const LVS: &str =
 /// The shape, identities and mounts of the first disk, as JSON.
 pub const LSBLK: &str =
     "lsblk --json -o NAME,TYPE,FSTYPE,UUID,PARTUUID,LABEL,PARTLABEL,MOUNTPOINT /dev/vda";
+
+/// [`LSBLK`] of the first `n` disks (vda, vdb, ...).
+pub fn lsblk_of(n: usize) -> String {
+    (1..n).fold(LSBLK.to_string(), |c, i| format!("{c} {}", vd(i)))
+}
+
+/// The `i`th virtio disk: /dev/vda for 0.
+pub fn vd(i: usize) -> String {
+    format!("/dev/vd{}", (b'a' + i as u8) as char)
+}
 
 /// Disks whose serial starts with this are attached as NVMe (the test's
 /// way to say "a new machine with an NVMe disk").
@@ -362,12 +374,26 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
             _ => "",
         }
     ));
-    let overlay = work.join("src.qcow2");
-    sh_ok(&format!(
-        "qemu-img create -q -f qcow2 -F raw -b {} {}",
-        disk.display(),
-        overlay.display()
-    ));
+    let ndisks: usize = layout_setting(layout, "LAYOUT_DISKS").map_or(1, |n| n.parse().unwrap());
+    let mut overlays = Vec::new();
+    for i in 0..ndisks {
+        let (d, o) = if i == 0 {
+            (disk.clone(), work.join("src.qcow2"))
+        } else {
+            (
+                disk.with_file_name(format!("disk{}.raw", i + 1)),
+                work.join(format!("src{i}.qcow2")),
+            )
+        };
+        sh_ok(&format!(
+            "qemu-img create -q -f qcow2 -F raw -b {} {}",
+            d.display(),
+            o.display()
+        ));
+        overlays.push(o);
+    }
+    // The backup disk comes after the source's disks.
+    let bdev = vd(ndisks);
     // The backup disk carries the lifeboat binaries in and everything out.
     let stage = work.join("stage/bin");
     std::fs::create_dir_all(&stage).unwrap();
@@ -395,16 +421,17 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
     } else {
         None
     };
-    let spec = BootSpec {
+    let mut spec = BootSpec {
         memory_mb: 1536,
         log: Some(work.join("source-console.log")),
         uefi,
         uefi_vars,
         ..BootSpec::from_disks()
+    };
+    for (i, o) in overlays.iter().enumerate() {
+        spec = spec.with_disk(o, "qcow2", Some(&format!("LBSRC{i}")));
     }
-    .with_disk(&overlay, "qcow2", Some("LBSRC0"))
-    .with_disk(&backup, "raw", None)
-    .with_user_net("");
+    let spec = spec.with_disk(&backup, "raw", None).with_user_net("");
     let mut vm = Vm::boot(&spec).unwrap();
     let mut pos = vm.wait_for(PROMPT, 10 * MIN).unwrap();
     // Kernel messages must not land in the middle of command output.
@@ -434,8 +461,10 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
     run(
         &mut vm,
         &mut pos,
-        "mkdir -p /backup /etc/lifeboat/conf.d && mount /dev/vdb /backup && \
-         printf '[rescue]\ncompression_level = 1\n' > /etc/lifeboat/conf.d/00-e2e-speed.toml",
+        &format!(
+            "mkdir -p /backup /etc/lifeboat/conf.d && mount {bdev} /backup && \
+         printf '[rescue]\ncompression_level = 1\n' > /etc/lifeboat/conf.d/00-e2e-speed.toml"
+        ),
         MIN,
     );
     let markers = run(
@@ -445,7 +474,7 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
          && date > /etc/marker.txt && sha256sum /root/marker.bin /home/u/marker.bin /etc/marker.txt",
         MIN,
     );
-    let lsblk = json_in(&run(&mut vm, &mut pos, LSBLK, MIN));
+    let lsblk = json_in(&run(&mut vm, &mut pos, &lsblk_of(ndisks), MIN));
     let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
     let cmdline = prefixed(&run(&mut vm, &mut pos, CMDLINE, MIN), "cmdline: ").join("\n");
     assert!(cmdline.contains("root="), "{cmdline}");
@@ -867,6 +896,7 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
         backup_s,
         fstab,
         crypttab,
+        disks: ndisks,
         uefi,
         probe,
     }
@@ -968,6 +998,19 @@ pub fn luks_root_source() -> &'static Source {
 pub fn luks_lvm_source() -> &'static Source {
     static S: OnceLock<Result<Source, String>> = OnceLock::new();
     shared_source(&S, "luks-lvm", Variant::Plain)
+}
+
+/// Two disks with md RAID1 for / and swap, GRUB on both (layout
+/// bios-md-raid1).
+pub fn md_raid1_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "bios-md-raid1", Variant::Plain)
+}
+
+/// The gpt-bios layout on a Debian 12 whose initramfs is made by dracut.
+pub fn dracut_source() -> &'static Source {
+    static S: OnceLock<Result<Source, String>> = OnceLock::new();
+    shared_source(&S, "dracut-host", Variant::Plain)
 }
 
 /// The gpt-bios layout with Debian 11 (bullseye).
@@ -1165,25 +1208,61 @@ pub fn check_recovered(src: &Source, target: &Path, log: &str) {
     check_recovered_on(src, target, None, log)
 }
 
+/// Boot one disk of a recovered mirror (a qcow2 overlay of it) alone, the
+/// other removed, through
+/// its own GRUB: the system comes up on the degraded arrays with the
+/// markers intact, and `/proc/mdstat` shows the arrays running on one of
+/// two devices.
+pub fn check_boots_alone(src: &Source, disk: &Path, serial: &str, log: &str) {
+    let spec = BootSpec {
+        memory_mb: 1024,
+        log: Some(here(src).join(log)),
+        ..BootSpec::from_disks()
+    }
+    .with_disk(disk, "qcow2", Some(serial));
+    let mut vm = Vm::boot(&spec).unwrap();
+    let mut pos = vm
+        .wait_for(PROMPT, 10 * MIN)
+        .unwrap_or_else(|e| panic!("{serial} alone did not boot to a shell: {e}"));
+    run(&mut vm, &mut pos, "dmesg -n 1", MIN);
+    let sums = run(
+        &mut vm,
+        &mut pos,
+        "sha256sum /root/marker.bin /home/u/marker.bin /etc/marker.txt",
+        MIN,
+    );
+    same_markers(&sums, src);
+    let md = run(&mut vm, &mut pos, "cat /proc/mdstat", MIN);
+    assert!(
+        md.contains("[2/1]") && md.contains("active raid1"),
+        "{serial} alone: the arrays should run degraded:\n{md}"
+    );
+}
+
 /// [`check_recovered`] with the target attached as its serial says (NVMe
 /// when it starts with [`NVME`]): the names change, nothing else may.
 pub fn check_recovered_on(src: &Source, target: &Path, serial: Option<&str>, log: &str) {
+    check_recovered_disks(src, &[(target, serial)], log)
+}
+
+/// [`check_recovered_on`] for a machine with several disks (the first
+/// one's NVRAM is the machine's).
+pub fn check_recovered_disks(src: &Source, targets: &[(&Path, Option<&str>)], log: &str) {
     phase("first boot");
     // A UEFI machine boots with the NVRAM its recovery wrote (fresh before
     // it, never the source's), else fresh NVRAM.
+    let (target, serial) = targets[0];
     let nvram = nvram_of(target);
-    let spec = attach(
-        BootSpec {
-            memory_mb: 1024,
-            log: Some(here(src).join(log)),
-            uefi: src.uefi,
-            uefi_vars: (src.uefi && nvram.is_file()).then_some(nvram),
-            ..BootSpec::from_disks()
-        },
-        target,
-        "raw",
-        serial,
-    );
+    let mut spec = BootSpec {
+        memory_mb: 1024,
+        log: Some(here(src).join(log)),
+        uefi: src.uefi,
+        uefi_vars: (src.uefi && nvram.is_file()).then_some(nvram),
+        ..BootSpec::from_disks()
+    };
+    for (t, s) in targets {
+        spec = attach(spec, t, "raw", *s);
+    }
     let nvme = serial.is_some_and(|s| s.starts_with(NVME));
     let mut vm = Vm::boot(&spec).unwrap();
     let mut pos = vm
@@ -1211,7 +1290,7 @@ pub fn check_recovered_on(src: &Source, target: &Path, serial: Option<&str>, log
                 .replace("\"nvme0n1\"", "\"vda\""),
         )
     } else {
-        json_in(&run(&mut vm, &mut pos, LSBLK, MIN))
+        json_in(&run(&mut vm, &mut pos, &lsblk_of(src.disks), MIN))
     };
     assert_eq!(lsblk, src.lsblk, "lsblk shape, UUIDs or mounts differ");
     let lvm_ids = prefixed(&run(&mut vm, &mut pos, LVS, MIN), "lv: ");
