@@ -639,6 +639,7 @@ fn debian13_uefi() {
         "GRUB for x86_64-efi should be installed with an NVRAM entry:\n{console}"
     );
     check_recovered(src, &target, "boot.log");
+    check_boots_with_fresh_nvram(src, &target, "fresh-nvram.log");
 }
 
 /// The rescue image's kernel is the one the source runs: its file is named
@@ -716,6 +717,7 @@ fn uefi_gpt_ext4() {
         "GRUB for x86_64-efi should be installed with an NVRAM entry:\n{console}"
     );
     check_recovered(src, &target, "boot.log");
+    check_boots_with_fresh_nvram(src, &target, "fresh-nvram.log");
 }
 
 /// A fleet machine with a blank disk boots QEMU's iPXE from lifeboat

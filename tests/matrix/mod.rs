@@ -1208,6 +1208,51 @@ pub fn check_recovered(src: &Source, target: &Path, log: &str) {
     check_recovered_on(src, target, None, log)
 }
 
+/// A recovered UEFI disk on a machine with fresh NVRAM (no boot entries):
+/// the firmware finds the removable-path loader \EFI\BOOT\BOOTX64.EFI and
+/// the system boots; the markers are there.
+pub fn check_boots_with_fresh_nvram(src: &Source, disk: &Path, log: &str) {
+    assert!(src.uefi);
+    let o = here(src).join("fresh-nvram.qcow2");
+    sh_ok(&format!(
+        "qemu-img create -q -f qcow2 -F raw -b {} {}",
+        disk.display(),
+        o.display()
+    ));
+    let spec = BootSpec {
+        memory_mb: 1024,
+        log: Some(here(src).join(log)),
+        uefi: true,
+        uefi_vars: None,
+        ..BootSpec::from_disks()
+    }
+    .with_disk(&o, "qcow2", Some("LBSRC0"));
+    let mut vm = Vm::boot(&spec).unwrap();
+    let mut pos = vm
+        .wait_for(PROMPT, 10 * MIN)
+        .unwrap_or_else(|e| panic!("the recovered disk did not boot with fresh NVRAM: {e}"));
+    run(&mut vm, &mut pos, "dmesg -n 1", MIN);
+    let sums = run(
+        &mut vm,
+        &mut pos,
+        "sha256sum /root/marker.bin /home/u/marker.bin /etc/marker.txt",
+        MIN,
+    );
+    same_markers(&sums, src);
+    // OVMF names what it loads: with fresh NVRAM, one of its own entries
+    // for the disk (the removable path), never the OS's "debian".
+    let c = vm.console();
+    let loaded = c
+        .lines()
+        .find(|l| l.contains("BdsDxe: loading Boot"))
+        .unwrap_or_else(|| panic!("OVMF did not say what it booted"))
+        .to_string();
+    assert!(
+        !loaded.contains("\"debian\""),
+        "fresh NVRAM should have no OS entry: {loaded}"
+    );
+}
+
 /// Boot one disk of a recovered mirror (a qcow2 overlay of it) alone, the
 /// other removed, through
 /// its own GRUB: the system comes up on the degraded arrays with the
