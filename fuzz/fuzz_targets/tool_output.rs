@@ -1,6 +1,7 @@
 //! Recorded tool output the layout capture parses: sfdisk and findmnt
 //! JSON, blkid export, lvm JSON reports, mdadm --detail --export,
-//! cryptsetup luksDump, btrfs, xfs_info, tune2fs, efibootmgr. The first
+//! cryptsetup luksDump, btrfs, xfs_info, tune2fs, efibootmgr, and LVM's
+//! vgcfgbackup text (the thin pools a plan rebuilds). The first
 //! byte picks the parser.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(t) = std::str::from_utf8(rest) else {
         return;
     };
-    match sel % 13 {
+    match sel % 14 {
         0 => {
             let _ = lifeboat::layout::parse_sfdisk(t);
         }
@@ -50,8 +51,11 @@ fuzz_target!(|data: &[u8]| {
         11 => {
             let _ = p::tune2fs(t);
         }
-        _ => {
+        12 => {
             let _ = p::efibootmgr(t);
+        }
+        _ => {
+            let _ = lifeboat::lvmmeta::thin_pools(t, "tvg");
         }
     }
 });
