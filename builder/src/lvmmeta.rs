@@ -238,22 +238,54 @@ fn sane_name(n: &str) -> bool {
 pub fn thin_pools(text: &str, vg: &str) -> Result<Vec<ThinPool>> {
     let root = parse(text)?;
     let v = root.section(vg)?;
+    let Ok(lvs) = v.section("logical_volumes") else {
+        return Ok(Vec::new());
+    };
+    let is_pool = |lv: &Section| {
+        lv.segments()
+            .iter()
+            .any(|s| s.str("type").ok() == Some("thin-pool"))
+    };
+    if !lvs.sections.iter().any(is_pool) {
+        return Ok(Vec::new());
+    }
     let es = v.num("extent_size")?;
     if es == 0 {
         bail!("{vg}: extent_size 0");
     }
     let pvs = v.section("physical_volumes")?;
-    let lvs = v.section("logical_volumes")?;
-    let pv = |name: &str| -> Result<(String, u64)> {
+    let pv = |name: &str| -> Result<(String, u64, u64)> {
         let p = pvs.section(name)?;
-        Ok((p.str("id")?.to_string(), p.num("pe_start")?))
+        Ok((
+            p.str("id")?.to_string(),
+            p.num("pe_start")?,
+            p.num("pe_count")?,
+        ))
     };
-    let mut out = Vec::new();
-    for lv in &lvs.sections {
-        let segs = lv.segments();
-        if !segs.iter().any(|s| s.str("type").ok() == Some("thin-pool")) {
-            continue;
+    let by_name: std::collections::HashMap<&str, &Section> =
+        lvs.sections.iter().map(|s| (s.name.as_str(), s)).collect();
+    let lv_named = |n: &str| {
+        by_name
+            .get(n)
+            .copied()
+            .with_context(|| format!("{vg}: no LV {n}"))
+    };
+    // Thin volumes by their pool, with (device id, transaction id).
+    let mut thins: std::collections::HashMap<&str, Vec<(u64, u64)>> = Default::default();
+    for t in &lvs.sections {
+        for s in t.segments() {
+            if s.str("type").ok() == Some("thin") {
+                thins
+                    .entry(s.str("thin_pool")?)
+                    .or_default()
+                    .push((s.num("device_id")?, s.num("transaction_id")?));
+            }
         }
+    }
+    let mul = |a: u64, b: u64| a.checked_mul(b).context("LVM metadata: sizes overflow");
+    let mut out = Vec::new();
+    for lv in lvs.sections.iter().filter(|s| is_pool(s)) {
+        let segs = lv.segments();
         let [seg] = segs[..] else {
             bail!("thin pool {vg}/{}: {} segments", lv.name, segs.len());
         };
@@ -264,9 +296,10 @@ pub fn thin_pools(text: &str, vg: &str) -> Result<Vec<ThinPool>> {
         if !sane_name(&lv.name) || chunk == 0 {
             bail!("thin pool {vg}/{}: bad name or chunk size", lv.name);
         }
-        // The metadata LV: linear segments on PVs.
+        // The metadata LV: linear segments on PVs, one after the other.
         let mut meta_map = Vec::new();
-        for s in lvs.section(meta_lv)?.segments() {
+        let mut next = 0;
+        for s in lv_named(meta_lv)?.segments() {
             if s.str("type")? != "striped" || s.num("stripe_count")? != 1 {
                 bail!("{vg}/{meta_lv}: not linear");
             }
@@ -276,33 +309,35 @@ pub fn thin_pools(text: &str, vg: &str) -> Result<Vec<ThinPool>> {
             let [Value::Str(pvname), Value::Num(pe)] = &st[..] else {
                 bail!("{vg}/{meta_lv}: stripes {st:?}")
             };
-            let (uuid, pe_start) = pv(pvname)?;
-            let n = |a: u64, b: u64| {
-                a.checked_mul(b)
-                    .with_context(|| format!("{vg}/{meta_lv}: sizes overflow"))
-            };
-            let off = n(*pe, es)?
+            let (uuid, pe_start, pe_count) = pv(pvname)?;
+            let (start, count) = (s.num("start_extent")?, s.num("extent_count")?);
+            let end = pe
+                .checked_add(count)
+                .context("LVM metadata: sizes overflow")?;
+            if start != next || count == 0 || end > pe_count {
+                bail!("{vg}/{meta_lv}: segments not contiguous or beyond {pvname}");
+            }
+            next = start + count;
+            let off = mul(*pe, es)?
                 .checked_add(pe_start)
-                .context("sizes overflow")?;
-            meta_map.push((
-                n(s.num("start_extent")?, es)?,
-                n(s.num("extent_count")?, es)?,
-                uuid,
-                off,
-            ));
+                .context("LVM metadata: sizes overflow")?;
+            meta_map.push((mul(start, es)?, mul(count, es)?, uuid, off));
         }
         if meta_map.is_empty() {
             bail!("{vg}/{meta_lv}: no segments");
         }
-        let data_extents: u64 = lvs
-            .section(data_lv)?
-            .segments()
-            .iter()
-            .map(|s| s.num("extent_count"))
-            .sum::<Result<u64>>()?;
-        let data_sectors = data_extents
-            .checked_mul(es)
-            .context("pool size overflows")?;
+        // The data LV: plain extents (a RAID or cached one would come back
+        // with stale state under it).
+        let mut data_extents: u64 = 0;
+        for s in lv_named(data_lv)?.segments() {
+            if s.str("type")? != "striped" {
+                bail!("{vg}/{data_lv}: not striped or linear");
+            }
+            data_extents = data_extents
+                .checked_add(s.num("extent_count")?)
+                .context("LVM metadata: sizes overflow")?;
+        }
+        let data_sectors = mul(data_extents, es)?;
         if data_sectors % chunk != 0 {
             bail!("{vg}/{data_lv}: not a whole number of chunks");
         }
@@ -310,16 +345,10 @@ pub fn thin_pools(text: &str, vg: &str) -> Result<Vec<ThinPool>> {
             "<superblock uuid=\"\" time=\"0\" transaction=\"{tid}\" data_block_size=\"{chunk}\" nr_data_blocks=\"{}\">\n",
             data_sectors / chunk
         );
-        for t in &lvs.sections {
-            for s in t.segments() {
-                if s.str("type").ok() == Some("thin") && s.str("thin_pool").ok() == Some(&lv.name) {
-                    xml.push_str(&format!(
-                        "  <device dev_id=\"{}\" mapped_blocks=\"0\" transaction=\"{}\" creation_time=\"0\" snap_time=\"0\">\n  </device>\n",
-                        s.num("device_id")?,
-                        s.num("transaction_id")?
-                    ));
-                }
-            }
+        for (dev, t) in thins.get(lv.name.as_str()).into_iter().flatten() {
+            xml.push_str(&format!(
+                "  <device dev_id=\"{dev}\" mapped_blocks=\"0\" transaction=\"{t}\" creation_time=\"0\" snap_time=\"0\">\n  </device>\n"
+            ));
         }
         xml.push_str("</superblock>\n");
         out.push(ThinPool {
@@ -379,6 +408,23 @@ mod tests {
         );
         assert_ne!(striped, THIN_VG, "the fixture changed: fix the test");
         assert!(thin_pools(&striped, "tvg").is_err());
+        // A data LV that is not plain extents (RAID here).
+        let raid = THIN_VG.replacen(
+            "extent_count = 75\t# 300 Megabytes\n\n\t\t\t\ttype = \"striped\"",
+            "extent_count = 75\n\n\t\t\t\ttype = \"raid1\"",
+            1,
+        );
+        assert_ne!(raid, THIN_VG, "the fixture changed: fix the test");
+        assert!(thin_pools(&raid, "tvg").is_err());
+        // Sizes that overflow are refused, not a panic.
+        let huge = THIN_VG.replace(
+            "extent_count = 75\t",
+            "extent_count = 18446744073709551615\t",
+        );
+        assert!(thin_pools(&huge, "tvg").is_err());
+        // A metadata LV beyond the end of its PV.
+        let beyond = THIN_VG.replace("\"pv0\", 76", "\"pv0\", 149");
+        assert!(thin_pools(&beyond, "tvg").is_err());
         for bad in [
             "tvg {",
             "tvg { a = }",

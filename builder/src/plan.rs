@@ -279,18 +279,31 @@ fn lvm_meta_file(vg: &str) -> String {
 fn restorable<'a>(l: &'a Layout, vg: &str) -> Option<&'a str> {
     let v = l.lvm.vgs.iter().find(|v| v.name == vg)?;
     let meta = v.metadata.as_deref()?;
-    let mut lvs = l.lvm.lvs.iter().filter(|lv| lv.vg == vg);
-    let known = lvs.clone().all(|lv| {
+    let known = l.lvm.lvs.iter().filter(|lv| lv.vg == vg).all(|lv| {
         matches!(
             lv.segtype.as_str(),
             "linear" | "striped" | "thin-pool" | "thin"
         )
     });
-    let thin = lvs.any(|lv| lv.segtype == "thin-pool");
-    if !known || (thin && thin_pools(l, vg, meta).is_err()) {
-        return None;
+    // The metadata and the LV list must agree on the pools (a pool made
+    // or removed between the two captures: LV by LV); a pool the metadata
+    // parser does not understand means LV by LV too.
+    let listed = l
+        .lvm
+        .lvs
+        .iter()
+        .filter(|lv| lv.vg == vg && lv.segtype == "thin-pool")
+        .count();
+    match thin_pools(l, vg, meta) {
+        Ok(p) if known && p.len() == listed => Some(meta),
+        _ => None,
     }
-    Some(meta)
+}
+
+/// The device-mapper name under which the `i`th thin pool's metadata LV
+/// of a VG is mapped while its thin metadata is written.
+pub fn tmeta_dm(i: usize) -> String {
+    format!("lifeboat-tmeta{i}")
 }
 
 /// The thin pools of `vg` from its metadata, each with its metadata LV's
@@ -526,31 +539,15 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
                 }),
             );
             let meta = restorable(l, &v.name).unwrap_or_default();
-            let pools = if l
-                .lvm
-                .lvs
-                .iter()
-                .any(|lv| lv.vg == v.name && lv.segtype == "thin-pool")
-            {
-                thin_pools(l, &v.name, meta)?
-            } else {
-                Vec::new()
-            };
-            let file = lvm_meta_file(&v.name);
-            let mut a = vec!["lvm", "vgcfgrestore", "-f", &file, &v.name];
-            if !pools.is_empty() {
-                // vgcfgrestore refuses thin pools without it: their thin
-                // metadata is not in the file (it is written next).
-                a.insert(2, "--force");
-            }
-            g.steps
-                .push(Step::new(pvs.first().map(|s| s.as_str()).unwrap_or(""), &a));
-            // Each pool's thin metadata, empty but for its thin volumes'
-            // device ids and the pool's transaction id, written where the
-            // metadata LV lies (mapped alone: LVM does not activate it).
+            let pools = thin_pools(l, &v.name, meta)?;
+            // Each pool's thin metadata first, empty but for its thin
+            // volumes' device ids and the pool's transaction id, written
+            // where the metadata LV lies (mapped alone: LVM does not
+            // activate it); it needs only the PVs. Done before
+            // vgcfgrestore, so a VG that exists (this group's mark) has it.
             for (i, (p, table)) in pools.iter().enumerate() {
                 let dev = table.split_whitespace().nth(3).unwrap_or("").to_string();
-                let dm = format!("lifeboat-tmeta{i}");
+                let dm = tmeta_dm(i);
                 let xml = format!("{LVM_META_DIR}/{}-{}.xml", v.name, p.pool);
                 let mut create = Step::new(&dev, &["dmsetup", "create", &dm]);
                 create.stdin = Some(table.clone());
@@ -568,8 +565,18 @@ pub fn groups(l: &Layout) -> Result<Vec<Group>> {
                         &format!("/dev/mapper/{dm}"),
                     ],
                 ));
-                g.steps.push(Step::new(&dev, &["dmsetup", "remove", &dm]));
+                g.steps
+                    .push(Step::new(&dev, &["dmsetup", "remove", "--retry", &dm]));
             }
+            let file = lvm_meta_file(&v.name);
+            let mut a = vec!["lvm", "vgcfgrestore", "-f", &file, &v.name];
+            if !pools.is_empty() {
+                // vgcfgrestore refuses thin pools without it: their thin
+                // metadata is not in the file (it was written above).
+                a.insert(2, "--force");
+            }
+            g.steps
+                .push(Step::new(pvs.first().map(|s| s.as_str()).unwrap_or(""), &a));
             // Bigger partitions: let the PVs use them.
             for pv in &pvs {
                 g.steps.push(Step::new(pv, &["lvm", "pvresize", pv]));
@@ -909,19 +916,24 @@ mod tests {
                 .position(|c| c.contains(needle))
                 .unwrap_or_else(|| panic!("{needle} missing in {text:#?}"))
         };
+        // The thin metadata is written between the PV and the VG, so a VG
+        // that exists (the group's mark on a rerun) has it.
         assert!(
-            pos("--restorefile=/run/lifeboat/lvm/tvg.vg")
-                < pos("vgcfgrestore --force -f /run/lifeboat/lvm/tvg.vg tvg")
+            pos("--restorefile=/run/lifeboat/lvm/tvg.vg") < pos("dmsetup create lifeboat-tmeta0")
         );
-        assert!(pos("vgcfgrestore --force") < pos("dmsetup create lifeboat-tmeta0"));
         assert!(
             pos("dmsetup create")
                 < pos(
                     "thin_restore -i /run/lifeboat/lvm/tvg-pool.xml -o /dev/mapper/lifeboat-tmeta0"
                 )
         );
-        assert!(pos("thin_restore") < pos("dmsetup remove lifeboat-tmeta0"));
-        assert!(pos("dmsetup remove") < pos("lvm vgchange --ignoremonitoring --activate y tvg"));
+        assert!(pos("thin_restore") < pos("dmsetup remove --retry lifeboat-tmeta0"));
+        assert!(
+            pos("dmsetup remove") < pos("vgcfgrestore --force -f /run/lifeboat/lvm/tvg.vg tvg")
+        );
+        assert!(
+            pos("vgcfgrestore --force") < pos("lvm vgchange --ignoremonitoring --activate y tvg")
+        );
         assert!(!text
             .iter()
             .any(|c| c.contains("lvcreate") || c.contains("vgcreate")));

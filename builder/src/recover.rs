@@ -347,6 +347,17 @@ fn writable(l: &Layout) -> BTreeSet<String> {
     for lv in &l.lvm.lvs {
         w.insert(format!("/dev/{}/{}", lv.vg, lv.name));
     }
+    // A thin pool's metadata LV, mapped alone while it is written (its
+    // table names only the VG's PVs: check_writes reads it).
+    let pools = l
+        .lvm
+        .lvs
+        .iter()
+        .filter(|lv| lv.segtype == "thin-pool")
+        .count();
+    for i in 0..pools {
+        w.insert(format!("/dev/mapper/{}", plan::tmeta_dm(i)));
+    }
     w
 }
 
@@ -388,9 +399,16 @@ fn device_in_arg(a: &str) -> Option<&str> {
 fn check_writes(groups: &[plan::Group], allowed: &BTreeSet<String>) -> Result<()> {
     for s in groups.iter().flat_map(|g| &g.steps) {
         // An empty device: the step writes no disk (scratch files in /run).
+        // `dmsetup create` reads its table, which names devices, on stdin.
+        let table = s
+            .stdin
+            .as_deref()
+            .filter(|_| s.argv.first().is_some_and(|a| a == "dmsetup"))
+            .unwrap_or("");
         let named = std::iter::once(s.device.as_str())
             .filter(|d| !d.is_empty())
-            .chain(s.argv.iter().filter_map(|a| device_in_arg(a)));
+            .chain(s.argv.iter().filter_map(|a| device_in_arg(a)))
+            .chain(table.split_whitespace().filter(|w| w.starts_with("/dev/")));
         for d in named {
             if !allowed.contains(d) {
                 bail!(
@@ -885,6 +903,22 @@ fn run_inner(o: &Options, post_ran: &mut bool) -> Result<()> {
     let groups = plan::groups(&layout)?;
     let allowed = writable(&layout);
     check_writes(&groups, &allowed)?;
+    // A thin pool's metadata mapping left by an interrupted run would stop
+    // the plan's `dmsetup create`: nothing else uses it.
+    for e in std::fs::read_dir("/dev/mapper")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("lifeboat-tmeta") {
+            r.say(&format!("# removing {n}, left by an interrupted recovery"));
+            let _ = Command::new("dmsetup")
+                .args(["remove", "--retry", &n])
+                .stdin(Stdio::null())
+                .status();
+        }
+    }
     r.allowed = Some(allowed);
     // The identity of every target, pinned now and compared again right
     // before its first write.
@@ -1589,5 +1623,65 @@ mod tests {
             e.contains("/dev/vdb") && e.contains("not a mapped target"),
             "{e}"
         );
+        // A device-mapper table names devices on stdin.
+        let mut bad = ok.clone();
+        bad[0].steps.push(Step {
+            device: "/dev/vda".into(),
+            argv: vec!["dmsetup".into(), "create".into(), "x".into()],
+            stdin: Some("0 8 linear /dev/vda 0\n8 8 linear /dev/vdb 0\n".into()),
+        });
+        let e = check_writes(&bad, &writable(&l)).unwrap_err().to_string();
+        assert!(e.contains("/dev/vdb"), "{e}");
+    }
+
+    #[test]
+    fn a_thin_pool_plan_passes_the_write_check() {
+        use lifeboat_contract::{Lv, Pv, Vg};
+        let mut d = crate::layout::test_disk("vdc", 600 << 20, None);
+        d.table = None;
+        let lv = |name: &str, segtype: &str, pool: Option<&str>| Lv {
+            vg: "tvg".into(),
+            name: name.into(),
+            uuid: format!("{name}-uuid"),
+            size_bytes: 100 << 20,
+            segtype: segtype.into(),
+            pool: pool.map(String::from),
+            stripes: 1,
+        };
+        let l = Layout {
+            disks: vec![d],
+            lvm: lifeboat_contract::Lvm {
+                pvs: vec![Pv {
+                    device: "/dev/vdc".into(),
+                    uuid: "7ComH8-RgPU-2U9C-iUSs-VLvd-c93g-0IdRCL".into(),
+                    vg: "tvg".into(),
+                    size_bytes: 600 << 20,
+                }],
+                vgs: vec![Vg {
+                    name: "tvg".into(),
+                    uuid: "v".into(),
+                    extent_bytes: 4 << 20,
+                    size_bytes: 596 << 20,
+                    metadata: Some(include_str!("../../tests/fixtures/layout/thin-vg.meta").into()),
+                }],
+                lvs: vec![
+                    lv("pool", "thin-pool", None),
+                    lv("a", "thin", Some("pool")),
+                    lv("b", "thin", Some("pool")),
+                ],
+            },
+            ..crate::layout::test_layout()
+        };
+        let groups = plan::groups(&l).unwrap();
+        let text: Vec<String> = groups
+            .iter()
+            .flat_map(|g| &g.steps)
+            .map(|s| s.render())
+            .collect();
+        assert!(
+            text.iter().any(|c| c.starts_with("thin_restore")),
+            "{text:#?}"
+        );
+        check_writes(&groups, &writable(&l)).unwrap();
     }
 }

@@ -63,6 +63,22 @@ const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// At most this many TLS refusals (handshake, then 503) at once.
 const MAX_REFUSING: usize = 8;
 
+/// One of a bounded number of places, counted in `n`, held until dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(n: &Arc<AtomicUsize>) -> Slot {
+        n.fetch_add(1, Ordering::SeqCst);
+        Slot(n.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
@@ -137,30 +153,39 @@ pub fn run(o: Options) -> Result<()> {
     });
     let active = Arc::new(AtomicUsize::new(0));
     let refusing = Arc::new(AtomicUsize::new(0));
+    let mut last_refusal: Option<Instant> = None;
     while !STOP.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((s, peer)) => {
                 let _ = s.set_nonblocking(false);
                 // A connection that is just closing (a client that gave up
                 // on the handshake) frees its slot within moments: wait that
-                // long before refusing.
+                // long before refusing, unless the server is refusing
+                // already (then every waiter would hold up the next).
                 let full = Instant::now();
                 while active.load(Ordering::SeqCst) >= srv.o.max_connections
                     && full.elapsed() < SLOT_WAIT
+                    && last_refusal.is_none_or(|t| t.elapsed() > SLOT_WAIT * 2)
                 {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 if active.load(Ordering::SeqCst) >= srv.o.max_connections {
                     // Bounded: say so instead of queueing without end.
+                    last_refusal = Some(Instant::now());
                     srv.refuse(s, peer.to_string(), &refusing);
                     continue;
                 }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (srv, active) = (srv.clone(), active.clone());
-                std::thread::spawn(move || {
+                let slot = Slot::take(&active);
+                let srv = srv.clone();
+                // The slot is given back when the thread ends, even by a
+                // panic, or at once when no thread could be started.
+                let spawned = std::thread::Builder::new().spawn(move || {
+                    let _slot = slot;
                     srv.connection(s, peer.to_string());
-                    active.fetch_sub(1, Ordering::SeqCst);
                 });
+                if let Err(e) = spawned {
+                    eprintln!("lifeboat serve: cannot start a connection thread: {e}");
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -454,9 +479,10 @@ impl Server {
             self.access(&peer, "- (closed: busy)", 503, 0, Duration::ZERO);
             return;
         }
-        refusing.fetch_add(1, Ordering::SeqCst);
-        let (srv, refusing) = (self.clone(), refusing.clone());
-        std::thread::spawn(move || {
+        let slot = Slot::take(refusing);
+        let srv = self.clone();
+        let _ = std::thread::Builder::new().spawn(move || {
+            let _slot = slot;
             let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
             if let Ok(c) = rustls::ServerConnection::new(cfg) {
                 let mut s = rustls::StreamOwned::new(c, tcp);
@@ -465,7 +491,6 @@ impl Server {
                 let _ = s.flush();
             }
             srv.access(&peer, "-", 503, 0, Duration::ZERO);
-            refusing.fetch_sub(1, Ordering::SeqCst);
         });
     }
 

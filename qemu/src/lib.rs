@@ -368,9 +368,18 @@ impl Vm {
                     break;
                 }
                 if text[n + digits.len()..].starts_with('\n') {
+                    // The output starts after the echo of the typed line;
+                    // a shell that redraws long lines (trixie's bash) may
+                    // garble that echo, but its end, the status echo as
+                    // typed, survives.
                     let start = text[..n]
                         .rfind(&format!("{cmd}; echo {tag}"))
                         .map(|i| i + cmd.len())
+                        .or_else(|| {
+                            text[..n]
+                                .rfind(&format!("{tag}-$?"))
+                                .map(|i| i + tag.len() + 3)
+                        })
                         .unwrap_or(from);
                     return Ok(Ran {
                         end: n + digits.len(),

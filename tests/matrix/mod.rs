@@ -824,7 +824,7 @@ pub fn make_source(layout: &str, variant: Variant) -> Source {
             );
         }
         assert!(
-            !out.contains("EXISTS:"),
+            !out.contains("EXISTS:/"),
             "mkbackup --dry-run wrote something or ran a hook:\n{out}"
         );
         let tb = std::time::Instant::now();
